@@ -1,0 +1,269 @@
+"""Stage 1: fetch MNIST and verify it -> data/raw/mnist.npz.
+
+Sources are tried in order: `download.url`, then each of `download.mirrors`. A source is
+an http(s) URL, a file:// URL or a plain local path. Nothing reaches the output path
+until its hash and its content have been checked, so data/raw never holds a partial,
+truncated or tampered file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from stages.common import (
+    IDX_FILES,
+    DataError,
+    ParamError,
+    PipelineError,
+    atomic_path,
+    check_keys,
+    load_params,
+    load_mnist,
+    param_choice,
+    param_float,
+    param_int,
+    parse_idx,
+    run,
+    save_npz,
+    sha256_file,
+    validate_mnist,
+)
+
+SECTION = "download"
+OUTPUT = Path("data/raw/mnist.npz")
+KEYS = {"url", "sha256", "mirrors", "format", "timeout", "retries", "backoff"}
+CHUNK = 1 << 16
+
+
+class DownloadError(PipelineError):
+    pass
+
+
+class PermanentError(DownloadError):
+    """Retrying the same source cannot help (404, wrong hash, not MNIST)."""
+
+
+def _is_hash(value) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == 64
+        and all(c in "0123456789abcdef" for c in value.lower())
+    )
+
+
+def _check_hashes(value, fmt: str, where: str):
+    """npz: one hex digest. idx: a map from each of the four file names to its digest."""
+    if value is None:
+        return None
+    if fmt == "npz":
+        if not _is_hash(value):
+            raise ParamError(f"{where}: got {value!r}; allowed: a 64-digit sha256 hex or null")
+        return value.lower()
+    if not isinstance(value, dict) or set(value) != set(IDX_FILES.values()):
+        raise ParamError(
+            f"{where}: for format idx, allowed: a map of {', '.join(IDX_FILES.values())} "
+            "to their sha256, or null"
+        )
+    for name, digest in value.items():
+        if not _is_hash(digest):
+            raise ParamError(f"{where}.{name}: got {digest!r}; allowed: a 64-digit sha256 hex")
+    return {k: v.lower() for k, v in value.items()}
+
+
+def validate(params: dict) -> dict:
+    check_keys(params, SECTION, KEYS)
+    fmt = param_choice(params, SECTION, "format", ("npz", "idx"))
+    if not isinstance(params["url"], str) or not params["url"]:
+        raise ParamError(f"{SECTION}.url: got {params['url']!r}; allowed: a URL or a path")
+    default_hash = _check_hashes(params["sha256"], fmt, f"{SECTION}.sha256")
+    mirrors = params["mirrors"] or []
+    if not isinstance(mirrors, list):
+        raise ParamError(f"{SECTION}.mirrors: got {mirrors!r}; allowed: a list")
+    # Each mirror is a URL (same content hash as `url`) or {url, sha256} for a mirror that
+    # serves the same arrays in a different container, such as a locally rebuilt copy.
+    sources = [(params["url"], default_hash)]
+    for i, mirror in enumerate(mirrors):
+        where = f"{SECTION}.mirrors[{i}]"
+        if isinstance(mirror, str) and mirror:
+            sources.append((mirror, default_hash))
+        elif isinstance(mirror, dict) and set(mirror) == {"url", "sha256"}:
+            if not isinstance(mirror["url"], str) or not mirror["url"]:
+                raise ParamError(f"{where}.url: got {mirror['url']!r}; allowed: a URL or a path")
+            sources.append((mirror["url"], _check_hashes(mirror["sha256"], fmt, where + ".sha256")))
+        else:
+            raise ParamError(f"{where}: got {mirror!r}; allowed: a URL, or {{url, sha256}}")
+    return {
+        "format": fmt,
+        "sources": sources,
+        "timeout": param_float(params, SECTION, "timeout", 0.001, 3600),
+        "retries": param_int(params, SECTION, "retries", 0, 20),
+        "backoff": param_float(params, SECTION, "backoff", 0, 600),
+    }
+
+
+# --- fetching one file ---------------------------------------------------------------
+
+
+def _progress(name: str, total: int | None):
+    """A live bar on a terminal; a few plain lines in logs (e.g. under `dvc repro`)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=name, file=sys.stderr,
+                disable=None if sys.stderr.isatty() else True, leave=False)
+
+
+def _local_path(source: str) -> Path | None:
+    parsed = urllib.parse.urlparse(source)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and source[1:3] in (":\\", ":/")):
+        return Path(source)
+    return None
+
+
+def fetch_once(source: str, dest: Path, timeout: float) -> None:
+    """Copy one source to dest. Raises DownloadError (retryable) or PermanentError."""
+    local = _local_path(source)
+    if local is not None:
+        if not local.is_file():
+            raise PermanentError(f"{source}: no such file")
+        shutil.copyfile(local, dest)
+        return
+    if urllib.parse.urlparse(source).scheme not in ("http", "https"):
+        raise PermanentError(f"{source}: unsupported scheme; use http(s)://, file:// or a path")
+    request = urllib.request.Request(source, headers={"User-Agent": "mnist-pipeline"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            total = response.headers.get("Content-Length")
+            total = int(total) if total and total.isdigit() else None
+            received = 0
+            with open(dest, "wb") as out, _progress(Path(source).name, total) as bar:
+                while block := response.read(CHUNK):
+                    out.write(block)
+                    received += len(block)
+                    bar.update(len(block))
+            if total is not None and received != total:
+                raise DownloadError(f"{source}: connection dropped after {received} of {total} bytes")
+    except urllib.error.HTTPError as err:
+        cause = f"{source}: HTTP {err.code} {err.reason}"
+        if err.code >= 500 or err.code in (408, 429):
+            raise DownloadError(cause) from None
+        raise PermanentError(cause) from None
+    except urllib.error.URLError as err:
+        raise DownloadError(f"{source}: {err.reason}") from None
+    except (TimeoutError, OSError) as err:
+        # Socket timeouts and resets mid-body land here; http.client's IncompleteRead too.
+        raise DownloadError(f"{source}: {type(err).__name__}: {err or 'timed out'}") from None
+    except Exception as err:  # http.client.IncompleteRead, RemoteDisconnected, ...
+        raise DownloadError(f"{source}: {type(err).__name__}: {err}") from None
+
+
+def verify_hash(path: Path, expected: str | None, source: str) -> None:
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise PermanentError(f"{source}: sha256 {actual} does not match expected {expected}")
+
+
+def fetch_verified(source: str, expected: str | None, dest: Path, cfg: dict) -> None:
+    """Fetch with retries and exponential backoff; only transient faults are retried."""
+    for attempt in range(cfg["retries"] + 1):
+        try:
+            fetch_once(source, dest, cfg["timeout"])
+            verify_hash(dest, expected, source)
+            return
+        except PermanentError:
+            raise
+        except DownloadError as err:
+            if attempt == cfg["retries"]:
+                raise
+            wait = cfg["backoff"] * 2**attempt
+            print(f"warning: {err}; retrying in {wait:g}s ({attempt + 1}/{cfg['retries']})",
+                  file=sys.stderr)
+            time.sleep(wait)
+
+
+# --- one source, whole dataset -------------------------------------------------------
+
+
+def fetch_npz(source: str, expected, cfg: dict, output: Path) -> None:
+    with atomic_path(output) as tmp:
+        fetch_verified(source, expected, tmp, cfg)
+        try:
+            load_mnist(tmp)
+        except DataError as err:
+            raise PermanentError(f"{source}: not MNIST: {str(err).split(': ', 1)[-1]}") from None
+
+
+def fetch_idx(base: str, expected, cfg: dict, output: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+        arrays = {}
+        for key, name in IDX_FILES.items():
+            url = base.rstrip("/") + "/" + name
+            fetch_verified(url, None if expected is None else expected[name], Path(tmp) / name, cfg)
+            try:
+                arrays[key] = parse_idx((Path(tmp) / name).read_bytes(), url,
+                                        3 if key.startswith("x") else 1)
+            except DataError as err:
+                raise PermanentError(str(err)) from None
+        try:
+            validate_mnist(arrays, base)
+        except DataError as err:
+            raise PermanentError(str(err)) from None
+        save_npz(output, **arrays)
+
+
+def existing_is_valid(output: Path, fmt: str, expected) -> bool:
+    """Reuse a file already at the output path only if it still verifies."""
+    if not output.is_file():
+        return False
+    try:
+        if fmt == "npz" and expected is not None and sha256_file(output) != expected:
+            return False
+        load_mnist(output)
+        return fmt == "npz" and expected is not None
+    except DataError:
+        return False
+
+
+def download(cfg: dict, output: Path = OUTPUT) -> str:
+    """Try each source in order; return the one that worked."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fetch = fetch_npz if cfg["format"] == "npz" else fetch_idx
+    failures = []
+    for source, expected in cfg["sources"]:
+        if existing_is_valid(output, cfg["format"], expected):
+            print(f"{output} already holds verified data from a source with sha256 {expected}")
+            return source
+        if expected is None:
+            print(f"WARNING: sha256 is null: {source} is NOT verified against a known hash; "
+                  "only its content is checked", file=sys.stderr)
+        try:
+            fetch(source, expected, cfg, output)
+            return source
+        except DownloadError as err:
+            failures.append(str(err))
+            if len(cfg["sources"]) > 1:
+                print(f"warning: {err}; trying the next source", file=sys.stderr)
+    if len(failures) == 1:
+        raise DownloadError(failures[0])
+    raise DownloadError(f"all {len(failures)} sources failed: " + " | ".join(failures))
+
+
+def main() -> None:
+    cfg = validate(load_params(SECTION))
+    started = time.perf_counter()
+    source = download(cfg)
+    print(f"download: {OUTPUT} from {source} in {time.perf_counter() - started:.1f}s")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,121 @@
+"""The networks `train.model` can name, and a byte-stable way to save them.
+
+- mlp:       the original script's network, layer for layer.
+- cnn:       a small BatchNorm convnet (the default): near the state of the art on CPU.
+- cnn_large: a wider, deeper variant for users with more time or a GPU.
+
+Augmentation layers (rotation, shift, zoom) sit at the front of the model: they are
+active in fit() only, seeded, and vanish at inference, so the saved model needs no code
+of ours to load: `keras.models.load_model("data/model/model.keras")`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner out of logs
+
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
+
+from stages.common import IMAGE_SIDE, atomic_path  # noqa: E402
+
+
+def augmentation(rotation: float, shift: float, zoom: float, seed: int) -> list:
+    """Seeded random rotations (degrees), shifts and zooms (fractions); empty when all 0."""
+    aug = []
+    if rotation:
+        aug.append(layers.RandomRotation(rotation / 360, fill_mode="constant", seed=seed))
+    if shift:
+        aug.append(layers.RandomTranslation(shift, shift, fill_mode="constant", seed=seed + 1))
+    if zoom:
+        aug.append(layers.RandomZoom(zoom, zoom, fill_mode="constant", seed=seed + 2))
+    return aug
+
+
+def mlp(aug: list) -> keras.Sequential:
+    return keras.Sequential([
+        keras.Input((IMAGE_SIDE, IMAGE_SIDE)),
+        *([layers.Reshape((IMAGE_SIDE, IMAGE_SIDE, 1)), *aug] if aug else []),
+        layers.Flatten(),
+        layers.Dense(128, activation="relu"),
+        layers.Dropout(0.2),
+        layers.Dense(10, activation="softmax"),
+    ], name="mlp")
+
+
+def _conv_block(filters: int, convs: int) -> list:
+    block = []
+    for _ in range(convs):
+        # No bias: BatchNorm's shift does its job.
+        block += [layers.Conv2D(filters, 3, padding="same", use_bias=False),
+                  layers.BatchNormalization(), layers.ReLU()]
+    return block + [layers.MaxPooling2D(), layers.Dropout(0.25)]
+
+
+def cnn(aug: list, widths=(32, 64), dense: int = 128, convs: int = 2,
+        name: str = "cnn") -> keras.Sequential:
+    return keras.Sequential([
+        keras.Input((IMAGE_SIDE, IMAGE_SIDE)),
+        layers.Reshape((IMAGE_SIDE, IMAGE_SIDE, 1)),
+        *aug,
+        *[item for width in widths for item in _conv_block(width, convs)],
+        layers.Flatten(),
+        layers.Dense(dense, use_bias=False),
+        layers.BatchNormalization(),
+        layers.ReLU(),
+        layers.Dropout(0.4),
+        layers.Dense(10, activation="softmax"),
+    ], name=name)
+
+
+def cnn_large(aug: list) -> keras.Sequential:
+    return cnn(aug, widths=(64, 128), dense=256, convs=3, name="cnn_large")
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "cnn_large": cnn_large}
+
+
+def build(name: str, aug: list) -> keras.Sequential:
+    return MODELS[name](aug)
+
+
+def configure_tensorflow(seed: int, intra: int, inter: int) -> None:
+    """Seed everything and pin threads: bit-reproducibility depends on both."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def save_stable(model: keras.Model, path) -> None:
+    """Save a .keras file whose bytes depend on the weights only, not on the clock.
+
+    Keras stamps the save time into metadata.json and into every zip entry; we rewrite
+    the archive with those fixed, so an unchanged model keeps its DVC hash.
+    """
+    # Keras insists on the .keras suffix, so the raw save gets a hidden name of its own.
+    raw = path.with_name(f".{path.stem}.raw.keras")
+    try:
+        model.save(raw)
+        with atomic_path(path) as tmp:
+            with zipfile.ZipFile(raw) as src, zipfile.ZipFile(tmp, "w") as dst:
+                for info in src.infolist():
+                    data = src.read(info.filename)
+                    if info.filename == "metadata.json":
+                        meta = json.loads(data)
+                        meta["date_saved"] = "1980-01-01@00:00:00"
+                        data = json.dumps(meta, sort_keys=True).encode()
+                    fixed = zipfile.ZipInfo(info.filename, date_time=FIXED_ZIP_TIME)
+                    fixed.compress_type = info.compress_type
+                    fixed.external_attr = 0o644 << 16
+                    dst.writestr(fixed, data)
+    finally:
+        raw.unlink(missing_ok=True)
