@@ -95,6 +95,21 @@ def configure_tensorflow(seed: int, intra: int, inter: int) -> None:
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
+def _renumber_shared_ids(config, ids=None):
+    """Replace Python object ids (`shared_object_id`, which differ per process) by 1, 2, ...
+
+    They only link objects within one file, so numbering by first appearance keeps the
+    meaning and makes the bytes stable.
+    """
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        return {k: (ids.setdefault(v, len(ids) + 1) if k == "shared_object_id"
+                    else _renumber_shared_ids(v, ids)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_renumber_shared_ids(v, ids) for v in config]
+    return config
+
+
 def save_stable(model: keras.Model, path) -> None:
     """Save a .keras file whose bytes depend on the weights only, not on the clock.
 
@@ -113,6 +128,8 @@ def save_stable(model: keras.Model, path) -> None:
                         meta = json.loads(data)
                         meta["date_saved"] = "1980-01-01@00:00:00"
                         data = json.dumps(meta, sort_keys=True).encode()
+                    elif info.filename == "config.json":
+                        data = json.dumps(_renumber_shared_ids(json.loads(data))).encode()
                     fixed = zipfile.ZipInfo(info.filename, date_time=FIXED_ZIP_TIME)
                     fixed.compress_type = info.compress_type
                     fixed.external_attr = 0o644 << 16
