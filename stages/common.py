@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import gzip
 import io
 import json
@@ -18,6 +19,7 @@ import struct
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +45,18 @@ class DataError(PipelineError):
     pass
 
 
+class WriteError(PipelineError):
+    """An output could not be written: disk full, quota, read-only file system, ..."""
+
+
 def run(main) -> None:
     """Run a stage's main(); turn expected failures into one line and a non-zero exit."""
     try:
         main()
     except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # One line, always: some causes (urllib's redirect errors, YAML) span several.
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted; no output was replaced", file=sys.stderr)
@@ -126,21 +134,114 @@ def param_bool(params: dict, section: str, key: str) -> bool:
 # --- atomic writes -------------------------------------------------------------------
 
 
+# errno values meaning "the destination cannot take the data", whatever was being written.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _write_error(err: OSError, path) -> WriteError:
+    reason = err.strerror or str(err) or type(err).__name__
+    return WriteError(f"{reason[0].lower()}{reason[1:]} writing {path}")
+
+
+@contextlib.contextmanager
+def disk_errors(path):
+    """Report a full disk (quota, read-only file system) while writing `path` in one line."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in DISK_ERRNOS:
+            raise _write_error(err, path) from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _tmp_prefix(path: Path) -> str:
+    # The pid lets a later write tell a dead writer's leftovers from a live writer's.
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete temporaries beside `path` left by writers that were killed (SIGKILL, power).
+
+    They are hidden files or folders `.<name>.<pid>.*.tmp` beside the output, never inside
+    it, so DVC never tracks them; still, each can be as big as the output itself.
+    """
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed = []
+    try:
+        candidates = [c for c in path.parent.iterdir()
+                      if c.name.startswith(prefix) and c.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    for candidate in candidates:
+        pid = candidate.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                candidate.unlink()
+        removed.append(candidate)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable; best effort (not every file system allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; move it into place only if the block succeeds.
 
     Readers (and DVC) see either the old file or the complete new one, never a torn write.
+    A full disk raises WriteError (one line, no traceback) and leaves the old file as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide outputs from others
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise _write_error(err, path) from None
+    try:
+        with disk_errors(path):
+            yield Path(tmp)
+        try:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            raise _write_error(err, path) from None
+        _fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -148,20 +249,38 @@ def atomic_path(path: str | os.PathLike):
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Like atomic_path, for a directory output: build it aside, then swap it in."""
+    """Like atomic_path, for a directory output: build it aside, then swap it in.
+
+    The temporary folder lives beside the output, never inside it, so a killed run cannot
+    leave stray files in a directory DVC tracks.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = path.parent / f".{path.name}.old"
     try:
-        yield tmp
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide outputs from others
+    except OSError as err:
+        raise _write_error(err, path) from None
+    old = path.parent / f"{_tmp_prefix(path)}old.tmp"
+    try:
+        with disk_errors(path):
+            yield tmp
+        try:
+            if path.exists():
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if old.exists():
+                    os.replace(old, path)  # put the previous output back
+                raise
+        except OSError as err:
+            raise _write_error(err, path) from None
+        _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path, text: str) -> None:
@@ -214,11 +333,25 @@ def save_image(path, pixels: np.ndarray) -> None:
 # --- safe loading and validation -----------------------------------------------------
 
 
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or an empty zip
+
+
 def load_npz(path, expected_keys, only=None) -> dict[str, np.ndarray]:
     """Load an .npz's arrays (all, or `only` some) without ever unpickling anything.
 
-    The file must hold exactly `expected_keys`; object arrays are refused.
+    The file must hold exactly `expected_keys`, each a plain .npy array; object arrays
+    are refused.
     """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as err:
+        raise DataError(f"{path}: unreadable ({err.strerror or err})") from None
+    if head not in ZIP_MAGIC:
+        # np.load would take anything else for a .npy or a pickle: refuse it here.
+        raise DataError(f"{path}: not an .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
@@ -229,18 +362,22 @@ def load_npz(path, expected_keys, only=None) -> dict[str, np.ndarray]:
                     f"{path}: wrong arrays (missing: {missing or 'none'}, "
                     f"unexpected: {extra or 'none'})"
                 )
-            return {key: data[key] for key in (only or expected_keys)}
+            arrays = {}
+            for key in only or expected_keys:
+                value = data[key]
+                if not isinstance(value, np.ndarray):  # NpzFile hands non-.npy entries as bytes
+                    raise DataError(f"{path}: {key} is not a .npy array")
+                arrays[key] = value
+            return arrays
     except DataError:
         raise
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except zipfile.BadZipFile:
-        raise DataError(f"{path}: not an .npz file (not a zip archive)") from None
+    except zipfile.BadZipFile as err:
+        raise DataError(f"{path}: damaged or truncated zip archive ({err})") from None
     except ValueError as err:
-        if "allow_pickle" in str(err) or "pickle" in str(err).lower():
+        if "pickle" in str(err).lower():
             raise DataError(f"{path}: holds object arrays; refused (never unpickled)") from None
         raise DataError(f"{path}: unreadable .npz ({err})") from None
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path}: unreadable .npz ({err})") from None
 
 
@@ -266,6 +403,32 @@ def validate_mnist(data: dict[str, np.ndarray], source: str) -> None:
             raise DataError(f"{source}: y_{split} has label {int(y.max())}; allowed 0..9")
 
 
+def validate_processed(data: dict[str, np.ndarray], source: str) -> None:
+    """Check normalize's output (any subset of its arrays): float32 pixels in [0, 1],
+    finite, N×28×28; uint8 labels 0..9; as many labels as images; train and test non-empty.
+    """
+    for split in ("train", "val", "test"):
+        x, y = data.get(f"x_{split}"), data.get(f"y_{split}")
+        if x is not None:
+            if x.dtype != np.float32:
+                raise DataError(f"{source}: x_{split} must be float32, got {x.dtype}")
+            if x.ndim != 3 or x.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+                raise DataError(f"{source}: x_{split} must be N×28×28, got shape {x.shape}")
+            if split != "val" and len(x) == 0:
+                raise DataError(f"{source}: x_{split} is empty")
+            check_finite(x, f"{source}: x_{split}")
+            if x.size and (x.min() < 0 or x.max() > 1):
+                raise DataError(f"{source}: x_{split} has pixels outside [0, 1]")
+        if y is not None:
+            if y.dtype != np.uint8 or y.ndim != 1:
+                raise DataError(
+                    f"{source}: y_{split} must be 1-D uint8, got {y.dtype} shape {y.shape}")
+            if y.size and y.max() > 9:
+                raise DataError(f"{source}: y_{split} has label {int(y.max())}; allowed 0..9")
+        if x is not None and y is not None and len(x) != len(y):
+            raise DataError(f"{source}: {len(x)} x_{split} images but {len(y)} y_{split} labels")
+
+
 def load_mnist(path) -> dict[str, np.ndarray]:
     data = load_npz(path, MNIST_KEYS)
     validate_mnist(data, str(path))
@@ -284,7 +447,7 @@ def parse_idx(raw: bytes, name: str, ndim: int) -> np.ndarray:
     """Parse a gzip-compressed idx file (the original MNIST layout) into a uint8 array."""
     try:
         payload = gzip.decompress(raw)
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{name}: not a valid gzip file ({err})") from None
     magic = 0x800 + ndim  # 0x0803 for images, 0x0801 for labels; type 0x08 = uint8
     if len(payload) < 4 + 4 * ndim:
@@ -304,10 +467,13 @@ def parse_idx(raw: bytes, name: str, ndim: int) -> np.ndarray:
 
 def load_idx_dir(folder) -> dict[str, np.ndarray]:
     folder = Path(folder)
-    data = {
-        key: parse_idx((folder / name).read_bytes(), name, 3 if key.startswith("x") else 1)
-        for key, name in IDX_FILES.items()
-    }
+    data = {}
+    for key, name in IDX_FILES.items():
+        try:
+            raw = (folder / name).read_bytes()
+        except OSError as err:
+            raise DataError(f"{folder / name}: unreadable ({err.strerror or err})") from None
+        data[key] = parse_idx(raw, name, 3 if key.startswith("x") else 1)
     validate_mnist(data, str(folder))
     return data
 
@@ -333,6 +499,8 @@ def tile(images: np.ndarray, per_row: int) -> np.ndarray:
     original would have made a zero-height canvas, which no viewer opens; we return one
     white row of tiles instead.
     """
+    if per_row < 1:
+        raise ValueError(f"per_row must be >= 1, got {per_row}")
     images = np.asarray(images, dtype=np.uint8)
     n = len(images)
     rows = max(1, math.ceil(n / per_row))

@@ -8,6 +8,8 @@ truncated or tampered file.
 
 from __future__ import annotations
 
+import http.client
+import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +26,7 @@ from stages.common import (
     PipelineError,
     atomic_path,
     check_keys,
+    disk_errors,
     load_params,
     load_mnist,
     param_choice,
@@ -128,41 +131,80 @@ def _local_path(source: str) -> Path | None:
     return None
 
 
+def _network(source: str, call):
+    """Run one network step; map its failures to DownloadError (retryable) or PermanentError.
+
+    Only network steps go through here: a local write that fails (disk full) is not a
+    download fault, must not be retried, and reaches the user as a WriteError.
+    """
+    try:
+        return call()
+    except urllib.error.HTTPError as err:
+        if 300 <= err.code < 400:
+            # urllib gives up after 10 redirects or 4 visits to one URL (a loop).
+            raise PermanentError(
+                f"{source}: redirect loop or too many redirects (last: HTTP {err.code})"
+            ) from None
+        cause = f"{source}: HTTP {err.code} {err.reason}"
+        if err.code >= 500 or err.code in (408, 429):
+            raise DownloadError(cause) from None
+        raise PermanentError(cause) from None
+    except urllib.error.URLError as err:
+        reason = err.reason
+        if isinstance(reason, OSError) and reason.strerror:
+            reason = reason.strerror
+        raise DownloadError(f"{source}: {reason}") from None
+    except TimeoutError:
+        raise DownloadError(f"{source}: timed out (no data for the download.timeout)") from None
+    except http.client.IncompleteRead as err:
+        raise DownloadError(
+            f"{source}: connection dropped after {len(err.partial)} bytes of the last block"
+        ) from None
+    except (OSError, http.client.HTTPException) as err:
+        # Resets and disconnects mid-body land here.
+        raise DownloadError(f"{source}: {type(err).__name__}: {err or 'no details'}") from None
+
+
 def fetch_once(source: str, dest: Path, timeout: float) -> None:
     """Copy one source to dest. Raises DownloadError (retryable) or PermanentError."""
     local = _local_path(source)
     if local is not None:
         if not local.is_file():
             raise PermanentError(f"{source}: no such file")
-        shutil.copyfile(local, dest)
+        try:
+            src = open(local, "rb")
+        except OSError as err:
+            raise PermanentError(f"{source}: cannot read: {err.strerror or err}") from None
+        with src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out)
         return
     if urllib.parse.urlparse(source).scheme not in ("http", "https"):
         raise PermanentError(f"{source}: unsupported scheme; use http(s)://, file:// or a path")
     request = urllib.request.Request(source, headers={"User-Agent": "mnist-pipeline"})
+    with _network(source, lambda: urllib.request.urlopen(request, timeout=timeout)) as response:
+        total = response.headers.get("Content-Length")
+        total = int(total) if total and total.isdigit() else None
+        received = 0
+        with open(dest, "wb") as out, _progress(Path(source).name, total) as bar:
+            while block := _network(source, lambda: response.read(CHUNK)):
+                out.write(block)
+                received += len(block)
+                bar.update(len(block))
+        if total is not None and received != total:
+            raise DownloadError(
+                f"{source}: connection dropped after {received} of {total} bytes")
+
+
+def _looks_like_html(path: Path) -> bool:
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            total = response.headers.get("Content-Length")
-            total = int(total) if total and total.isdigit() else None
-            received = 0
-            with open(dest, "wb") as out, _progress(Path(source).name, total) as bar:
-                while block := response.read(CHUNK):
-                    out.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-            if total is not None and received != total:
-                raise DownloadError(f"{source}: connection dropped after {received} of {total} bytes")
-    except urllib.error.HTTPError as err:
-        cause = f"{source}: HTTP {err.code} {err.reason}"
-        if err.code >= 500 or err.code in (408, 429):
-            raise DownloadError(cause) from None
-        raise PermanentError(cause) from None
-    except urllib.error.URLError as err:
-        raise DownloadError(f"{source}: {err.reason}") from None
-    except (TimeoutError, OSError) as err:
-        # Socket timeouts and resets mid-body land here; http.client's IncompleteRead too.
-        raise DownloadError(f"{source}: {type(err).__name__}: {err or 'timed out'}") from None
-    except Exception as err:  # http.client.IncompleteRead, RemoteDisconnected, ...
-        raise DownloadError(f"{source}: {type(err).__name__}: {err}") from None
+        with open(path, "rb") as f:
+            head = f.read(512).lstrip().lower()
+    except OSError:
+        return False
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<?xml"))
+
+
+_HTML_HINT = " (the server sent a web page, not the data: an error or login page?)"
 
 
 def verify_hash(path: Path, expected: str | None, source: str) -> None:
@@ -170,7 +212,9 @@ def verify_hash(path: Path, expected: str | None, source: str) -> None:
         return
     actual = sha256_file(path)
     if actual != expected:
-        raise PermanentError(f"{source}: sha256 {actual} does not match expected {expected}")
+        hint = _HTML_HINT if _looks_like_html(path) else ""
+        raise PermanentError(
+            f"{source}: sha256 {actual} does not match expected {expected}{hint}")
 
 
 def fetch_verified(source: str, expected: str | None, dest: Path, cfg: dict) -> None:
@@ -200,11 +244,16 @@ def fetch_npz(source: str, expected, cfg: dict, output: Path) -> None:
         try:
             load_mnist(tmp)
         except DataError as err:
-            raise PermanentError(f"{source}: not MNIST: {str(err).split(': ', 1)[-1]}") from None
+            hint = _HTML_HINT if _looks_like_html(tmp) else ""
+            raise PermanentError(
+                f"{source}: not MNIST: {str(err).split(': ', 1)[-1]}{hint}") from None
 
 
 def fetch_idx(base: str, expected, cfg: dict, output: Path) -> None:
-    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+    # Hidden, pid-tagged and beside the output, like atomic_path's temporaries.
+    with disk_errors(output), tempfile.TemporaryDirectory(
+        prefix=f".{output.name}.{os.getpid()}.", suffix=".tmp", dir=output.parent
+    ) as tmp:
         arrays = {}
         for key, name in IDX_FILES.items():
             url = base.rstrip("/") + "/" + name
@@ -244,18 +293,18 @@ def download(cfg: dict, output: Path = OUTPUT) -> str:
             print(f"{output} already holds verified data from a source with sha256 {expected}")
             return source
         if expected is None:
-            print(f"WARNING: sha256 is null: {source} is NOT verified against a known hash; "
+            print(f"warning: sha256 is null: {source} is NOT verified against a known hash; "
                   "only its content is checked", file=sys.stderr)
         try:
             fetch(source, expected, cfg, output)
             return source
         except DownloadError as err:
-            failures.append(str(err))
+            failures.append(err)
             if len(cfg["sources"]) > 1:
                 print(f"warning: {err}; trying the next source", file=sys.stderr)
     if len(failures) == 1:
-        raise DownloadError(failures[0])
-    raise DownloadError(f"all {len(failures)} sources failed: " + " | ".join(failures))
+        raise failures[0]  # keeps its kind: PermanentError (404, hash) or DownloadError
+    raise DownloadError(f"all {len(failures)} sources failed: " + " | ".join(map(str, failures)))
 
 
 def main() -> None:

@@ -46,33 +46,47 @@ def mlp(aug: list) -> keras.Sequential:
     ], name="mlp")
 
 
-def _conv_block(filters: int, convs: int) -> list:
-    block = []
-    for _ in range(convs):
-        # No bias: BatchNorm's shift does its job.
-        block += [layers.Conv2D(filters, 3, padding="same", use_bias=False),
-                  layers.BatchNormalization(), layers.ReLU()]
-    return block + [layers.MaxPooling2D(), layers.Dropout(0.25)]
+def _conv_bn_relu(filters: int, size: int, padding: str) -> list:
+    # No bias: BatchNorm's shift does its job.
+    return [layers.Conv2D(filters, size, padding=padding, use_bias=False),
+            layers.BatchNormalization(), layers.ReLU()]
 
 
-def cnn(aug: list, widths=(32, 64), dense: int = 128, convs: int = 2,
-        name: str = "cnn") -> keras.Sequential:
+def _head(dense: int) -> list:
+    return [layers.Flatten(), layers.Dense(dense, use_bias=False), layers.BatchNormalization(),
+            layers.ReLU(), layers.Dropout(0.4), layers.Dense(10, activation="softmax")]
+
+
+def cnn(aug: list) -> keras.Sequential:
+    """Two 5×5 conv layers with BatchNorm, each pooled: LeNet's shape, modern parts.
+
+    About 4M multiply-adds per image: cheap enough for 2 CPU cores to train 30 epochs
+    with augmentation in minutes, which is what gets a small net to 99.6%.
+    """
     return keras.Sequential([
         keras.Input((IMAGE_SIDE, IMAGE_SIDE)),
         layers.Reshape((IMAGE_SIDE, IMAGE_SIDE, 1)),
         *aug,
-        *[item for width in widths for item in _conv_block(width, convs)],
-        layers.Flatten(),
-        layers.Dense(dense, use_bias=False),
-        layers.BatchNormalization(),
-        layers.ReLU(),
-        layers.Dropout(0.4),
-        layers.Dense(10, activation="softmax"),
-    ], name=name)
+        *_conv_bn_relu(32, 5, "valid"), layers.MaxPooling2D(),
+        *_conv_bn_relu(64, 5, "valid"), layers.MaxPooling2D(),
+        layers.Dropout(0.25),
+        *_head(128),
+    ], name="cnn")
 
 
 def cnn_large(aug: list) -> keras.Sequential:
-    return cnn(aug, widths=(64, 128), dense=256, convs=3, name="cnn_large")
+    """VGG-style: two 3×3 convs per block at full then half resolution; ~5× the cost of cnn."""
+    blocks = []
+    for width in (32, 64):
+        blocks += [*_conv_bn_relu(width, 3, "same"), *_conv_bn_relu(width, 3, "same"),
+                   layers.MaxPooling2D(), layers.Dropout(0.25)]
+    return keras.Sequential([
+        keras.Input((IMAGE_SIDE, IMAGE_SIDE)),
+        layers.Reshape((IMAGE_SIDE, IMAGE_SIDE, 1)),
+        *aug,
+        *blocks,
+        *_head(256),
+    ], name="cnn_large")
 
 
 MODELS = {"mlp": mlp, "cnn": cnn, "cnn_large": cnn_large}

@@ -173,6 +173,7 @@ def fit(cfg: dict, data: dict):
     import tensorflow as tf
     from dvclive import Live
 
+    keras.utils.set_random_seed(cfg["seed"])  # weights, dropout, augmentation: all from here
     n = len(data["y_train"])
     steps_per_epoch = -(-n // cfg["batch_size"])
     model = compile_model(cfg, steps_per_epoch)

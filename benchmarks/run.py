@@ -1,0 +1,144 @@
+"""`make bench`: side-by-side measurements on the full dataset, printed as ratios.
+
+1. Training speed and memory: the original script's training (benchmarks/original.py)
+   against this pipeline's train stage with `train.model: mlp` and the original settings,
+   alternating runs in one session so that machine noise hits both alike.
+2. Rendering: every mosaic, pasted one tile at a time with PIL as the original did,
+   against stages.common.tile (benchmarks/mosaics.py).
+
+Usage: python -m benchmarks.run [--data PATH] [--repeats N] [--only train|mosaics]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist.npz"
+
+# The original network and settings, as the README's mlp preset.
+MLP_PRESET = {
+    "normalize": {"val_fraction": 0.0},
+    "train": {"model": "mlp", "epochs": 5, "batch_size": 32, "learning_rate": 0.001,
+              "lr_schedule": "constant", "rotation": 0.0, "shift": 0.0, "zoom": 0.0,
+              "restore_best": False, "steps_per_execution": 100,
+              "intra_op_threads": 1, "inter_op_threads": 1},
+}
+
+
+def run_child(args: list[str], cwd: Path) -> dict:
+    """Run a child under /usr/bin/time-like accounting: wall time and peak RSS (MB)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    # wait4 gives this child's own rusage, unlike getrusage(RUSAGE_CHILDREN) which sums.
+    out = proc.stdout.read().decode()
+    err = proc.stderr.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"benchmark child failed: {' '.join(map(str, args))}\n{err[-3000:]}")
+    return {"stdout": out, "wall": time.perf_counter() - started,
+            "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def prepare_project(data: Path) -> Path:
+    """A scratch copy of the pipeline with the mlp preset, raw and processed data ready."""
+    tmp = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
+    shutil.copytree(ROOT / "stages", tmp / "stages",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["download"].update(url=str(data.resolve()), sha256=None, mirrors=[])
+    for section, values in MLP_PRESET.items():
+        params[section].update(values)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("download", "normalize"):
+        run_child([sys.executable, "-m", f"stages.{stage}"], tmp)
+    return tmp
+
+
+def bench_train(data: Path, repeats: int) -> dict:
+    project = prepare_project(data)
+    original, stage = [], []
+    try:
+        for _ in range(repeats):
+            child = run_child([sys.executable, str(ROOT / "benchmarks" / "original.py"),
+                               str(data)], ROOT)
+            original.append({**json.loads(child["stdout"].strip().splitlines()[-1]),
+                             "peak_rss_mb": child["peak_rss_mb"]})
+            child = run_child([sys.executable, "-m", "stages.train"], project)
+            seconds = float(re.search(r"epochs in ([\d.]+)s", child["stdout"]).group(1))
+            run_child([sys.executable, "-m", "stages.evaluate"], project)
+            metrics = json.loads((project / "reports" / "metrics.json").read_text())
+            stage.append({"train_seconds": seconds, "process_seconds": child["wall"],
+                          "accuracy": metrics["accuracy"], "peak_rss_mb": child["peak_rss_mb"]})
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+
+    def med(runs, key):
+        return statistics.median(r[key] for r in runs)
+
+    result = {"repeats": repeats, "original": original, "stage": stage}
+    for key in ("train_seconds", "process_seconds", "peak_rss_mb"):
+        result[f"{key}_ratio"] = med(stage, key) / med(original, key)
+    return result
+
+
+def machine() -> str:
+    import numpy as np
+    import tensorflow as tf
+
+    from stages.train import cpu_model
+
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {platform.platform()}, "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__}, "
+            f"NumPy {np.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="full MNIST in the Keras .npz layout")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--only", choices=("train", "mosaics"))
+    args = parser.parse_args()
+    if not args.data.is_file():
+        sys.exit(f"error: {args.data} not found; pass --data PATH to a full mnist.npz")
+    print(f"machine: {machine()}")
+    print(f"date: {time.strftime('%Y-%m-%d')}")
+    if args.only in (None, "train"):
+        r = bench_train(args.data, args.repeats)
+        print("\ntraining, mlp, batch 32, 5 epochs (median of "
+              f"{r['repeats']} alternating runs each)")
+        print(f"{'':24}{'original':>12}{'train stage':>14}{'ratio':>8}")
+        for key, label, fmt in (("train_seconds", "training time (s)", "{:.1f}"),
+                                ("process_seconds", "whole process (s)", "{:.1f}"),
+                                ("peak_rss_mb", "peak RSS (MB)", "{:.0f}")):
+            o = statistics.median(x[key] for x in r["original"])
+            s = statistics.median(x[key] for x in r["stage"])
+            print(f"{label:24}{fmt.format(o):>12}{fmt.format(s):>14}{s / o:>8.2f}")
+        print(f"{'test accuracy':24}"
+              f"{' / '.join(f'{x['accuracy']:.4f}' for x in r['original']):>12}  "
+              f"{' / '.join(f'{x['accuracy']:.4f}' for x in r['stage'])}")
+    if args.only in (None, "mosaics"):
+        from benchmarks import mosaics
+
+        print("\nrendering and neighbour search (benchmarks/mosaics.py)")
+        print(json.dumps(mosaics.run(args.data), indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
