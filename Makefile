@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-from-lock
 # DVC runs each stage's `python -m ...` through the shell: the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro test bench lock clean-venv
+.PHONY: repro test bench lock clean-venv system-deps
 
 $(STAMP): requirements.lock
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -20,8 +20,23 @@ $(STAMP): requirements.lock
 repro: $(STAMP)
 	dvc repro
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	python -m pytest
+
+# The tests drive a real headless Chromium (the error page) and a real OpenSSH server (the
+# SSH remote). Installed from Debian's packages when missing and we are root.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq --no-install-recommends $$missing; \
+		else \
+			echo "make test needs:$$missing (sudo apt-get install$$missing)"; exit 1; \
+		fi; \
+	fi
 
 bench: $(STAMP)
 	python -m benchmarks.run $(BENCH_ARGS)

@@ -136,6 +136,10 @@ def run(mnist_path="data/raw/mnist.npz", repeats: int = 3, stress: bool = True,
 
 def main(argv: list[str]) -> int:
     path = argv[0] if argv else "data/raw/mnist.npz"
+    if not Path(path).is_file():
+        print(f"error: {path} not found: run `dvc repro download` or pass the path of "
+              "a full mnist.npz", file=sys.stderr)
+        return 2
     r = run(path)
     print(f"mosaics: {r['mosaics']} files, {r['tiles']} tiles, predictions: {r['predictions']}")
     print(f"  {'naive PIL paste loop':<28}{r['naive_paste_s']:8.3f} s")

@@ -314,9 +314,13 @@ def save_npz(path, **arrays: np.ndarray) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name in sorted(arrays):
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                # C order keeps the bytes independent of the memory layout; a 0-d array
+                # stays 0-d (np.ascontiguousarray would make it 1-d).
+                array = np.asarray(arrays[name])
+                if array.ndim:
+                    array = np.ascontiguousarray(array)
                 with zf.open(info, "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.ascontiguousarray(arrays[name]),
-                                              allow_pickle=False)
+                    np.lib.format.write_array(f, array, allow_pickle=False)
 
 
 def save_image(path, pixels: np.ndarray) -> None:

@@ -31,8 +31,8 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .5em 0; }
 th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; vertical-align: middle; }
-th { background: #f3f3f3; }
-td.l, th.l { text-align: left; }
+th { background: #f3f3f3; text-align: left; }
+td.l { text-align: left; }
 img { image-rendering: pixelated; vertical-align: middle; }
 .bar { display: inline-block; height: .8em; background: #c0392b; }
 .cm td { width: 2.6em; text-align: center; }
