@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -175,13 +176,13 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     prefix = f".{path.name}."
     removed = []
     try:
-        candidates = [c for c in path.parent.iterdir()
-                      if c.name.startswith(prefix) and c.name.endswith(".tmp")]
+        candidates = [c for c in path.parent.iterdir() if c.name.startswith(prefix)]
     except OSError:
         return removed
     for candidate in candidates:
-        pid = candidate.name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or _pid_alive(int(pid)):
+        # <pid>.<mkstemp's 8 random characters>.tmp or <pid>.old.tmp: nothing else.
+        match = _TMP_TAIL.fullmatch(candidate.name[len(prefix):])
+        if not match or _pid_alive(int(match[1])):
             continue
         if candidate.is_dir() and not candidate.is_symlink():
             shutil.rmtree(candidate, ignore_errors=True)
@@ -190,6 +191,9 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
                 candidate.unlink()
         removed.append(candidate)
     return removed
+
+
+_TMP_TAIL = re.compile(r"(\d+)\.(?:[a-z0-9_]{8}|old)\.tmp")
 
 
 def _pid_alive(pid: int) -> bool:

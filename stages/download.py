@@ -131,7 +131,7 @@ def _local_path(source: str) -> Path | None:
     return None
 
 
-def _network(source: str, call):
+def _network(source: str, call, timeout: float):
     """Run one network step; map its failures to DownloadError (retryable) or PermanentError.
 
     Only network steps go through here: a local write that fails (disk full) is not a
@@ -151,18 +151,22 @@ def _network(source: str, call):
         raise PermanentError(cause) from None
     except urllib.error.URLError as err:
         reason = err.reason
+        if isinstance(reason, TimeoutError):
+            raise DownloadError(f"{source}: timed out: no data for {timeout:g}s "
+                                "(download.timeout)") from None
         if isinstance(reason, OSError) and reason.strerror:
             reason = reason.strerror
         raise DownloadError(f"{source}: {reason}") from None
     except TimeoutError:
-        raise DownloadError(f"{source}: timed out (no data for the download.timeout)") from None
+        raise DownloadError(f"{source}: timed out: no data for {timeout:g}s "
+                            "(download.timeout)") from None
     except http.client.IncompleteRead as err:
         raise DownloadError(
             f"{source}: connection dropped after {len(err.partial)} bytes of the last block"
         ) from None
     except (OSError, http.client.HTTPException) as err:
         # Resets and disconnects mid-body land here.
-        raise DownloadError(f"{source}: {type(err).__name__}: {err or 'no details'}") from None
+        raise DownloadError(f"{source}: {type(err).__name__}: {str(err) or 'no details'}") from None
 
 
 def fetch_once(source: str, dest: Path, timeout: float) -> None:
@@ -181,12 +185,13 @@ def fetch_once(source: str, dest: Path, timeout: float) -> None:
     if urllib.parse.urlparse(source).scheme not in ("http", "https"):
         raise PermanentError(f"{source}: unsupported scheme; use http(s)://, file:// or a path")
     request = urllib.request.Request(source, headers={"User-Agent": "mnist-pipeline"})
-    with _network(source, lambda: urllib.request.urlopen(request, timeout=timeout)) as response:
+    with _network(source, lambda: urllib.request.urlopen(request, timeout=timeout),
+                  timeout) as response:
         total = response.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
         received = 0
         with open(dest, "wb") as out, _progress(Path(source).name, total) as bar:
-            while block := _network(source, lambda: response.read(CHUNK)):
+            while block := _network(source, lambda: response.read(CHUNK), timeout):
                 out.write(block)
                 received += len(block)
                 bar.update(len(block))

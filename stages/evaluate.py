@@ -20,6 +20,7 @@ from stages.common import (
     param_int,
     round_floats,
     run,
+    validate_processed,
     save_npz,
     write_csv,
     write_json,
@@ -98,6 +99,7 @@ def main() -> None:
     intra = param_int(train, "train", "intra_op_threads", 1, 1024)
     inter = param_int(train, "train", "inter_op_threads", 1, 1024)
     data = load_npz(DATA, PROCESSED_KEYS, only=("x_test", "y_test"))
+    validate_processed(data, DATA)
     from stages.models import configure_tensorflow  # first: it quiets TensorFlow's logs
 
     configure_tensorflow(0, intra, inter)

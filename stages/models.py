@@ -58,10 +58,11 @@ def _head(dense: int) -> list:
 
 
 def cnn(aug: list) -> keras.Sequential:
-    """Two 5×5 conv layers with BatchNorm, each pooled: LeNet's shape, modern parts.
+    """LeNet's shape with modern parts: 5×5 convs with BatchNorm, pooled twice, then a
+    3×3 conv on the 4×4 map and a linear read-out.
 
-    About 4M multiply-adds per image: cheap enough for 2 CPU cores to train 30 epochs
-    with augmentation in minutes, which is what gets a small net to 99.6%.
+    About 5M multiply-adds per image: cheap enough for 2 CPU cores to train ~25 epochs
+    with augmentation in minutes, which is what gets a small net to ~99.6%.
     """
     return keras.Sequential([
         keras.Input((IMAGE_SIDE, IMAGE_SIDE)),
@@ -69,8 +70,10 @@ def cnn(aug: list) -> keras.Sequential:
         *aug,
         *_conv_bn_relu(32, 5, "valid"), layers.MaxPooling2D(),
         *_conv_bn_relu(64, 5, "valid"), layers.MaxPooling2D(),
-        layers.Dropout(0.25),
-        *_head(128),
+        *_conv_bn_relu(128, 3, "same"),
+        layers.Flatten(),
+        layers.Dropout(0.3),
+        layers.Dense(10, activation="softmax"),
     ], name="cnn")
 
 

@@ -25,6 +25,7 @@ from stages.common import (
     param_float,
     param_int,
     run,
+    validate_processed,
 )
 
 SECTION = "train"
@@ -166,8 +167,8 @@ def evaluate_split(eval_batch, x, y, batch_size: int = 1000) -> dict:
     return {"loss": loss_sum / len(y), "accuracy": hits / len(y)}
 
 
-def fit(cfg: dict, data: dict):
-    """Train for cfg["epochs"], logging curves with dvclive; returns the model."""
+def fit(cfg: dict, data: dict, curves_dir):
+    """Train for cfg["epochs"], logging curves with dvclive into curves_dir; returns the model."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -185,7 +186,7 @@ def fit(cfg: dict, data: dict):
     rng = np.random.default_rng(cfg["seed"])
     chunk = cfg["steps_per_execution"]
     best = (-1.0, None, 0)  # validation accuracy, weights, epoch
-    live = Live(dir=CURVES_DIR, dvcyaml=None, save_dvc_exp=False, report=None)
+    live = Live(dir=str(curves_dir), dvcyaml=None, save_dvc_exp=False, report=None)
     tty = sys.stdout.isatty()
     for epoch in range(1, cfg["epochs"] + 1):
         started = time.perf_counter()
@@ -222,17 +223,20 @@ def fit(cfg: dict, data: dict):
 def main() -> None:
     cfg = validate(load_params(SECTION))
     data = load_npz(DATA, PROCESSED_KEYS, only=("x_train", "y_train", "x_val", "y_val"))
+    validate_processed(data, DATA)
     from stages import models
 
     models.configure_tensorflow(cfg["seed"], cfg["intra_op_threads"], cfg["inter_op_threads"])
-
     started = time.perf_counter()
-    model = fit(cfg, data)
-    seconds = time.perf_counter() - started
-    with atomic_dir(MODEL_DIR) as tmp:
-        models.save_stable(model, tmp / "model.keras")
-        (tmp / "run_info.json").write_text(
-            json.dumps(run_info(cfg), indent=2, sort_keys=True) + "\n")
+    # Curves and model are built aside and swapped in only when training completed, so an
+    # interrupted run leaves the previous model and its own curves in place.
+    with atomic_dir(CURVES_DIR) as curves:
+        model = fit(cfg, data, curves)
+        seconds = time.perf_counter() - started
+        with atomic_dir(MODEL_DIR) as tmp:
+            models.save_stable(model, tmp / "model.keras")
+            (tmp / "run_info.json").write_text(
+                json.dumps(run_info(cfg), indent=2, sort_keys=True) + "\n")
     print(f"train: {cfg['model']} for {cfg['epochs']} epochs in {seconds:.1f}s -> {MODEL_DIR}")
 
 

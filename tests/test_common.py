@@ -109,19 +109,23 @@ def test_atomic_path_converts_a_read_only_directory_into_a_write_error(tmp_path)
 def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     target = tmp_path / "out.npz"
     dead = dead_pid()
-    stale_file = tmp_path / f".out.npz.{dead}.abc123.tmp"
+    stale_file = tmp_path / f".out.npz.{dead}.abc_1234.tmp"
     stale_file.write_bytes(b"x" * 100)
     stale_dir = tmp_path / f".out.npz.{dead}.old.tmp"
     (stale_dir / "inner").mkdir(parents=True)
-    live = tmp_path / f".out.npz.{os.getppid()}.def456.tmp"  # our parent is alive
+    live = tmp_path / f".out.npz.{os.getppid()}.def45678.tmp"  # our parent is alive
     live.write_bytes(b"busy")
-    other = tmp_path / f".other.npz.{dead}.zzz.tmp"  # another output's: not ours to judge
+    other = tmp_path / f".other.npz.{dead}.zzzzzzzz.tmp"  # another output's: not ours to judge
     other.write_bytes(b"o")
     unrelated = tmp_path / ".out.npz.notapid.tmp"
     unrelated.write_bytes(b"u")
+    # a live writer's temp of the output "out.npz.7", whose name merely starts alike
+    lookalike = tmp_path / f".out.npz.7.{os.getppid()}.abcd1234.tmp"
+    lookalike.write_bytes(b"l")
     assert sorted(p.name for p in remove_stale_temps(target)) == sorted(
         [stale_file.name, stale_dir.name])
-    assert entries(tmp_path) == sorted([live.name, other.name, unrelated.name])
+    assert entries(tmp_path) == sorted([live.name, other.name, unrelated.name,
+                                        lookalike.name])
     # and atomic_path sweeps them itself before writing
     stale_file.write_bytes(b"x")
     common.write_text(target, "new")
@@ -220,7 +224,8 @@ def test_save_npz_refuses_object_arrays_and_leaves_nothing(tmp_path):
 
 def test_json_and_csv_writers_are_stable(tmp_path):
     common.write_json(tmp_path / "m.json", {"b": 1.23456789, "a": [1, 2]})
-    assert (tmp_path / "m.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1.23456789\n}\n'
+    assert (tmp_path / "m.json").read_text() == (
+        '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1.23456789\n}\n')
     assert common.round_floats({"x": [1.00000049, (2.0000006,)], "n": 3}) == {
         "x": [1.0, [2.000001]], "n": 3}
     common.write_csv(tmp_path / "t.csv", ["i", "v"], [(0, "a"), (1, "b")])

@@ -145,8 +145,10 @@ def bad(tmp_path, match, **changes):
 
 
 @pytest.mark.parametrize("changes, match", [
-    ({"x_train": np.zeros((12, 28, 27), np.uint8)}, r"x_train must be N×28×28, got shape \(12, 28, 27\)"),
-    ({"x_train": np.zeros((12, 784), np.uint8)}, r"x_train must be N×28×28, got shape \(12, 784\)"),
+    ({"x_train": np.zeros((12, 28, 27), np.uint8)},
+     r"x_train must be N×28×28, got shape \(12, 28, 27\)"),
+    ({"x_train": np.zeros((12, 784), np.uint8)},
+     r"x_train must be N×28×28, got shape \(12, 784\)"),
     ({"x_test": np.zeros((5, 1, 28, 28), np.uint8)}, "x_test must be N×28×28"),
     ({"y_train": np.zeros((12, 1), np.uint8)}, r"y_train must be 1-D, got shape \(12, 1\)"),
     ({"y_test": np.uint8(3)}, "y_test must be 1-D"),
@@ -156,7 +158,8 @@ def test_wrong_shapes(tmp_path, changes, match):
 
 
 @pytest.mark.parametrize("changes, match", [
-    ({"x_train": np.zeros((12, 28, 28), np.float32)}, "x_train/y_train must be uint8, got float32/uint8"),
+    ({"x_train": np.zeros((12, 28, 28), np.float32)},
+     "x_train/y_train must be uint8, got float32/uint8"),
     ({"y_test": np.zeros(5, np.int64)}, "x_test/y_test must be uint8, got uint8/int64"),
     ({"x_test": np.zeros((5, 28, 28), np.int8)}, "must be uint8, got int8"),
 ])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import os
 import shutil
 import socket
 import sys
@@ -43,6 +42,7 @@ class FaultServer:
     routes: path -> list of behaviours; the last one repeats. A behaviour is one of
       ("ok", body) | ("status", code) | ("drop", body, claimed_length)
       ("stall", head_bytes) -> send headers and some bytes, then go silent
+      ("silent",) -> never answer at all
       ("redirect", location)
     Every request is appended to `log` as (name, path), shared across servers.
     """
@@ -81,6 +81,9 @@ class FaultServer:
                     self.wfile.write(FIXTURE_BYTES[: args[0]])
                     self.wfile.flush()
                     server.release.wait(10)  # silent far longer than download.timeout
+                    self.close_connection = True
+                elif kind == "silent":  # accept, read the request, never answer
+                    server.release.wait(10)
                     self.close_connection = True
                 elif kind == "redirect":
                     self.send_response(302)
@@ -244,11 +247,12 @@ def test_dropped_body_recovers_on_retry(servers, out):
     assert out.read_bytes() == FIXTURE_BYTES and s.requests() == ["/m"] * 2
 
 
-def test_server_slower_than_the_timeout(servers, out, capsys):
-    s = servers({"/m": [("stall", 5000)]})
+@pytest.mark.parametrize("behaviour", [("stall", 5000), ("silent",)])
+def test_server_slower_than_the_timeout(servers, out, capsys, behaviour):
+    s = servers({"/m": [behaviour]})
     started = time.perf_counter()
     message = fails(cfg_for(s.url("/m"), retries=1, timeout=0.3), out, match=s.url("/m"))
-    assert "timed out" in message
+    assert "timed out: no data for 0.3s (download.timeout)" in message
     assert time.perf_counter() - started < 3  # two stalled attempts of ~0.3s, not 10s
     assert s.requests() == ["/m"] * 2
     assert len(warnings_in(capsys.readouterr().err)) == 1
@@ -359,6 +363,47 @@ def test_mirror_with_its_own_hash(servers, out, tmp_path):
                        "timeout": 5, "retries": 0, "backoff": 0})
     assert dl.download(cfg, output=out) == str(other)
     assert out.read_bytes() == other.read_bytes()
+
+
+# --- the original idx layout (format: idx) -------------------------------------------
+
+
+def idx_routes(prefix: str, data: dict, bad: str | None = None) -> dict:
+    import gzip
+    import struct
+
+    from stages.common import IDX_FILES
+
+    routes = {}
+    for key, name in IDX_FILES.items():
+        array = data[key]
+        magic = 0x800 + array.ndim if name != bad else 0x0D03  # 0x0D: float, not uint8
+        raw = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.tobytes()
+        routes[f"{prefix}/{name}"] = [("ok", gzip.compress(raw))]
+    return routes
+
+
+def idx_cfg(url: str) -> dict:
+    return dl.validate({"url": url, "sha256": None, "mirrors": [], "format": "idx",
+                        "timeout": 5, "retries": 2, "backoff": 0})
+
+
+def test_idx_folder_over_http(servers, out):
+    data = {k: v[:50] for k, v in np.load(FIXTURE).items()}
+    s = servers(idx_routes("/mnist", data))
+    dl.download(idx_cfg(s.url("/mnist/")), output=out)
+    with np.load(out) as got:
+        assert all(np.array_equal(got[k], data[k]) for k in data)
+    assert len(s.requests()) == 4 and leftovers(out.parent) == []
+
+
+def test_idx_file_with_a_wrong_magic_number_is_refused_once(servers, out):
+    data = {k: v[:50] for k, v in np.load(FIXTURE).items()}
+    s = servers(idx_routes("/mnist", data, bad="t10k-images-idx3-ubyte.gz"))
+    message = fails(idx_cfg(s.url("/mnist")), out, exc=dl.PermanentError)
+    assert message.startswith(s.url("/mnist/t10k-images-idx3-ubyte.gz") + ": bad idx magic")
+    assert s.requests().count("/mnist/t10k-images-idx3-ubyte.gz") == 1
+    assert not out.exists() and leftovers(out.parent) == []  # temp folder gone too
 
 
 # --- what is already at the output path ----------------------------------------------

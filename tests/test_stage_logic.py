@@ -116,13 +116,13 @@ def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch):
     x[np.arange(200), y, y] = 1.0  # digit d lights pixel (d, d)
     data = {"x_train": x[:160], "y_train": y[:160], "x_val": x[160:], "y_val": y[160:]}
     cfg = train.validate(train_params(epochs=8, learning_rate=0.01))
-    first = train.fit(cfg, dict(data))
+    first = train.fit(cfg, dict(data), tmp_path / "curves")
     acc = (first.predict(x[160:], verbose=0).argmax(1) == y[160:]).mean()
     assert acc > 0.9
-    second = train.fit(cfg, dict(data))
+    second = train.fit(cfg, dict(data), tmp_path / "curves2")
     for a, b in zip(first.get_weights(), second.get_weights()):
         assert np.array_equal(a, b)
-    lines = (tmp_path / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    lines = (tmp_path / "curves/plots/metrics/train/loss.tsv").read_text().splitlines()
     losses = [float(line.split("\t")[1]) for line in lines[1:]]
     assert len(losses) == 8 and losses[-1] < losses[0]
 
