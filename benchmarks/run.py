@@ -130,9 +130,10 @@ def main() -> None:
             o = statistics.median(x[key] for x in r["original"])
             s = statistics.median(x[key] for x in r["stage"])
             print(f"{label:24}{fmt.format(o):>12}{fmt.format(s):>14}{s / o:>8.2f}")
-        print(f"{'test accuracy':24}"
-              f"{' / '.join(f'{x['accuracy']:.4f}' for x in r['original']):>12}  "
-              f"{' / '.join(f'{x['accuracy']:.4f}' for x in r['stage'])}")
+        def accuracies(runs):
+            return " / ".join(f"{x['accuracy']:.4f}" for x in runs)
+
+        print(f"{'test accuracy':24}{accuracies(r['original']):>12}  {accuracies(r['stage'])}")
     if args.only in (None, "mosaics"):
         from benchmarks import mosaics
 

@@ -178,10 +178,10 @@ def fit(cfg: dict, data: dict, curves_dir):
     n = len(data["y_train"])
     steps_per_epoch = -(-n // cfg["batch_size"])
     model = compile_model(cfg, steps_per_epoch)
-    x = tf.constant(data["x_train"])
-    y = tf.constant(data["y_train"].astype(np.int32))
-    x_val, y_val = data["x_val"], data["y_val"].astype(np.int32)
-    del data
+    # pop(): once TensorFlow holds its copy, the NumPy one is freed (peak memory).
+    x = tf.constant(data.pop("x_train"))
+    y = tf.constant(data.pop("y_train").astype(np.int32))
+    x_val, y_val = data.pop("x_val"), data.pop("y_val").astype(np.int32)
     train_chunk, eval_batch = make_steps(model, x, y)
     rng = np.random.default_rng(cfg["seed"])
     chunk = cfg["steps_per_execution"]

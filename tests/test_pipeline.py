@@ -42,11 +42,11 @@ def test_every_output_is_there_and_sound(project):
     assert processed["x_train"].dtype == np.float32
     assert 0.0 <= processed["x_train"].min() and processed["x_train"].max() <= 1.0
     assert len(processed["x_train"]) + len(processed["x_val"]) == 1500
-    assert len(processed["x_val"]) == 150  # val_fraction 0.1
+    assert len(processed["x_val"]) == 75  # val_fraction 0.05
 
     report = json.loads((repo / "reports/data.json").read_text())
     assert report["test"]["count"] == 500
-    assert sum(report["train"]["class_counts"].values()) == 1350
+    assert sum(report["train"]["class_counts"].values()) == 1425
 
     sample = Image.open(repo / "reports/sample.bmp")
     assert sample.mode == "L" and sample.size == (28, 28)
@@ -101,6 +101,14 @@ def test_every_output_is_there_and_sound(project):
         assert png.format == "PNG"
         assert np.array_equal(np.asarray(png), np.asarray(Image.open(mosaics / f"test_error_{d}.bmp")))
     assert predicted is not None
+
+    # The error analysis agrees with evaluate and is one self-contained page.
+    summary = json.loads((repo / "reports/errors_summary.json").read_text())
+    assert summary["errors"] == metrics["errors"]
+    page = (repo / "reports/errors.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    assert page.count("data:image/png;base64,") >= metrics["errors"]
+    assert len(list((repo / "reports/error_neighbours.csv").open())) == metrics["errors"] + 1
 
 
 def test_second_repro_reruns_nothing(project):
