@@ -89,3 +89,44 @@ def stages_run(output: str) -> list[str]:
 @pytest.fixture(scope="session")
 def fixture_path() -> Path:
     return FIXTURE
+
+
+# --- team workflows (tests/test_compare.py, test_experiments.py, test_remotes.py) ----
+
+# The cheapest training that still runs every stage: the original network, one epoch.
+TINY_TRAIN = {"model": "mlp", "epochs": 1, "batch_size": 64}
+
+
+def dvc_env(repo: Path, *args, env: dict, check: bool = True, timeout: float = 900):
+    """`dvc ARGS` in repo with an explicit environment (e.g. HOME holding known_hosts)."""
+    cmd = (sys.executable, "-m", "dvc", *args)
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def out_hashes(repo: Path) -> dict[str, str]:
+    """sha256 of every file of every stage output in dvc.lock, by path under repo."""
+    import hashlib
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    paths = sorted({out["path"] for stage in lock["stages"].values()
+                    for out in stage.get("outs", [])})
+    files = []
+    for rel in paths:
+        path = repo / rel
+        assert path.exists(), f"output {rel} is missing in {repo}"
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {p.relative_to(repo).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files}
+
+
+def ran_training(output: str) -> bool:
+    """Did the train stage run (its per-epoch lines) in this dvc output?"""
+    return "Running stage 'train'" in output or any(
+        line.lower().startswith("epoch ") for line in output.splitlines())

@@ -1,0 +1,170 @@
+"""Experiments: `dvc exp run -S`, a grid through the real celery queue, `dvc exp show`.
+
+The project mirrors the default params' offline setup: `download.url` cannot be fetched and
+the data comes from the mirror `../shared/data/mnist.npz`, a path relative to the project,
+beside which the test puts a copy of the fixture. Queued experiments run in a temporary copy
+under .dvc/tmp/exps/, where that relative path leads nowhere: they work because download's
+result is already in the cache (dvc.lock committed with the baseline), so no queued
+experiment runs download at all. The test checks exactly that.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import time
+
+import pytest
+import yaml
+
+from conftest import (
+    FIXTURE,
+    FIXTURE_SHA256,
+    TINY_TRAIN,
+    dvc,
+    make_project,
+    ran_training,
+    sh,
+    stages_run,
+)
+
+pytestmark = pytest.mark.slow
+
+# The grid: two points, each a different (epochs, learning_rate) pair.
+GRID = {"grid-a": {"train.epochs": 1, "train.learning_rate": 0.001},
+        "grid-b": {"train.epochs": 2, "train.learning_rate": 0.004}}
+WORKSPACE_EXP = ("ws-run", {"train.epochs": 2, "train.learning_rate": 0.001})
+
+
+def overrides(params: dict) -> list[str]:
+    return [arg for key, value in params.items() for arg in ("-S", f"{key}={value}")]
+
+
+def wait_for_queue(repo, timeout: float = 300) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; return the last table."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = dvc(repo, "queue", "status").stdout
+        rows = [line.split() for line in status.splitlines()[1:] if line.strip()]
+        if not any(len(r) > 1 and r[-1] in ("Queued", "Running") for r in rows):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiments")
+    (root / "shared" / "data").mkdir(parents=True)
+    shutil.copy(FIXTURE, root / "shared" / "data" / "mnist.npz")
+    repo = make_project(root / "project", train=TINY_TRAIN, download={
+        "url": (root / "unreachable" / "mnist.npz").as_uri(),
+        "mirrors": [{"url": "../shared/data/mnist.npz", "sha256": FIXTURE_SHA256}],
+    })
+    baseline = dvc(repo, "repro")
+    assert "trying the next source" in baseline.stderr  # the mirror is what fed it
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline results")
+
+    for name, params in GRID.items():
+        dvc(repo, "exp", "run", "--queue", "-n", name, *overrides(params))
+    started = time.monotonic()
+    dvc(repo, "queue", "start", "-j", "2")
+    try:
+        status = wait_for_queue(repo)
+    finally:
+        dvc(repo, "queue", "stop", check=False, timeout=60)
+    queue_seconds = time.monotonic() - started
+    logs = {name: dvc(repo, "queue", "logs", name, check=False).stdout for name in GRID}
+
+    name, params = WORKSPACE_EXP
+    workspace = dvc(repo, "exp", "run", "-n", name, *overrides(params))
+    yield {"repo": repo, "status": status, "logs": logs, "workspace": workspace,
+           "queue_seconds": queue_seconds}
+
+
+def exp_show(repo) -> dict[str, dict]:
+    """Every experiment of the baseline commit by name: its params and metrics."""
+    rows = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    found = {}
+    for row in rows:
+        for exp in row.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                found[rev["name"]] = {
+                    "params": data["params"]["params.yaml"]["data"],
+                    "metrics": {path: m["data"] for path, m in data["metrics"].items()},
+                }
+    return found
+
+
+def test_queued_grid_runs_with_two_workers(lab):
+    status = lab["status"]
+    for name in GRID:
+        line = next((line for line in status.splitlines() if f" {name} " in line), None)
+        assert line is not None and line.split()[-1] == "Success", status
+    print(f"queue of {len(GRID)} with -j 2: {lab['queue_seconds']:.1f}s")
+
+
+@pytest.mark.parametrize("name", sorted(GRID))
+def test_queued_experiment_trains_but_restores_download_from_cache(lab, name):
+    log = lab["logs"][name]
+    assert stages_run(log) == ["train", "evaluate", "render-errors"], log
+    assert "Stage 'download' didn't change, skipping" in log
+    epochs = [line for line in log.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == GRID[name]["train.epochs"]
+
+
+def test_exp_run_with_set_params_in_the_workspace(lab):
+    repo, out = lab["repo"], lab["workspace"].stdout
+    params = WORKSPACE_EXP[1]
+    assert stages_run(out) == ["train", "evaluate", "render-errors"]
+    assert ran_training(out)
+    # The workspace now holds the experiment: its params and its two-epoch curves.
+    train = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+    assert train["epochs"] == params["train.epochs"] == 2
+    assert train["learning_rate"] == params["train.learning_rate"]
+    rows = list(csv.DictReader(io.StringIO(
+        (repo / "reports/train/plots/metrics/train/accuracy.tsv").read_text()), delimiter="\t"))
+    assert len(rows) == 2
+
+
+def test_exp_show_lists_every_run_with_params_and_metrics(lab):
+    repo = lab["repo"]
+    found = exp_show(repo)
+    expected = {**GRID, WORKSPACE_EXP[0]: WORKSPACE_EXP[1]}
+    assert set(expected) <= set(found), found.keys()
+    accuracies = set()
+    for name, params in expected.items():
+        train = found[name]["params"]["train"]
+        assert train["epochs"] == params["train.epochs"], name
+        assert train["learning_rate"] == params["train.learning_rate"], name
+        metrics = found[name]["metrics"]
+        scored = metrics["reports/metrics.json"]
+        assert scored["samples"] == 500
+        assert scored["errors"] == round((1 - scored["accuracy"]) * 500)
+        assert metrics["reports/train/metrics.json"]["step"] == params["train.epochs"] - 1
+        assert metrics["reports/errors_summary.json"]["errors"] == scored["errors"]
+        accuracies.add(scored["accuracy"])
+    assert len(accuracies) > 1  # different params, different results
+
+    # The same table as CSV, for a spreadsheet: one row per experiment.
+    table = list(csv.DictReader(io.StringIO(dvc(repo, "exp", "show", "--csv").stdout)))
+    by_name = {row["Experiment"]: row for row in table if row["Experiment"]}
+    for name, params in expected.items():
+        assert float(by_name[name]["train.learning_rate"]) == params["train.learning_rate"]
+        assert float(by_name[name]["accuracy"]) == found[name]["metrics"][
+            "reports/metrics.json"]["accuracy"]
+
+
+def test_applying_a_queued_experiment_restores_its_results_without_training(lab):
+    repo = lab["repo"]
+    shown = exp_show(repo)["grid-b"]["metrics"]["reports/metrics.json"]
+    dvc(repo, "exp", "apply", "grid-b")
+    assert json.loads((repo / "reports/metrics.json").read_text()) == shown
+    again = dvc(repo, "repro")
+    assert stages_run(again.stdout) == [] and not ran_training(again.stdout)
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
