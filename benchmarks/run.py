@@ -34,7 +34,7 @@ MLP_PRESET = {
     "normalize": {"val_fraction": 0.0},
     "train": {"model": "mlp", "epochs": 5, "batch_size": 32, "learning_rate": 0.001,
               "lr_schedule": "constant", "rotation": 0.0, "shift": 0.0, "zoom": 0.0,
-              "restore_best": False, "steps_per_execution": 100,
+              "label_smoothing": 0.0, "restore_best": False, "steps_per_execution": 100,
               "intra_op_threads": 1, "inter_op_threads": 1},
 }
 

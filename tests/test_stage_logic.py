@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import FIXTURE
 from stages import evaluate, normalize, train
 from stages.common import draw
 
@@ -81,7 +82,7 @@ def train_params(**overrides):
     params = {
         "model": "mlp", "epochs": 1, "batch_size": 8, "learning_rate": 0.001,
         "lr_schedule": "constant", "seed": 3, "rotation": 0.0, "shift": 0.0, "zoom": 0.0,
-        "restore_best": True, "steps_per_execution": 4, "intra_op_threads": 1,
+        "label_smoothing": 0.0, "restore_best": True, "steps_per_execution": 4, "intra_op_threads": 1,
         "inter_op_threads": 1,
     }
     return params | overrides
@@ -136,7 +137,7 @@ def test_models_map_images_to_ten_probabilities_and_save_byte_stably(name, tmp_p
 
     from stages import models
 
-    model = models.build(name, models.augmentation(10, 0.1, 0.1, seed=1))
+    model = models.build(name)
     x = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
     probs = model.predict(x, verbose=0)
     assert probs.shape == (4, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
@@ -144,19 +145,68 @@ def test_models_map_images_to_ten_probabilities_and_save_byte_stably(name, tmp_p
     models.save_stable(model, tmp_path / "b.keras")
     assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
     loaded = keras.models.load_model(tmp_path / "a.keras")
-    assert np.array_equal(loaded.predict(x, verbose=0), probs)  # augmentation off at inference
+    assert np.array_equal(loaded.predict(x, verbose=0), probs)
 
 
 def test_mlp_is_the_original_network():
     from stages import models
 
-    model = models.build("mlp", [])
+    model = models.build("mlp")
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == ["Flatten", "Dense", "Dropout", "Dense"]
     assert model.layers[1].units == 128 and model.layers[1].activation.__name__ == "relu"
     assert model.layers[2].rate == 0.2
     assert model.layers[3].units == 10 and model.layers[3].activation.__name__ == "softmax"
     assert model.count_params() == 784 * 128 + 128 + 128 * 10 + 10
+
+
+def _digits(n=6):
+    with np.load(FIXTURE) as f:
+        return (f["x_train"][:n] / 255).astype(np.float32)
+
+
+def _warp(images, u, rotation=0.0, shift=0.0, zoom=0.0):
+    import tensorflow as tf
+
+    from stages.augment import affine_params
+
+    u = tf.constant(np.broadcast_to(np.asarray(u, np.float32)[:, None], (5, len(images))))
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images[..., None], transforms=affine_params(u, 28, rotation, shift, zoom),
+        output_shape=[28, 28], fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    return out.numpy()[..., 0]
+
+
+def test_affine_map_moves_rotates_and_zooms_as_documented():
+    x = _digits()
+    # u = 1 with shift 1/28 of the side: exactly one pixel right and one down.
+    moved = np.zeros_like(x)
+    moved[:, 1:, 1:] = x[:, :-1, :-1]
+    assert np.array_equal(_warp(x, [0, 0, 0, 1, 1], shift=1 / 28), moved)
+    # A quarter turn about the centre is np.rot90, up to float rounding of cos(90°).
+    assert np.allclose(_warp(x, [1, 0, 0, 0, 0], rotation=90), np.rot90(x, 1, (1, 2)), atol=1e-5)
+    # Zooming in by 1.25 on both axes spreads the ink: more lit pixels, same centre.
+    big = _warp(x, [0, 1, 1, 0, 0], zoom=0.25)
+    assert ((big > 0.5).sum((1, 2)) > (x > 0.5).sum((1, 2))).all()
+    rows = np.arange(28)[None, :, None]
+    centre = lambda a: (a * rows).sum((1, 2)) / a.sum((1, 2))  # noqa: E731
+    assert np.allclose(centre(big), centre(x), atol=1.0)
+
+
+def test_augment_is_seeded_stays_in_range_and_is_off_at_zero():
+    import tensorflow as tf
+
+    from stages.augment import augment
+
+    x = tf.constant(_digits())
+    assert augment(x, tf.constant([1, 2], tf.int64), 0.0, 0.0, 0.0) is x
+    a = augment(x, tf.constant([1, 2], tf.int64), 10.0, 0.1, 0.1).numpy()
+    b = augment(x, tf.constant([1, 2], tf.int64), 10.0, 0.1, 0.1).numpy()
+    c = augment(x, tf.constant([1, 3], tf.int64), 10.0, 0.1, 0.1).numpy()
+    assert a.shape == x.shape and np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    # Each image gets its own draw, and none is left as it was.
+    assert all(not np.array_equal(a[i], x.numpy()[i]) for i in range(len(a)))
 
 
 def test_renumbered_shared_ids_keep_their_links():
