@@ -11,16 +11,49 @@ stages/augment.py), so the saved file needs no code of ours to load:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import sys
+import tempfile
 import zipfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner out of logs
+from stages.common import IMAGE_SIDE, atomic_path
 
-import keras  # noqa: E402
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info out of logs
+
+# absl's info and warning lines, which TensorFlow prints at import before it reads
+# TF_CPP_MIN_LOG_LEVEL (e.g. "oneDNN custom operations are on" on AVX-512 CPUs).
+_IMPORT_NOISE = re.compile(r"[IW]\d{4} |WARNING: All log messages before absl::InitializeLog")
+
+
+@contextlib.contextmanager
+def _native_stderr_filtered(noise: re.Pattern):
+    """Capture what C++ code writes to file descriptor 2 and pass on all but `noise`.
+
+    A stage's stderr is for its own one-line errors; anything else TensorFlow says at
+    import (an error, a fatal message) still gets through.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
+                if not noise.match(line):
+                    sys.stderr.write(line)
+
+
+with _native_stderr_filtered(_IMPORT_NOISE):
+    import keras
+    import tensorflow  # noqa: F401  (Keras' backend: its import is what logs)
 from keras import layers  # noqa: E402
-
-from stages.common import IMAGE_SIDE, atomic_path  # noqa: E402
 
 
 def mlp() -> keras.Sequential:
