@@ -5,8 +5,12 @@
    alternating runs in one session so that machine noise hits both alike.
 2. Rendering: every mosaic, pasted one tile at a time with PIL as the original did,
    against stages.common.tile (benchmarks/mosaics.py).
+3. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
+   otherwise) trained and evaluated by the stages once per `--seeds`, for test errors and
+   time: how much of a result is the seed.
 
-Usage: python -m benchmarks.run [--data PATH] [--repeats N] [--only train|mosaics]
+Usage: python -m benchmarks.run [--data PATH] [--repeats N] [--only train|mosaics|cnn]
+       [--model cnn|cnn_large] [--seeds 1 2 3]
 """
 
 from __future__ import annotations
@@ -55,14 +59,14 @@ def run_child(args: list[str], cwd: Path) -> dict:
             "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def prepare_project(data: Path) -> Path:
-    """A scratch copy of the pipeline with the mlp preset, raw and processed data ready."""
+def prepare_project(data: Path, preset: dict) -> Path:
+    """A scratch copy of the pipeline with `preset` over params.yaml, data ready to train."""
     tmp = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
     shutil.copytree(ROOT / "stages", tmp / "stages",
                     ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["download"].update(url=str(data.resolve()), sha256=None, mirrors=[])
-    for section, values in MLP_PRESET.items():
+    for section, values in preset.items():
         params[section].update(values)
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stage in ("download", "normalize"):
@@ -71,7 +75,7 @@ def prepare_project(data: Path) -> Path:
 
 
 def bench_train(data: Path, repeats: int) -> dict:
-    project = prepare_project(data)
+    project = prepare_project(data, MLP_PRESET)
     original, stage = [], []
     try:
         for _ in range(repeats):
@@ -97,6 +101,32 @@ def bench_train(data: Path, repeats: int) -> dict:
     return result
 
 
+def bench_cnn(data: Path, model: str, seeds: list[int]) -> list[dict]:
+    """Train and evaluate `model` with the default params once per seed, via the stages."""
+    project = prepare_project(data, {"train": {"model": model}})
+    runs = []
+    try:
+        for seed in seeds:
+            params = yaml.safe_load((project / "params.yaml").read_text())
+            params["train"]["seed"] = seed
+            (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            child = run_child([sys.executable, "-m", "stages.train"], project)
+            seconds = float(re.search(r"epochs in ([\d.]+)s", child["stdout"]).group(1))
+            last_epoch = [line for line in child["stdout"].splitlines()
+                          if line.startswith("epoch ")][-1]
+            val = re.search(r"eval/accuracy=([\d.]+)", last_epoch)
+            run_child([sys.executable, "-m", "stages.evaluate"], project)
+            metrics = json.loads((project / "reports" / "metrics.json").read_text())
+            runs.append({"seed": seed, "train_seconds": seconds,
+                         "val_accuracy": float(val.group(1)) if val else None,
+                         "test_accuracy": metrics["accuracy"], "test_errors": metrics["errors"],
+                         "peak_rss_mb": child["peak_rss_mb"]})
+            print(json.dumps(runs[-1]), flush=True)
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+    return runs
+
+
 def machine() -> str:
     import numpy as np
     import tensorflow as tf
@@ -113,7 +143,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="full MNIST in the Keras .npz layout")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--only", choices=("train", "mosaics"))
+    parser.add_argument("--only", choices=("train", "mosaics", "cnn"))
+    parser.add_argument("--model", choices=("cnn", "cnn_large"), default="cnn")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     args = parser.parse_args()
     if not args.data.is_file():
         sys.exit(f"error: {args.data} not found; pass --data PATH to a full mnist.npz")
@@ -139,6 +171,12 @@ def main() -> None:
 
         print("\nrendering and neighbour search (benchmarks/mosaics.py)")
         print(json.dumps(mosaics.run(args.data), indent=2, sort_keys=True))
+    if args.only == "cnn":
+        print(f"\n{args.model}, default params, seeds {args.seeds} (train + evaluate stages)")
+        runs = bench_cnn(args.data, args.model, args.seeds)
+        errors = [r["test_errors"] for r in runs]
+        print(f"test errors {errors}: mean {statistics.mean(errors):.1f}, worst {max(errors)}; "
+              f"training {statistics.median(r['train_seconds'] for r in runs):.0f}s (median)")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,9 @@ def make_steps(model, x, y, cfg: dict):
     seed = tf.constant(cfg["seed"], tf.int64)
     shape_changes = cfg["rotation"], cfg["shift"], cfg["zoom"]
 
-    @tf.function(reduce_retracing=True)
+    # One trace for every chunk shape (the last chunk and the last batch are shorter):
+    # tracing the model, loss and optimizer into a graph costs as much as an mlp epoch.
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
     def train_chunk(batches):
         def step(i, loss_sum, hits):
             # Each step's augmentation draws depend on (seed, step) only: reproducible.
