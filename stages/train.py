@@ -117,6 +117,21 @@ def batch_order(n: int, batch_size: int, rng) -> list:
     return parts
 
 
+def training_loss(label_smoothing: float):
+    """Cross-entropy of integer labels against softmax outputs, with smoothed targets.
+
+    Targets are 1 - s + s/10 for the true digit and s/10 for the others: the net is not
+    pushed towards infinite confidence, which generalises better on clean data.
+    """
+    import keras
+    import tensorflow as tf
+
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy()
+    smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    return lambda labels, probs: smoothed(tf.one_hot(labels, 10), probs)
+
+
 def make_steps(model, x, y, cfg: dict):
     """Compiled train and eval loops that run many batches per call.
 
@@ -131,13 +146,7 @@ def make_steps(model, x, y, cfg: dict):
     from stages.augment import augment
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    if cfg["label_smoothing"]:
-        # Targets of 1 - s + s/10 for the true digit and s/10 for the others: the net is
-        # not pushed to infinite confidence, which generalises better on clean data.
-        smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=cfg["label_smoothing"])
-        train_loss = lambda yb, probs: smoothed(tf.one_hot(yb, 10), probs)  # noqa: E731
-    else:
-        train_loss = loss_fn
+    train_loss = training_loss(cfg["label_smoothing"])
     optimizer = model.optimizer
     weights = model.trainable_variables
     seed = tf.constant(cfg["seed"], tf.int64)

@@ -98,6 +98,8 @@ def test_wrong_type(section, key, value, allowed):
     ("train", "learning_rate", 0.0), ("train", "learning_rate", float("nan")),
     ("train", "learning_rate", float("inf")), ("train", "shift", 0.6),
     ("train", "rotation", -1.0), ("train", "intra_op_threads", 0),
+    ("train", "label_smoothing", 0.6), ("train", "label_smoothing", -0.1),
+    ("train", "zoom", 0.51),
     ("render", "per_row", 0), ("render", "errors_per_row", -5),
     ("normalize", "val_fraction", 1.0), ("normalize", "val_fraction", -0.1),
     ("normalize", "sample_index", -1), ("download", "retries", 21),

@@ -82,8 +82,8 @@ def train_params(**overrides):
     params = {
         "model": "mlp", "epochs": 1, "batch_size": 8, "learning_rate": 0.001,
         "lr_schedule": "constant", "seed": 3, "rotation": 0.0, "shift": 0.0, "zoom": 0.0,
-        "label_smoothing": 0.0, "restore_best": True, "steps_per_execution": 4, "intra_op_threads": 1,
-        "inter_op_threads": 1,
+        "label_smoothing": 0.0, "restore_best": True, "steps_per_execution": 4,
+        "intra_op_threads": 1, "inter_op_threads": 1,
     }
     return params | overrides
 
@@ -158,6 +158,24 @@ def test_mlp_is_the_original_network():
     assert model.layers[2].rate == 0.2
     assert model.layers[3].units == 10 and model.layers[3].activation.__name__ == "softmax"
     assert model.count_params() == 784 * 128 + 128 + 128 * 10 + 10
+
+
+def test_label_smoothing_moves_the_loss_minimum_to_the_smoothed_targets():
+    labels = np.array([3, 7], np.int32)
+    sure = np.full((2, 10), 1e-6, np.float32)
+    sure[[0, 1], labels] = 1 - 9e-6
+    smooth = np.full((2, 10), 0.01, np.float32)
+    smooth[[0, 1], labels] = 0.91
+
+    plain = train.training_loss(0.0)
+    assert float(plain(labels, sure)) < 1e-4 < float(plain(labels, smooth))
+    smoothed = train.training_loss(0.1)
+    # Minimal (the targets' entropy) at 0.91 / 0.01 exactly; higher when over-confident.
+    entropy = -(0.91 * np.log(0.91) + 9 * 0.01 * np.log(0.01))
+    assert np.isclose(float(smoothed(labels, smooth)), entropy, atol=1e-5)
+    assert float(smoothed(labels, sure)) > entropy + 0.5
+    # One-hot targets of the right digit: all 10 classes count, in label order.
+    assert float(smoothed(labels, np.roll(smooth, 1, axis=1))) > entropy + 3
 
 
 def _digits(n=6):
