@@ -59,6 +59,11 @@ def run_child(args: list[str], cwd: Path) -> dict:
             "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
+def train_seconds(stdout: str) -> float:
+    """The training time the train stage reports on its last line."""
+    return float(re.search(r"epochs in ([\d.]+)s", stdout).group(1))
+
+
 def prepare_project(data: Path, preset: dict) -> Path:
     """A scratch copy of the pipeline with `preset` over params.yaml, data ready to train."""
     tmp = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
@@ -84,7 +89,7 @@ def bench_train(data: Path, repeats: int) -> dict:
             original.append({**json.loads(child["stdout"].strip().splitlines()[-1]),
                              "peak_rss_mb": child["peak_rss_mb"]})
             child = run_child([sys.executable, "-m", "stages.train"], project)
-            seconds = float(re.search(r"epochs in ([\d.]+)s", child["stdout"]).group(1))
+            seconds = train_seconds(child["stdout"])
             run_child([sys.executable, "-m", "stages.evaluate"], project)
             metrics = json.loads((project / "reports" / "metrics.json").read_text())
             stage.append({"train_seconds": seconds, "process_seconds": child["wall"],
@@ -111,7 +116,7 @@ def bench_cnn(data: Path, model: str, seeds: list[int]) -> list[dict]:
             params["train"]["seed"] = seed
             (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             child = run_child([sys.executable, "-m", "stages.train"], project)
-            seconds = float(re.search(r"epochs in ([\d.]+)s", child["stdout"]).group(1))
+            seconds = train_seconds(child["stdout"])
             last_epoch = [line for line in child["stdout"].splitlines()
                           if line.startswith("epoch ")][-1]
             val = re.search(r"eval/accuracy=([\d.]+)", last_epoch)

@@ -46,8 +46,16 @@ def augment(images, seed, rotation: float, shift: float, zoom: float):
         return images
     n, side = tf.shape(images)[0], images.shape[1]
     u = tf.random.stateless_uniform((5, n), seed, -1.0, 1.0)
+    return warp(images, affine_params(u, side, rotation, shift, zoom))
+
+
+def warp(images, transforms):
+    """Resample each image [n, side, side] through its row of `transforms` (bilinear,
+    black outside the image)."""
+    import tensorflow as tf
+
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images[..., None], transforms=affine_params(u, side, rotation, shift, zoom),
+        images=images[..., None], transforms=transforms,
         output_shape=tf.shape(images)[1:3], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="CONSTANT")
     return out[..., 0]
