@@ -1,13 +1,16 @@
 """Stage 1: fetch MNIST and verify it -> data/raw/mnist.npz.
 
 Sources are tried in order: `download.url`, then each of `download.mirrors`. A source is
-an http(s) URL, a file:// URL or a plain local path. Nothing reaches the output path
+an http(s) URL, a file:// URL or a plain local path, and carries its own format (npz, or a
+folder of the four original idx files) and sha256. Nothing reaches the output path
 until its hash and its content have been checked, so data/raw never holds a partial,
 truncated or tampered file.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import http.client
 import os
 import shutil
@@ -19,30 +22,14 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from stages.common import (
-    IDX_FILES,
-    DataError,
-    ParamError,
-    PipelineError,
-    atomic_path,
-    check_keys,
-    disk_errors,
-    load_params,
-    load_mnist,
-    param_choice,
-    param_float,
-    param_int,
-    parse_idx,
-    run,
-    save_npz,
-    sha256_file,
-    validate_mnist,
-)
+from stages import idx, params
+from stages.dataset import MNIST_KEYS, load_mnist, validate_mnist
+from stages.errors import DataError, PipelineError, run
+from stages.outputs import atomic_path, disk_errors, save_npz
 
-SECTION = "download"
-OUTPUT = Path("data/raw/mnist.npz")
-KEYS = {"url", "sha256", "mirrors", "format", "timeout", "retries", "backoff"}
 CHUNK = 1 << 16
+# Where each array of the Keras layout comes from in the original idx files.
+IDX_FILES = dict(zip(MNIST_KEYS, params.IDX_NAMES))
 
 
 class DownloadError(PipelineError):
@@ -53,62 +40,12 @@ class PermanentError(DownloadError):
     """Retrying the same source cannot help (404, wrong hash, not MNIST)."""
 
 
-def _is_hash(value) -> bool:
-    return (
-        isinstance(value, str)
-        and len(value) == 64
-        and all(c in "0123456789abcdef" for c in value.lower())
-    )
-
-
-def _check_hashes(value, fmt: str, where: str):
-    """npz: one hex digest. idx: a map from each of the four file names to its digest."""
-    if value is None:
-        return None
-    if fmt == "npz":
-        if not _is_hash(value):
-            raise ParamError(f"{where}: got {value!r}; allowed: a 64-digit sha256 hex or null")
-        return value.lower()
-    if not isinstance(value, dict) or set(value) != set(IDX_FILES.values()):
-        raise ParamError(
-            f"{where}: for format idx, allowed: a map of {', '.join(IDX_FILES.values())} "
-            "to their sha256, or null"
-        )
-    for name, digest in value.items():
-        if not _is_hash(digest):
-            raise ParamError(f"{where}.{name}: got {digest!r}; allowed: a 64-digit sha256 hex")
-    return {k: v.lower() for k, v in value.items()}
-
-
-def validate(params: dict) -> dict:
-    check_keys(params, SECTION, KEYS)
-    fmt = param_choice(params, SECTION, "format", ("npz", "idx"))
-    if not isinstance(params["url"], str) or not params["url"]:
-        raise ParamError(f"{SECTION}.url: got {params['url']!r}; allowed: a URL or a path")
-    default_hash = _check_hashes(params["sha256"], fmt, f"{SECTION}.sha256")
-    mirrors = params["mirrors"] or []
-    if not isinstance(mirrors, list):
-        raise ParamError(f"{SECTION}.mirrors: got {mirrors!r}; allowed: a list")
-    # Each mirror is a URL (same content hash as `url`) or {url, sha256} for a mirror that
-    # serves the same arrays in a different container, such as a locally rebuilt copy.
-    sources = [(params["url"], default_hash)]
-    for i, mirror in enumerate(mirrors):
-        where = f"{SECTION}.mirrors[{i}]"
-        if isinstance(mirror, str) and mirror:
-            sources.append((mirror, default_hash))
-        elif isinstance(mirror, dict) and set(mirror) == {"url", "sha256"}:
-            if not isinstance(mirror["url"], str) or not mirror["url"]:
-                raise ParamError(f"{where}.url: got {mirror['url']!r}; allowed: a URL or a path")
-            sources.append((mirror["url"], _check_hashes(mirror["sha256"], fmt, where + ".sha256")))
-        else:
-            raise ParamError(f"{where}: got {mirror!r}; allowed: a URL, or {{url, sha256}}")
-    return {
-        "format": fmt,
-        "sources": sources,
-        "timeout": param_float(params, SECTION, "timeout", 0.001, 3600),
-        "retries": param_int(params, SECTION, "retries", 0, 20),
-        "backoff": param_float(params, SECTION, "backoff", 0, 600),
-    }
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --- fetching one file ---------------------------------------------------------------
@@ -264,7 +201,7 @@ def fetch_idx(base: str, expected, cfg: dict, output: Path) -> None:
             url = base.rstrip("/") + "/" + name
             fetch_verified(url, None if expected is None else expected[name], Path(tmp) / name, cfg)
             try:
-                arrays[key] = parse_idx((Path(tmp) / name).read_bytes(), url,
+                arrays[key] = idx.parse_gz((Path(tmp) / name).read_bytes(), url,
                                         3 if key.startswith("x") else 1)
             except DataError as err:
                 raise PermanentError(str(err)) from None
@@ -275,48 +212,53 @@ def fetch_idx(base: str, expected, cfg: dict, output: Path) -> None:
         save_npz(output, **arrays)
 
 
-def existing_is_valid(output: Path, fmt: str, expected) -> bool:
-    """Reuse a file already at the output path only if it still verifies."""
-    if not output.is_file():
+def existing_is_valid(output: Path, source: dict) -> bool:
+    """Reuse a file already at the output path only if it matches an npz source's hash."""
+    if source["format"] != "npz" or source["sha256"] is None or not output.is_file():
         return False
     try:
-        if fmt == "npz" and expected is not None and sha256_file(output) != expected:
+        if sha256_file(output) != source["sha256"]:
             return False
         load_mnist(output)
-        return fmt == "npz" and expected is not None
+        return True
     except DataError:
         return False
 
 
-def download(cfg: dict, output: Path = OUTPUT) -> str:
-    """Try each source in order; return the one that worked."""
+def download(cfg: dict, output: Path) -> str:
+    """Try each source in order; return the URL of the one that worked."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    fetch = fetch_npz if cfg["format"] == "npz" else fetch_idx
     failures = []
-    for source, expected in cfg["sources"]:
-        if existing_is_valid(output, cfg["format"], expected):
+    sources = cfg["sources"]
+    for source in sources:
+        url, expected = source["url"], source["sha256"]
+        if existing_is_valid(output, source):
             print(f"{output} already holds verified data from a source with sha256 {expected}")
-            return source
+            return url
         if expected is None:
-            print(f"warning: sha256 is null: {source} is NOT verified against a known hash; "
+            print(f"warning: sha256 is null: {url} is NOT verified against a known hash; "
                   "only its content is checked", file=sys.stderr)
+        fetch = fetch_npz if source["format"] == "npz" else fetch_idx
         try:
-            fetch(source, expected, cfg, output)
-            return source
+            fetch(url, expected, cfg, output)
+            return url
         except DownloadError as err:
             failures.append(err)
-            if len(cfg["sources"]) > 1:
+            if len(sources) > 1:
                 print(f"warning: {err}; trying the next source", file=sys.stderr)
     if len(failures) == 1:
         raise failures[0]  # keeps its kind: PermanentError (404, hash) or DownloadError
     raise DownloadError(f"all {len(failures)} sources failed: " + " | ".join(map(str, failures)))
 
 
-def main() -> None:
-    cfg = validate(load_params(SECTION))
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="the verified .npz")
+    args = parser.parse_args(argv)
+    cfg = params.load()["download"]
     started = time.perf_counter()
-    source = download(cfg)
-    print(f"download: {OUTPUT} from {source} in {time.perf_counter() - started:.1f}s")
+    source = download(cfg, args.out)
+    print(f"download: {args.out} from {source} in {time.perf_counter() - started:.1f}s")
 
 
 if __name__ == "__main__":

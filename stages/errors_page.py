@@ -5,10 +5,10 @@ Self-contained: every image is an inline data: URI (PNG), the only style is an i
 so the page opens from a file, an artifact store or an e-mail with no network. Its bytes
 depend only on the data, predictions and params (no timestamps, no absolute paths).
 
-Sections: summary and per-digit error rates, the confusion matrix, the most frequent
-confusion pairs, the most confident errors, then one section per true digit listing every
+Sections: summary and per-class error rates, the confusion matrix, the most frequent
+confusion pairs, the most confident errors, then one section per true class listing every
 error (most confident first) with its k nearest training images of the true and of the
-predicted digit, captions as HTML text.
+predicted class, captions as HTML text.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import io
 import numpy as np
 
 from stages.error_sheets import strip
-from stages.error_tables import class_error_rates, confusion, confusion_pairs, most_confident
+from stages.error_tables import most_confident
 
 # No default sources at all; images only from data: URIs; the inline <style> only.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -76,21 +76,23 @@ def _td(value, cls: str = "", style: str = "") -> str:
 def _neighbour_cell(x_train, indices, l2, label: str) -> str:
     shown = [i for i in indices if i >= 0]
     if not shown:
-        return _td(f"no training images of digit {label}", "l small")
-    alt = f"nearest training images of digit {label}: " + ", ".join(f"#{i}" for i in shown)
+        return _td(f"no training images of class {html.escape(label)}", "l small")
+    alt = f"nearest training images of class {label}: " + ", ".join(f"#{i}" for i in shown)
     text = " ".join(f"#{i}&nbsp;({d:.2f})" for i, d in zip(indices, l2) if i >= 0)
     return _td(f'{img(strip(x_train, indices), alt)}<br><span class="small">{text}</span>', "l")
 
 
-def render(records: list[dict], y_true: np.ndarray, y_pred: np.ndarray, x_test: np.ndarray,
-           x_train: np.ndarray, k: int, top_confident: int, top_pairs: int) -> str:
+def render(records: list[dict], rates: list[dict], pairs: list[dict], matrix: np.ndarray,
+           x_test: np.ndarray, x_train: np.ndarray, names: list[str], k: int,
+           top_confident: int, top_pairs: int) -> str:
     """The page as text. `records` as from error_tables.error_records (grouped by true
-    digit, most confident first) with attach_neighbours applied."""
-    samples, errors = len(y_true), len(records)
-    rates = class_error_rates(y_true, y_pred)
-    matrix = confusion(y_true, y_pred)
-    pairs = confusion_pairs(y_true, y_pred, top_pairs)
+    class, most confident first) with attach_neighbours applied; `rates`, `pairs` and
+    `matrix` as scoring's class_table, confusion_pairs and confusion give them."""
+    samples, errors = int(matrix.sum()), len(records)
+    pairs = pairs[:top_pairs]
     confident = most_confident(records, top_confident)
+    esc = [html.escape(name) for name in names]
+    classes = range(len(names))
     test_img = {}
 
     def query(i: int) -> str:
@@ -108,53 +110,54 @@ def render(records: list[dict], y_true: np.ndarray, y_pred: np.ndarray, x_test: 
         f"<p><b>{errors}</b> of {samples} test images are misclassified "
         f"({_pct(errors / samples if samples else 0.0)} error, "
         f"{_pct(1 - errors / samples if samples else 0.0)} accuracy). "
-        "Confidence is the model's probability for the digit it predicted.</p>\n",
+        "Confidence is the model's probability for the class it predicted.</p>\n",
         "<nav>" + " ".join(
             [f'<a href="#{a}">{t}</a>' for a, t in (
                 ("rates", "error rates"), ("confusion", "confusion matrix"),
                 ("pairs", "confusion pairs"), ("confident", "most confident"),
                 ("reading", "how to read"))]
-            + [f'<a href="#digit-{d}">{d}</a>' for d in range(10)]) + "</nav>\n",
+            + [f'<a href="#class-{c}">{esc[c]}</a>' for c in classes]) + "</nav>\n",
     ]
 
-    # Per-digit error rates, with a bar scaled to the worst digit.
+    # Per-class error rates, with a bar scaled to the worst class.
     worst = max((r["error_rate"] for r in rates), default=0.0) or 1.0
-    out.append('<h2 id="rates">Error rate by true digit</h2>\n')
+    out.append('<h2 id="rates">Error rate by true class</h2>\n')
     out.append(_table(
-        ["digit", "test images", "errors", "error rate", ""],
-        [[_td(f'<a href="#digit-{r["digit"]}">{r["digit"]}</a>'), _td(r["samples"]),
+        ["class", "test images", "errors", "error rate", ""],
+        [[_td(f'<a href="#class-{r["label"]}">{esc[r["label"]]}</a>'), _td(r["samples"]),
           _td(r["errors"]), _td(_pct(r["error_rate"])),
           _td(f'<span class="bar" style="width:{120 * r["error_rate"] / worst:.1f}px"></span>',
               "l")] for r in rates]))
 
-    # Confusion matrix: rows true digit, columns predicted; mistakes shaded by count.
+    # Confusion matrix: rows true class, columns predicted; mistakes shaded by count.
     off = matrix.copy()
     np.fill_diagonal(off, 0)
     peak = int(off.max()) or 1
     rows = []
-    for t in range(10):
-        cells = [f"<th>{t}</th>"]
-        for p in range(10):
+    for t in classes:
+        cells = [f"<th>{esc[t]}</th>"]
+        for p in classes:
             n = int(matrix[t, p])
             if t == p:
                 cells.append(_td(n, "diag"))
             elif n:
                 alpha = 0.15 + 0.85 * n / peak
-                cells.append(_td(f'<a href="#digit-{t}">{n}</a>', "",
+                cells.append(_td(f'<a href="#class-{t}">{n}</a>', "",
                                  f"background:rgba(192,57,43,{alpha:.2f})"))
             else:
                 cells.append(_td(""))
         rows.append(cells)
     out.append('<h2 id="confusion">Confusion matrix</h2>\n'
-               '<p class="small">Rows: true digit; columns: predicted digit. Diagonal: '
+               '<p class="small">Rows: true class; columns: predicted class. Diagonal: '
                "correct; shaded cells: mistakes, darker = more.</p>\n")
-    out.append(_table(["true \\ predicted"] + [str(p) for p in range(10)], rows, "cm"))
+    out.append(_table(["true \\ predicted"] + [esc[p] for p in classes], rows, "cm"))
 
     out.append(f'<h2 id="pairs">Most frequent confusions (top {top_pairs})</h2>\n')
     if pairs:
         out.append(_table(
             ["true", "predicted as", "count", "share of errors"],
-            [[_td(f'<a href="#digit-{p["true"]}">{p["true"]}</a>'), _td(p["predicted"]),
+            [[_td(f'<a href="#class-{p["true"]}">{esc[p["true"]]}</a>'),
+              _td(esc[p["predicted"]]),
               _td(p["count"]), _td(_pct(p["share"]))] for p in pairs]))
     else:
         out.append("<p>No errors.</p>\n")
@@ -164,31 +167,31 @@ def render(records: list[dict], y_true: np.ndarray, y_pred: np.ndarray, x_test: 
         out.append(_table(
             ["rank", "image", "test index", "true", "predicted", "confidence", "p(true)"],
             [[_td(r["rank"]), _td(query(r["index"])),
-              _td(f'<a href="#e{r["index"]}">{r["index"]}</a>'), _td(r["true"]),
-              _td(r["predicted"]), _td(f"{r['confidence']:.3f}"), _td(f"{r['p_true']:.3f}")]
+              _td(f'<a href="#e{r["index"]}">{r["index"]}</a>'), _td(esc[r["true"]]),
+              _td(esc[r["predicted"]]), _td(f"{r['confidence']:.3f}"), _td(f"{r['p_true']:.3f}")]
              for r in confident]))
     else:
         out.append("<p>No errors.</p>\n")
 
     out.append(
         '<h2 id="reading">How to read the neighbours</h2>\n'
-        f"<p>Beside each error are its {k} nearest training images of the true digit and "
-        f"{k} of the predicted digit, nearest first. Distance: Euclidean (L2) distance "
+        f"<p>Beside each error are its {k} nearest training images of the true class and "
+        f"{k} of the predicted class, nearest first. Distance: Euclidean (L2) distance "
         "between the 784 pixel values scaled to 0..1 (shown in brackets with the training "
         "index), computed exactly in pixel space.</p>\n<ul>\n"
-        "<li><b>Look-alike</b>: the predicted digit's neighbours are nearer and look like "
-        "the image; the digit is ambiguous even to a person.</li>\n"
-        "<li><b>Mislabel</b>: the image plainly shows the predicted digit and sits among "
+        "<li><b>Look-alike</b>: the predicted class's neighbours are nearer and look like "
+        "the image; it is ambiguous even to a person.</li>\n"
+        "<li><b>Mislabel</b>: the image plainly shows the predicted class and sits among "
         "its neighbours; the test label is likely wrong.</li>\n"
-        "<li><b>Model failure</b>: the true digit's neighbours are as near or nearer and "
+        "<li><b>Model failure</b>: the true class's neighbours are as near or nearer and "
         "look alike; the model should have got it right.</li>\n</ul>\n"
         '<p class="small">"nearer" names the class holding the single nearest training '
         "image (marked red when it is the predicted one).</p>\n")
 
-    for d in range(10):
-        mine = [r for r in records if r["true"] == d]
-        rate = rates[d]
-        out.append(f'<section id="digit-{d}">\n<h2>True digit {d}: {rate["errors"]} of '
+    for c in classes:
+        mine = [r for r in records if r["true"] == c]
+        rate = rates[c]
+        out.append(f'<section id="class-{c}">\n<h2>True class {esc[c]}: {rate["errors"]} of '
                    f'{rate["samples"]} wrong ({_pct(rate["error_rate"])})</h2>\n')
         if not mine:
             out.append("<p>No errors.</p>\n</section>\n")
@@ -200,15 +203,15 @@ def render(records: list[dict], y_true: np.ndarray, y_pred: np.ndarray, x_test: 
                            else _td(nearer, "l"))
             rows.append([
                 f'<td id="e{r["index"]}">{query(r["index"])}</td>',
-                _td(f'#{r["index"]}<br>{r["true"]} &rarr; {r["predicted"]}<br>'
+                _td(f'#{r["index"]}<br>{esc[r["true"]]} &rarr; {esc[r["predicted"]]}<br>'
                     f'conf {r["confidence"]:.3f}', "l"),
-                _neighbour_cell(x_train, r["true_neighbours"], r["true_l2"], str(r["true"])),
+                _neighbour_cell(x_train, r["true_neighbours"], r["true_l2"], names[r["true"]]),
                 _neighbour_cell(x_train, r["pred_neighbours"], r["pred_l2"],
-                                str(r["predicted"])),
+                                names[r["predicted"]]),
                 nearer_cell,
             ])
         out.append(_table(["image", "index, true &rarr; predicted, confidence",
-                           f"nearest {d}s (training)", "nearest of the predicted digit",
+                           f"nearest {esc[c]} (training)", "nearest of the predicted class",
                            "nearer"], rows))
         out.append("</section>\n")
     out.append("</body>\n</html>\n")

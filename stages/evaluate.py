@@ -1,128 +1,94 @@
-"""Stage 4: score the model on the test set, once -> reports/metrics.json and friends.
+"""Stage 4: score the model on the test set, once -> metrics, tables and predictions.
 
-Writes the metrics DVC diffs (loss, accuracy, errors, per-class precision and recall), the
-per-image predictions for the confusion matrix, the list of misclassified images, and
-prints the original script's "N samples, M wrong" line (and, behind a param, its full
-listing of every error with its console drawing).
+Writes the headline metrics DVC shows and diffs (accuracy, errors, loss, confident
+errors), the per-class table (error rate, precision, recall), every confusion pair, the
+per-image predictions for the confusion matrix, the list of misclassified images and the
+probabilities the stages after it read. Prints the original script's "N samples, M wrong"
+line (and, behind a param, its full listing of every error with its console drawing).
 """
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 
-from stages.common import (
-    PROCESSED_KEYS,
-    check_keys,
-    draw,
-    load_npz,
-    load_params,
-    param_bool,
-    param_int,
-    round_floats,
-    run,
-    validate_processed,
-    save_npz,
-    write_csv,
-    write_json,
-)
-
-SECTION = "evaluate"
-DATA = "data/processed/mnist.npz"
-MODEL = "data/model/model.keras"
-METRICS = "reports/metrics.json"
-CONFUSION = "reports/plots/confusion.csv"
-MISCLASSIFIED = "reports/misclassified.csv"
-PREDICTIONS = "data/predictions.npz"
-
-
-def validate(params: dict) -> dict:
-    check_keys(params, SECTION, {"list_errors", "batch_size"})
-    return {
-        "list_errors": param_bool(params, SECTION, "list_errors"),
-        "batch_size": param_int(params, SECTION, "batch_size", 1, 65_536),
-    }
-
-
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: int = 10) -> np.ndarray:
-    """confusion[t, p] counts images of true digit t predicted as p."""
-    return np.bincount(y_true.astype(np.int64) * classes + y_pred,
-                       minlength=classes * classes).reshape(classes, classes)
-
-
-def metrics(y_true: np.ndarray, probabilities: np.ndarray, loss: float) -> dict:
-    y_pred = probabilities.argmax(axis=1)
-    matrix = confusion(y_true, y_pred)
-    hits = np.diag(matrix)
-    per_class = {}
-    for d in range(10):
-        predicted, actual = matrix[:, d].sum(), matrix[d].sum()
-        per_class[str(d)] = {
-            "precision": float(hits[d] / predicted) if predicted else 0.0,
-            "recall": float(hits[d] / actual) if actual else 0.0,
-            "errors": int(actual - hits[d]),
-        }
-    return round_floats({
-        "loss": float(loss),
-        "accuracy": float(hits.sum() / len(y_true)),
-        "errors": int(len(y_true) - hits.sum()),
-        "samples": int(len(y_true)),
-        "per_class": per_class,
-    })
+from stages import params, scoring
+from stages.console import draw
+from stages.dataset import load_processed
+from stages.errors import DataError, run
+from stages.outputs import round_floats, save_npz, write_csv, write_json
 
 
 def misclassified(y_true: np.ndarray, probabilities: np.ndarray) -> list[tuple]:
-    """(test index, true, predicted, confidence in the prediction), by index."""
+    """(test index, true label, predicted label, confidence in the prediction), by index."""
     y_pred = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(y_pred != y_true)
     return [(int(i), int(y_true[i]), int(y_pred[i]), f"{probabilities[i, y_pred[i]]:.6f}")
             for i in wrong]
 
 
-def listing(rows: list[tuple], images: np.ndarray) -> str:
+def listing(rows: list[tuple], images: np.ndarray, names: list[str]) -> str:
     """The original's console listing: index, predicted, true, then the drawing."""
     return "\n".join(
-        f"index {i}: predicted {pred}, true {true}\n{draw(images[i] * 255)}"
+        f"index {i}: predicted {names[pred]}, true {names[true]}\n{draw(images[i] * 255)}"
         for i, true, pred, _ in rows
     )
 
 
-def cross_entropy(y_true: np.ndarray, probabilities: np.ndarray) -> float:
-    # Computed from the predictions themselves: one pass over the test set, not two.
-    eps = np.float32(1e-7)  # Keras clips probabilities the same way
-    picked = np.clip(probabilities[np.arange(len(y_true)), y_true], eps, 1 - eps)
-    return float(-np.log(picked.astype(np.float64)).mean())
+def predict(model_dir: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model's class probabilities for every image, N×10 float32."""
+    from stages.keras_env import keras
 
-
-def main() -> None:
-    cfg = validate(load_params(SECTION))
-    train = load_params("train")
-    intra = param_int(train, "train", "intra_op_threads", 1, 1024)
-    inter = param_int(train, "train", "inter_op_threads", 1, 1024)
-    data = load_npz(DATA, PROCESSED_KEYS, only=("x_test", "y_test"))
-    validate_processed(data, DATA)
-    from stages.models import configure_tensorflow  # first: it quiets TensorFlow's logs
-
-    configure_tensorflow(0, intra, inter)
-    import keras
-
-    model = keras.models.load_model(MODEL)
-    x, y = data["x_test"], data["y_test"].astype(np.int64)
+    try:
+        model = keras.models.load_model(model_dir / "model.keras")
+    except (OSError, ValueError) as err:
+        raise DataError(f"{model_dir / 'model.keras'}: cannot load the model ({err})") from None
     # Plain calls, not predict(): no tf.data pipeline to build for 10 batches.
-    probabilities = np.concatenate([
-        model(x[start:start + cfg["batch_size"]], training=False).numpy()
-        for start in range(0, len(x), cfg["batch_size"])])
-    result = metrics(y, probabilities, cross_entropy(y, probabilities))
+    return np.concatenate([model(x[start:start + batch_size], training=False).numpy()
+                           for start in range(0, len(x), batch_size)]).astype(np.float32)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="normalize's scaled arrays (.npz)")
+    parser.add_argument("--model-dir", required=True, type=Path, help="train's model")
+    parser.add_argument("--predictions", required=True, help="probabilities N×10 (.npz)")
+    parser.add_argument("--metrics", required=True, help="headline metrics (.json)")
+    parser.add_argument("--confusion", required=True, help="actual,predicted per image (.csv)")
+    parser.add_argument("--classes", required=True, help="per-class table (.csv)")
+    parser.add_argument("--pairs", required=True, help="confusion pairs (.csv)")
+    parser.add_argument("--misclassified", required=True, help="misclassified images (.csv)")
+    args = parser.parse_args(argv)
+    everything = params.load()
+    cfg, names, train = everything["evaluate"], everything["dataset"]["classes"], everything["train"]
+    data = load_processed(args.data, only=("x_test", "y_test"))
+
+    from stages.keras_env import configure  # first: it quiets TensorFlow's logs
+
+    configure(0, train["intra_op_threads"], train["inter_op_threads"])
+    x, y = data["x_test"], data["y_test"].astype(np.int64)
+    probabilities = predict(args.model_dir, x, cfg["batch_size"])
+    y_pred = probabilities.argmax(axis=1)
+    result = round_floats(scoring.headline(y, probabilities))
     rows = misclassified(y, probabilities)
 
     if cfg["list_errors"]:
-        print(listing(rows, x))
+        print(listing(rows, x, names))
     print(f"test loss {result['loss']:.4f}, test accuracy {result['accuracy']:.4f}")
-    print(f"{result['samples']} samples, {result['errors']} wrong")
+    print(f"{len(y)} samples, {result['errors']} wrong")
 
-    write_json(METRICS, result)
-    write_csv(CONFUSION, ["actual", "predicted"], zip(y.tolist(), probabilities.argmax(1).tolist()))
-    write_csv(MISCLASSIFIED, ["index", "true", "predicted", "confidence"], rows)
-    save_npz(PREDICTIONS, probabilities=probabilities.astype(np.float32))
+    save_npz(args.predictions, probabilities=probabilities)
+    write_csv(args.confusion, ["actual", "predicted"],
+              ((names[t], names[p]) for t, p in zip(y.tolist(), y_pred.tolist())))
+    write_csv(args.classes, scoring.CLASS_HEADER,
+              scoring.class_rows(scoring.class_table(y, y_pred, names)))
+    write_csv(args.pairs, scoring.PAIR_HEADER,
+              scoring.pair_rows(scoring.confusion_pairs(y, y_pred, names)))
+    write_csv(args.misclassified, ["index", "true", "predicted", "confidence"],
+              ((i, names[t], names[p], conf) for i, t, p, conf in rows))
+    write_json(args.metrics, result)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The networks `train.model` can name, and a byte-stable way to save them.
+"""The networks `train.model` can name.
 
 - mlp:       the original script's network, layer for layer.
 - cnn:       a small BatchNorm convnet (the default): near the state of the art on CPU.
@@ -11,49 +11,10 @@ stages/augment.py), so the saved file needs no code of ours to load:
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import re
-import sys
-import tempfile
-import zipfile
+from stages.dataset import IMAGE_SIDE
+from stages.keras_env import keras
 
-from stages.common import IMAGE_SIDE, atomic_path
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ info out of logs
-
-# absl's info and warning lines, which TensorFlow prints at import before it reads
-# TF_CPP_MIN_LOG_LEVEL (e.g. "oneDNN custom operations are on" on AVX-512 CPUs).
-_IMPORT_NOISE = re.compile(r"[IW]\d{4} |WARNING: All log messages before absl::InitializeLog")
-
-
-@contextlib.contextmanager
-def _native_stderr_filtered(noise: re.Pattern):
-    """Capture what C++ code writes to file descriptor 2 and pass on all but `noise`.
-
-    A stage's stderr is for its own one-line errors; anything else TensorFlow says at
-    import (an error, a fatal message) still gets through.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
-                if not noise.match(line):
-                    sys.stderr.write(line)
-
-
-with _native_stderr_filtered(_IMPORT_NOISE):
-    import keras
-    import tensorflow  # noqa: F401  (Keras' backend: its import is what logs)
-from keras import layers  # noqa: E402
+layers = keras.layers
 
 
 def mlp() -> keras.Sequential:
@@ -122,59 +83,3 @@ MODELS = {"mlp": mlp, "cnn": cnn, "cnn_large": cnn_large}
 
 def build(name: str) -> keras.Sequential:
     return MODELS[name]()
-
-
-def configure_tensorflow(seed: int, intra: int, inter: int) -> None:
-    """Seed everything and pin threads: bit-reproducibility depends on both."""
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(intra)
-    tf.config.threading.set_inter_op_parallelism_threads(inter)
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-
-
-FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
-
-
-def _renumber_shared_ids(config, ids=None):
-    """Replace Python object ids (`shared_object_id`, which differ per process) by 1, 2, ...
-
-    They only link objects within one file, so numbering by first appearance keeps the
-    meaning and makes the bytes stable.
-    """
-    ids = {} if ids is None else ids
-    if isinstance(config, dict):
-        return {k: (ids.setdefault(v, len(ids) + 1) if k == "shared_object_id"
-                    else _renumber_shared_ids(v, ids)) for k, v in config.items()}
-    if isinstance(config, list):
-        return [_renumber_shared_ids(v, ids) for v in config]
-    return config
-
-
-def save_stable(model: keras.Model, path) -> None:
-    """Save a .keras file whose bytes depend on the weights only, not on the clock.
-
-    Keras stamps the save time into metadata.json and into every zip entry; we rewrite
-    the archive with those fixed, so an unchanged model keeps its DVC hash.
-    """
-    # Keras insists on the .keras suffix, so the raw save gets a hidden name of its own.
-    raw = path.with_name(f".{path.stem}.raw.keras")
-    try:
-        model.save(raw)
-        with atomic_path(path) as tmp:
-            with zipfile.ZipFile(raw) as src, zipfile.ZipFile(tmp, "w") as dst:
-                for info in src.infolist():
-                    data = src.read(info.filename)
-                    if info.filename == "metadata.json":
-                        meta = json.loads(data)
-                        meta["date_saved"] = "1980-01-01@00:00:00"
-                        data = json.dumps(meta, sort_keys=True).encode()
-                    elif info.filename == "config.json":
-                        data = json.dumps(_renumber_shared_ids(json.loads(data))).encode()
-                    fixed = zipfile.ZipInfo(info.filename, date_time=FIXED_ZIP_TIME)
-                    fixed.compress_type = info.compress_type
-                    fixed.external_attr = 0o644 << 16
-                    dst.writestr(fixed, data)
-    finally:
-        raw.unlink(missing_ok=True)

@@ -1,55 +1,30 @@
-"""Stage 2: inspect, scale and split -> data/processed/mnist.npz, reports/data.json.
+"""Stage 2: inspect and scale -> data/processed/mnist.npz, reports/data.json, sample.bmp.
 
 Prints the original script's dataset summary (shapes, dtypes, label of a sample, pixel
 range, the sample drawn as text) and saves that sample as a BMP, as the original's 1.bmp.
-Pixels become float32 in [0, 1]; an optional seeded validation split is carved out of
-the training set so that every training decision can be made without the test set.
+Pixels become float32 in [0, 1]. Splits stay as they are: the validation split is a
+training choice, made by the train stage from its recipe.
 """
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
-from stages.common import (
-    PROCESSED_KEYS,
-    DataError,
-    ParamError,
-    check_finite,
-    check_keys,
-    draw,
-    load_mnist,
-    load_params,
-    param_float,
-    param_int,
-    round_floats,
-    run,
-    save_image,
-    save_npz,
-    write_json,
-)
-
-SECTION = "normalize"
-RAW = "data/raw/mnist.npz"
-OUTPUT = "data/processed/mnist.npz"
-REPORT = "reports/data.json"
-SAMPLE_BMP = "reports/sample.bmp"
+from stages import params
+from stages.console import draw
+from stages.dataset import MNIST_KEYS, SPLITS, check_finite, load_mnist
+from stages.errors import ParamError, run
+from stages.outputs import round_floats, save_image, save_npz, write_json
 
 
-def validate(params: dict) -> dict:
-    check_keys(params, SECTION, {"val_fraction", "seed", "sample_index"})
-    return {
-        "val_fraction": param_float(params, SECTION, "val_fraction", 0.0, 1.0, hi_open=True),
-        "seed": param_int(params, SECTION, "seed", 0, 2**32 - 1),
-        "sample_index": param_int(params, SECTION, "sample_index", 0),
-    }
-
-
-def summary(data: dict[str, np.ndarray], index: int) -> str:
+def summary(data: dict[str, np.ndarray], index: int, classes: list[str]) -> str:
     """The original script's inspection printout."""
     lines = [f"{key}: shape {data[key].shape}, dtype {data[key].dtype}" for key in data]
     x = data["x_train"]
     lines += [
-        f"label of training sample {index}: {int(data['y_train'][index])}",
+        f"label of training sample {index}: {classes[int(data['y_train'][index])]}",
         f"pixel min {int(x.min())}, max {int(x.max())}",
         draw(x[index]),
     ]
@@ -61,64 +36,49 @@ def scale(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / np.float32(255.0)
 
 
-def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, label-blind split; both parts keep dataset order."""
-    n_val = int(round(n * val_fraction))
-    if val_fraction > 0 and not 0 < n_val < n:
-        raise ValueError(f"val_fraction {val_fraction} leaves no usable split of {n} images")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def stats(data: dict[str, np.ndarray], train_idx, val_idx) -> dict:
+def stats(data: dict[str, np.ndarray]) -> dict:
+    """Per split: image count, count per class, pixel mean and std (raw 0..255 values, as
+    published for MNIST: train mean 33.318421)."""
     def part(x, y):
         return {
             "count": int(len(y)),
-            "class_counts": {str(d): int((y == d).sum()) for d in range(10)},
-            "pixel_mean": float(x.mean()) if len(x) else 0.0,
-            "pixel_std": float(x.std()) if len(x) else 0.0,
+            "class_counts": {str(c): int((y == c).sum()) for c in range(params.CLASSES)},
+            "pixel_mean": float(x.mean()),
+            "pixel_std": float(x.std()),
         }
 
-    x, y = data["x_train"], data["y_train"]
-    return round_floats({
-        "train": part(x[train_idx], y[train_idx]),
-        "val": part(x[val_idx], y[val_idx]),
-        "test": part(data["x_test"], data["y_test"]),
-    })
+    return round_floats({split: part(data[f"x_{split}"], data[f"y_{split}"])
+                         for split in SPLITS})
 
 
-def normalize(data: dict[str, np.ndarray], cfg: dict) -> tuple[dict[str, np.ndarray], dict]:
-    train_idx, val_idx = split(len(data["y_train"]), cfg["val_fraction"], cfg["seed"])
-    x_train = scale(data["x_train"])
-    out = {
-        "x_train": x_train[train_idx], "y_train": data["y_train"][train_idx],
-        "x_val": x_train[val_idx], "y_val": data["y_train"][val_idx],
-        "x_test": scale(data["x_test"]), "y_test": data["y_test"],
-    }
-    for key in ("x_train", "x_val", "x_test"):
-        check_finite(out[key], key)
-    return out, stats(data, train_idx, val_idx)
+def normalize(data: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    out = {key: scale(data[key]) if key.startswith("x_") else data[key] for key in MNIST_KEYS}
+    for split in SPLITS:
+        check_finite(out[f"x_{split}"], f"x_{split}")
+    return out, stats(data)
 
 
-def main() -> None:
-    cfg = validate(load_params(SECTION))
-    data = load_mnist(RAW)
-    if cfg["sample_index"] >= len(data["y_train"]):
-        raise ParamError(
-            f"{SECTION}.sample_index: got {cfg['sample_index']}; allowed: 0 to "
-            f"{len(data['y_train']) - 1}"
-        )
-    print(summary(data, cfg["sample_index"]))
-    try:
-        processed, report = normalize(data, cfg)
-    except ValueError as err:
-        raise DataError(str(err)) from None
-    save_image(SAMPLE_BMP, data["x_train"][cfg["sample_index"]])
-    assert tuple(processed) == PROCESSED_KEYS
-    save_npz(OUTPUT, **processed)
-    write_json(REPORT, report)
-    print(f"normalize: {report['train']['count']} train, {report['val']['count']} val, "
-          f"{report['test']['count']} test images -> {OUTPUT}")
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", required=True, help="verified MNIST, Keras layout (uint8)")
+    parser.add_argument("--out", required=True, help="scaled arrays (.npz)")
+    parser.add_argument("--report", required=True, help="per-split statistics (.json)")
+    parser.add_argument("--sample", required=True, help="the sample image (.bmp)")
+    args = parser.parse_args(argv)
+    cfg = params.load()
+    index, classes = cfg["normalize"]["sample_index"], cfg["dataset"]["classes"]
+
+    data = load_mnist(args.raw)
+    if index >= len(data["y_train"]):
+        raise ParamError(f"normalize.sample_index: got {index}; allowed: 0 to "
+                         f"{len(data['y_train']) - 1}")
+    print(summary(data, index, classes))
+    processed, report = normalize(data)
+    save_image(args.sample, data["x_train"][index])
+    save_npz(args.out, **processed)
+    write_json(args.report, report)
+    print(f"normalize: {report['train']['count']} train, {report['test']['count']} test "
+          f"images -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,91 +1,77 @@
-"""Stage 5: show the model's mistakes -> reports/mosaics/, reports/plots/errors/, tables, page.
+"""Stage 5: show the model's mistakes -> mosaics, annotated error sheets, tables, a page.
 
-For every digit d, as the original laid them out (white canvas, row-major, dataset order):
-  train_{d}.bmp       every training image labelled d, `render.per_row` per row;
-  test_{d}.bmp        test images of digit d classified correctly, `render.per_row` per row;
-  test_error_{d}.bmp  test images of digit d misclassified, `render.errors_per_row` per row.
+For every class c, as the original laid them out (white canvas, row-major, dataset order):
+  train_{c}.bmp       every training image labelled c, `render.per_row` per row;
+  test_{c}.bmp        test images of class c classified correctly, `render.per_row` per row;
+  test_error_{c}.bmp  test images of class c misclassified, `render.errors_per_row` per row.
 The error mosaics are also written as PNG, which DVC can show as image plots (not BMP).
 
 Then the error analysis, which explains the mistakes rather than only counting them:
-  reports/plots/errors/sheet_{d}.png  every error of true digit d, most confident first,
-      annotated (index, true->predicted, confidence) beside its `render.neighbours_k`
-      nearest training images of the true and of the predicted digit (stages.neighbours);
-  reports/errors_summary.json         error counts and rates (dvc metrics);
-  reports/plots/class_errors.csv      error rate per true digit (dvc plots);
-  reports/plots/confusion_pairs.csv   the `render.top_pairs` most frequent confusions;
-  reports/confident_errors.csv        the `render.top_confident` surest mistakes;
-  reports/error_neighbours.csv        every error with its neighbours and distances;
-  reports/errors.html                 one self-contained page with all of the above.
-Everything is derived from the raw data and data/predictions.npz, so changing a render
-param reruns this stage only, never evaluate or train.
+  sheet_{c}.png          every error of true class c, most confident first, annotated
+                         (index, true->predicted, confidence) beside its
+                         `render.neighbours_k` nearest training images of the true and of
+                         the predicted class (stages/neighbours.py);
+  confident_errors.csv   the `render.top_confident` surest mistakes;
+  error_neighbours.csv   every error with its neighbours and distances;
+  errors.html            one self-contained page with all of the above, and evaluate's
+                         per-class table and confusion pairs.
+Everything is derived from the raw images, the predictions and evaluate's tables, so
+changing a render param reruns this stage only, never evaluate or train.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import math
 from pathlib import Path
 
 import numpy as np
 
 from stages import error_tables as tables
-from stages.common import (
-    DataError,
-    atomic_dir,
-    check_finite,
-    check_keys,
-    load_mnist,
-    load_npz,
-    load_params,
-    param_int,
-    round_floats,
-    run,
-    save_image,
-    tile,
-    write_csv,
-    write_json,
-    write_text,
-)
-
-SECTION = "render"
-RAW = "data/raw/mnist.npz"
-PREDICTIONS = "data/predictions.npz"
-MOSAICS = Path("reports/mosaics")
-ERROR_PLOTS = Path("reports/plots/errors")
-SUMMARY = Path("reports/errors_summary.json")
-CLASS_ERRORS = Path("reports/plots/class_errors.csv")
-CONFUSION_PAIRS = Path("reports/plots/confusion_pairs.csv")
-CONFIDENT = Path("reports/confident_errors.csv")
-NEIGHBOURS = Path("reports/error_neighbours.csv")
-PAGE = Path("reports/errors.html")
+from stages import params, scoring
+from stages.dataset import IMAGE_SIDE, check_finite, load_mnist, load_npz
+from stages.errors import DataError, run
+from stages.outputs import atomic_dir, save_image, write_csv, write_text
 
 
-def validate(params: dict) -> dict:
-    check_keys(params, SECTION, {"per_row", "errors_per_row", "neighbours_k", "top_confident",
-                                 "top_pairs"})
-    return {
-        "per_row": param_int(params, SECTION, "per_row", 1, 1000),
-        "errors_per_row": param_int(params, SECTION, "errors_per_row", 1, 1000),
-        "neighbours_k": param_int(params, SECTION, "neighbours_k", 1, 20),
-        "top_confident": param_int(params, SECTION, "top_confident", 1, 10_000),
-        "top_pairs": param_int(params, SECTION, "top_pairs", 1, 90),
-    }
+def tile(images: np.ndarray, per_row: int) -> np.ndarray:
+    """Lay 28×28 tiles left-to-right, top-to-bottom on a white canvas, as the original did.
+
+    The canvas is per_row tiles wide and ceil(n / per_row) tiles high. With no images the
+    original would have made a zero-height canvas, which no viewer opens; we return one
+    white row of tiles instead.
+    """
+    if per_row < 1:
+        raise ValueError(f"per_row must be >= 1, got {per_row}")
+    images = np.asarray(images, dtype=np.uint8)
+    n = len(images)
+    rows = max(1, math.ceil(n / per_row))
+    side = IMAGE_SIDE
+    canvas = np.full((rows * per_row, side, side), 255, dtype=np.uint8)
+    canvas[:n] = images
+    # (rows, per_row, 28, 28) -> (rows, 28, per_row, 28): rows of tiles, pixel rows inside.
+    return canvas.reshape(rows, per_row, side, side).transpose(0, 2, 1, 3).reshape(
+        rows * side, per_row * side)
 
 
-def mosaics(data: dict[str, np.ndarray], predicted: np.ndarray, cfg: dict) -> dict:
+def mosaics(data: dict[str, np.ndarray], predicted: np.ndarray, cfg: dict,
+            classes: int = params.CLASSES) -> dict:
     """Every mosaic by file name, as uint8 pixel arrays."""
     x_train, y_train = data["x_train"], data["y_train"]
     x_test, y_test = data["x_test"], data["y_test"]
     right = predicted == y_test
     out = {}
-    for d in range(10):
-        out[f"train_{d}"] = tile(x_train[y_train == d], cfg["per_row"])
-        out[f"test_{d}"] = tile(x_test[(y_test == d) & right], cfg["per_row"])
-        out[f"test_error_{d}"] = tile(x_test[(y_test == d) & ~right], cfg["errors_per_row"])
+    for c in range(classes):
+        out[f"train_{c}"] = tile(x_train[y_train == c], cfg["per_row"])
+        out[f"test_{c}"] = tile(x_test[(y_test == c) & right], cfg["per_row"])
+        out[f"test_error_{c}"] = tile(x_test[(y_test == c) & ~right], cfg["errors_per_row"])
     return out
 
 
 def analyse(data: dict[str, np.ndarray], probabilities: np.ndarray, k: int) -> list[dict]:
-    """Every error (grouped by true digit, most confident first) with its k nearest
-    training images of the true and of the predicted digit."""
+    """Every error (grouped by true class, most confident first) with its k nearest
+    training images of the true and of the predicted class."""
     from stages.neighbours import nearest_by_class
 
     records = tables.error_records(data["y_test"], probabilities)
@@ -98,45 +84,72 @@ def analyse(data: dict[str, np.ndarray], probabilities: np.ndarray, k: int) -> l
     return records
 
 
-def main() -> None:
-    cfg = validate(load_params(SECTION))
-    data = load_mnist(RAW)
-    probabilities = load_npz(PREDICTIONS, ("probabilities",))["probabilities"]
-    if probabilities.shape != (len(data["y_test"]), 10):
-        raise DataError(f"{PREDICTIONS}: shape {probabilities.shape} does not match the test set")
-    check_finite(probabilities, PREDICTIONS)
+def read_table(path, parse, header: list[str]) -> list[dict]:
+    """One of evaluate's CSV tables, checked: its header, and every row parses."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != header:
+                raise DataError(f"{path}: header {reader.fieldnames}, expected {header}")
+            return parse(list(reader))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: unreadable table ({err})") from None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, what in (("raw", "verified MNIST (.npz)"), ("predictions", "probabilities"),
+                       ("classes", "evaluate's per-class table"),
+                       ("pairs", "evaluate's confusion pairs"), ("mosaics", "BMP folder"),
+                       ("error-plots", "PNG folder"), ("confident", "CSV"),
+                       ("neighbours", "CSV"), ("page", "HTML")):
+        parser.add_argument(f"--{name}", required=True, type=Path, help=what)
+    args = parser.parse_args(argv)
+    everything = params.load()
+    cfg, names = everything["render"], everything["dataset"]["classes"]
+    k = cfg["neighbours_k"]
+
+    data = load_mnist(args.raw)
+    probabilities = load_npz(args.predictions, ("probabilities",))["probabilities"]
+    if probabilities.shape != (len(data["y_test"]), len(names)):
+        raise DataError(f"{args.predictions}: shape {probabilities.shape} does not match the "
+                        f"{len(data['y_test'])} test images and {len(names)} classes")
+    check_finite(probabilities, str(args.predictions))
+    rates = read_table(args.classes, scoring.read_class_rows, scoring.CLASS_HEADER)
+    pairs = read_table(args.pairs, scoring.read_pair_rows, scoring.PAIR_HEADER)
+    if [r["label"] for r in rates] != list(range(len(names))):
+        raise DataError(f"{args.classes}: one row per class label 0..{len(names) - 1} expected")
     y_true, y_pred = data["y_test"], probabilities.argmax(axis=1)
-    images = mosaics(data, y_pred, cfg)
-    records = analyse(data, probabilities, cfg["neighbours_k"])
+    images = mosaics(data, y_pred, cfg, len(names))
+    records = analyse(data, probabilities, k)
 
     from stages.error_sheets import error_sheets
     from stages.errors_page import render
 
-    sheets = error_sheets(records, data["x_test"], data["x_train"], cfg["neighbours_k"])
-    page = render(records, y_true, y_pred, data["x_test"], data["x_train"],
-                  cfg["neighbours_k"], cfg["top_confident"], cfg["top_pairs"])
+    sheets = error_sheets(records, data["x_test"], data["x_train"], k, names)
+    matrix = scoring.confusion(y_true, y_pred, len(names))
+    page = render(records, rates, pairs, matrix, data["x_test"], data["x_train"], names, k,
+                  cfg["top_confident"], cfg["top_pairs"])
     nearer = sum(r["nearer"] == "predicted" for r in records)
 
-    with atomic_dir(MOSAICS) as tmp:
+    with atomic_dir(args.mosaics) as tmp:
         for name, pixels in images.items():
             save_image(tmp / f"{name}.bmp", pixels)
-    with atomic_dir(ERROR_PLOTS) as tmp:
-        for d in range(10):
-            save_image(tmp / f"test_error_{d}.png", images[f"test_error_{d}"])
+    with atomic_dir(args.error_plots) as tmp:
+        for c in range(len(names)):
+            save_image(tmp / f"test_error_{c}.png", images[f"test_error_{c}"])
         for name, pixels in sheets.items():
             save_image(tmp / f"{name}.png", pixels)
-    write_json(SUMMARY, round_floats(tables.summary(y_true, y_pred, records, nearer)))
-    write_csv(CLASS_ERRORS, tables.CLASS_HEADER, tables.class_rows(y_true, y_pred))
-    write_csv(CONFUSION_PAIRS, tables.PAIR_HEADER,
-              tables.pair_rows(y_true, y_pred, cfg["top_pairs"]))
-    write_csv(CONFIDENT, tables.CONFIDENT_HEADER,
-              tables.confident_rows(records, cfg["top_confident"]))
-    write_csv(NEIGHBOURS, tables.NEIGHBOUR_HEADER, tables.neighbour_rows(records))
-    write_text(PAGE, page)
-    print(f"render-errors: {len(images)} mosaics -> {MOSAICS}, error PNGs and annotated "
-          f"sheets -> {ERROR_PLOTS}")
+    write_csv(args.confident, tables.CONFIDENT_HEADER,
+              tables.confident_rows(records, cfg["top_confident"], names))
+    write_csv(args.neighbours, tables.NEIGHBOUR_HEADER, tables.neighbour_rows(records, names))
+    write_text(args.page, page)
+    print(f"render-errors: {len(images)} mosaics -> {args.mosaics}, error PNGs and annotated "
+          f"sheets -> {args.error_plots}")
     print(f"render-errors: {len(records)} errors, {nearer} nearer a training image of the "
-          f"predicted digit than of the true one; page -> {PAGE}")
+          f"predicted class than of the true one; page -> {args.page}")
 
 
 if __name__ == "__main__":

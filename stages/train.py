@@ -7,58 +7,32 @@ Only the validation split steers training (best epoch); the test set is never se
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import sys
 import time
+import zipfile
 from pathlib import Path
 
-from stages.common import (
-    PROCESSED_KEYS,
-    atomic_dir,
-    check_keys,
-    load_npz,
-    load_params,
-    param_bool,
-    param_choice,
-    param_float,
-    param_int,
-    run,
-    validate_processed,
-)
+import numpy as np
 
-SECTION = "train"
-DATA = "data/processed/mnist.npz"
-MODEL_DIR = Path("data/model")
-CURVES_DIR = "reports/train"
-MODEL_NAMES = ("mlp", "cnn", "cnn_large")
-KEYS = {
-    "model", "epochs", "batch_size", "learning_rate", "lr_schedule", "seed",
-    "rotation", "shift", "zoom", "label_smoothing", "restore_best", "steps_per_execution",
-    "intra_op_threads", "inter_op_threads",
-}
+from stages import params
+from stages.dataset import load_processed
+from stages.errors import DataError, run
+from stages.outputs import atomic_dir, atomic_path
+
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-def validate(params: dict) -> dict:
-    check_keys(params, SECTION, KEYS)
-    s = SECTION
-    return {
-        "model": param_choice(params, s, "model", MODEL_NAMES),
-        "epochs": param_int(params, s, "epochs", 1, 10_000),
-        "batch_size": param_int(params, s, "batch_size", 1, 65_536),
-        "learning_rate": param_float(params, s, "learning_rate", 1e-7, 10.0),
-        "lr_schedule": param_choice(params, s, "lr_schedule", ("constant", "cosine")),
-        "seed": param_int(params, s, "seed", 0, 2**31 - 1),
-        "rotation": param_float(params, s, "rotation", 0.0, 180.0),
-        "shift": param_float(params, s, "shift", 0.0, 0.5),
-        "zoom": param_float(params, s, "zoom", 0.0, 0.5),
-        "label_smoothing": param_float(params, s, "label_smoothing", 0.0, 0.5),
-        "restore_best": param_bool(params, s, "restore_best"),
-        "steps_per_execution": param_int(params, s, "steps_per_execution", 1, 100_000),
-        "intra_op_threads": param_int(params, s, "intra_op_threads", 1, 1024),
-        "inter_op_threads": param_int(params, s, "inter_op_threads", 1, 1024),
-    }
+def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, label-blind split of the training set; both parts keep dataset order."""
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and not 0 < n_val < n:
+        raise DataError(f"val_fraction {val_fraction} leaves no usable split of {n} images")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def cpu_model() -> str:
@@ -73,11 +47,10 @@ def cpu_model() -> str:
 
 def run_info(cfg: dict) -> dict:
     """What the model's bits depend on, so a differing rerun can be explained."""
-    import keras
-    import numpy as np
-    import tensorflow as tf
+    from stages.keras_env import keras, tf
 
     return {
+        "model": cfg["model"],
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
@@ -93,9 +66,8 @@ def run_info(cfg: dict) -> dict:
 
 
 def compile_model(cfg: dict, steps_per_epoch: int):
-    import keras
-
     from stages import models
+    from stages.keras_env import keras
 
     model = models.build(cfg["model"])
     lr = cfg["learning_rate"]
@@ -123,8 +95,7 @@ def training_loss(label_smoothing: float):
     Targets are 1 - s + s/10 for the true digit and s/10 for the others: the net is not
     pushed towards infinite confidence, which generalises better on clean data.
     """
-    import keras
-    import tensorflow as tf
+    from stages.keras_env import keras, tf
 
     if not label_smoothing:
         return keras.losses.SparseCategoricalCrossentropy()
@@ -140,10 +111,8 @@ def make_steps(model, x, y, cfg: dict):
     few batches. Here the data sits in memory as tensors and one call of train_chunk runs a
     whole chunk of batches in graph: same network, same batches, same Adam updates.
     """
-    import keras
-    import tensorflow as tf
-
     from stages.augment import augment
+    from stages.keras_env import keras, tf
 
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
     train_loss = training_loss(cfg["label_smoothing"])
@@ -163,8 +132,11 @@ def make_steps(model, x, y, cfg: dict):
             yb = tf.gather(y, batches[i])
             with tf.GradientTape() as tape:
                 probs = model(xb, training=True)
-                loss = train_loss(yb, probs)
-            optimizer.apply(tape.gradient(loss, weights), weights)
+                objective = train_loss(yb, probs)
+            optimizer.apply(tape.gradient(objective, weights), weights)
+            # Logged: plain cross-entropy, the same quantity as the validation loss (the
+            # smoothed objective has a floor above 0 and would show a gap that is not there).
+            loss = loss_fn(yb, probs)
             n = tf.cast(tf.size(yb), tf.float32)
             hit = tf.reduce_sum(tf.cast(tf.argmax(probs, 1, output_type=tf.int32) == yb,
                                         tf.float32))
@@ -193,17 +165,19 @@ def evaluate_split(eval_batch, x, y, batch_size: int = 1000) -> dict:
 
 
 def fit(cfg: dict, data: dict, curves_dir):
-    """Train for cfg["epochs"], logging curves with dvclive into curves_dir; returns the model."""
-    import keras
-    import numpy as np
-    import tensorflow as tf
+    """Train for cfg["epochs"], logging curves with dvclive into curves_dir; returns the model.
+
+    data holds x_train, y_train and x_val, y_val (possibly empty); it is emptied as the
+    arrays move into TensorFlow, so the NumPy copies are freed (peak memory).
+    """
     from dvclive import Live
+
+    from stages.keras_env import keras, tf
 
     keras.utils.set_random_seed(cfg["seed"])  # initial weights and dropout
     n = len(data["y_train"])
     steps_per_epoch = -(-n // cfg["batch_size"])
     model = compile_model(cfg, steps_per_epoch)
-    # pop(): once TensorFlow holds its copy, the NumPy one is freed (peak memory).
     x = tf.constant(data.pop("x_train"))
     y = tf.constant(data.pop("y_train").astype(np.int32))
     x_val, y_val = data.pop("x_val"), data.pop("y_val").astype(np.int32)
@@ -226,7 +200,10 @@ def fit(cfg: dict, data: dict, curves_dir):
                 done += len(batches)
                 if bar:
                     bar.update(done, [("loss", float(chunk_loss) / batches.size)])
-        logs = {"train/loss": loss_sum / n, "train/accuracy": hits / n}
+        # Curves (and `dvc metrics show`): the plain cross-entropy of the training batches
+        # beside the validation split's loss and accuracy. Accuracy on augmented batches
+        # with dropout on is not comparable with validation accuracy: printed, not plotted.
+        logs = {"train/loss": loss_sum / n}
         if len(y_val):
             # The validation split steers training; the test set is never seen here.
             val = evaluate_split(eval_batch, x_val, y_val)
@@ -237,7 +214,8 @@ def fit(cfg: dict, data: dict, curves_dir):
             live.log_metric(name, round(value, 6))
         live.next_step()
         print(f"epoch {epoch}/{cfg['epochs']} {time.perf_counter() - started:.1f}s "
-              + " ".join(f"{k}={v:.4f}" for k, v in logs.items()), flush=True)
+              + " ".join(f"{k}={v:.4f}" for k, v in (logs | {"train/accuracy": hits / n}).items()),
+              flush=True)
     live.end()
     if best[1] is not None and best[2] != cfg["epochs"]:
         print(f"restoring epoch {best[2]}: best validation accuracy {best[0]:.4f}")
@@ -245,24 +223,80 @@ def fit(cfg: dict, data: dict, curves_dir):
     return model
 
 
-def main() -> None:
-    cfg = validate(load_params(SECTION))
-    data = load_npz(DATA, PROCESSED_KEYS, only=("x_train", "y_train", "x_val", "y_val"))
-    validate_processed(data, DATA)
-    from stages import models
+def _renumber_shared_ids(config, ids=None):
+    """Replace Python object ids (`shared_object_id`, which differ per process) by 1, 2, ...
 
-    models.configure_tensorflow(cfg["seed"], cfg["intra_op_threads"], cfg["inter_op_threads"])
+    They only link objects within one file, so numbering by first appearance keeps the
+    meaning and makes the bytes stable.
+    """
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        return {k: (ids.setdefault(v, len(ids) + 1) if k == "shared_object_id"
+                    else _renumber_shared_ids(v, ids)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_renumber_shared_ids(v, ids) for v in config]
+    return config
+
+
+def save_stable(model, path: Path) -> None:
+    """Save a .keras file whose bytes depend on the weights only, not on the clock.
+
+    Keras stamps the save time into metadata.json and into every zip entry; we rewrite
+    the archive with those fixed, so an unchanged model keeps its DVC hash.
+    """
+    # Keras insists on the .keras suffix, so the raw save gets a hidden name of its own.
+    raw = path.with_name(f".{path.stem}.raw.keras")
+    try:
+        model.save(raw)
+        with atomic_path(path) as tmp:
+            with zipfile.ZipFile(raw) as src, zipfile.ZipFile(tmp, "w") as dst:
+                for info in src.infolist():
+                    data = src.read(info.filename)
+                    if info.filename == "metadata.json":
+                        meta = json.loads(data)
+                        meta["date_saved"] = "1980-01-01@00:00:00"
+                        data = json.dumps(meta, sort_keys=True).encode()
+                    elif info.filename == "config.json":
+                        data = json.dumps(_renumber_shared_ids(json.loads(data))).encode()
+                    fixed = zipfile.ZipInfo(info.filename, date_time=FIXED_ZIP_TIME)
+                    fixed.compress_type = info.compress_type
+                    fixed.external_attr = 0o644 << 16
+                    dst.writestr(fixed, data)
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="normalize's scaled arrays (.npz)")
+    parser.add_argument("--model-dir", required=True, type=Path, help="the trained model")
+    parser.add_argument("--curves", required=True, type=Path, help="dvclive's curves")
+    args = parser.parse_args(argv)
+    cfg = params.load()["train"]
+    data = load_processed(args.data, only=("x_train", "y_train"))
+    train_idx, val_idx = split(len(data["y_train"]), cfg["val_fraction"], cfg["seed"])
+    x, y = data.pop("x_train"), data.pop("y_train")
+    data = {"x_train": x[train_idx], "y_train": y[train_idx],
+            "x_val": x[val_idx], "y_val": y[val_idx]}
+    del x, y
+    print(f"train: {cfg['model']} on {len(train_idx)} images, {len(val_idx)} held out "
+          "for validation", flush=True)
+
+    from stages.keras_env import configure
+
+    configure(cfg["seed"], cfg["intra_op_threads"], cfg["inter_op_threads"])
     started = time.perf_counter()
     # Curves and model are built aside and swapped in only when training completed, so an
     # interrupted run leaves the previous model and its own curves in place.
-    with atomic_dir(CURVES_DIR) as curves:
+    with atomic_dir(args.curves) as curves:
         model = fit(cfg, data, curves)
         seconds = time.perf_counter() - started
-        with atomic_dir(MODEL_DIR) as tmp:
-            models.save_stable(model, tmp / "model.keras")
+        with atomic_dir(args.model_dir) as tmp:
+            save_stable(model, tmp / "model.keras")
             (tmp / "run_info.json").write_text(
                 json.dumps(run_info(cfg), indent=2, sort_keys=True) + "\n")
-    print(f"train: {cfg['model']} for {cfg['epochs']} epochs in {seconds:.1f}s -> {MODEL_DIR}")
+    print(f"train: {cfg['model']} for {cfg['epochs']} epochs in {seconds:.1f}s "
+          f"-> {args.model_dir}")
 
 
 if __name__ == "__main__":
