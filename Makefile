@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-from-lock
 # DVC runs each stage's `python -m ...` through the shell: the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro test bench lock clean-venv system-deps
+.PHONY: repro test test-fast bench lock clean-venv system-deps
 
 $(STAMP): requirements.lock
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -22,6 +22,10 @@ repro: $(STAMP)
 
 test: $(STAMP) system-deps
 	python -m pytest
+
+# The inner loop: every test that runs no dvc, trains nothing and starts no stage process.
+test-fast: $(STAMP) system-deps
+	python -m pytest -m "not slow"
 
 # The tests drive a real headless Chromium (the error page) and a real OpenSSH server (the
 # SSH remote). Installed from Debian's packages when missing and we are root.

@@ -3,7 +3,7 @@
 Mosaics: all 30 of them (every training image by digit, correct and wrong test images),
 drawn two ways and compared pixel for pixel:
   naive  the original's way: a PIL canvas and one Image.paste per 28×28 tile;
-  tile   stages.common.tile (numpy reshapes), as stages.render_errors.mosaics calls it.
+  tile   stages.render_errors.tile (numpy reshapes), as stages.render_errors.mosaics calls it.
 Both get the same images; writing the BMP files is the same for both and timed apart.
 
 Neighbour search (stages.neighbours, exact squared L2 in pixel space): the stage's own
@@ -14,7 +14,7 @@ training images of its true digit and of its runner-up digit (~2 × 6000 per que
 Predictions: data/predictions.npz if it exists and fits the test set, else a fixed fake
 one (seeded, ~2% of test images wrong, like the original network).
 
-    python -m benchmarks.mosaics [path/to/mnist.npz]     (default data/raw/mnist.npz)
+    python -m benchmarks.mosaics [path/to/mnist.npz]     (default: dvc.yaml's raw path)
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import IMAGE_SIDE, load_mnist, load_npz, save_image
+from stages.dataset import IMAGE_SIDE, load_mnist, load_npz
+from stages.outputs import save_image
+from benchmarks.pipeline import paths
 from stages.neighbours import nearest_by_class
 from stages.render_errors import mosaics
 
@@ -59,8 +61,10 @@ def naive_mosaics(data: dict[str, np.ndarray], predicted: np.ndarray) -> dict:
     return out
 
 
-def load_probabilities(y_test: np.ndarray, path="data/predictions.npz") -> tuple[np.ndarray, str]:
-    """Real predictions if `path` fits the test set, else deterministic fake ones."""
+def load_probabilities(y_test: np.ndarray, path=None) -> tuple[np.ndarray, str]:
+    """Real predictions if `path` (default: the pipeline's) fits the test set, else
+    deterministic fake ones."""
+    path = path or paths()["predictions"]
     if Path(path).exists():
         probabilities = load_npz(path, ("probabilities",))["probabilities"]
         if probabilities.shape == (len(y_test), 10):
@@ -82,8 +86,9 @@ def _best(fn, repeats: int):
     return best, result
 
 
-def run(mnist_path="data/raw/mnist.npz", repeats: int = 3, stress: bool = True,
-        predictions_path="data/predictions.npz") -> dict:
+def run(mnist_path=None, repeats: int = 3, stress: bool = True,
+        predictions_path=None) -> dict:
+    mnist_path = mnist_path or paths()["raw"]
     data = load_mnist(mnist_path)
     probabilities, source = load_probabilities(data["y_test"], predictions_path)
     predicted = probabilities.argmax(axis=1)
@@ -135,7 +140,7 @@ def run(mnist_path="data/raw/mnist.npz", repeats: int = 3, stress: bool = True,
 
 
 def main(argv: list[str]) -> int:
-    path = argv[0] if argv else "data/raw/mnist.npz"
+    path = argv[0] if argv else paths()["raw"]
     if not Path(path).is_file():
         print(f"error: {path} not found: run `dvc repro download` or pass the path of "
               "a full mnist.npz", file=sys.stderr)
@@ -143,7 +148,7 @@ def main(argv: list[str]) -> int:
     r = run(path)
     print(f"mosaics: {r['mosaics']} files, {r['tiles']} tiles, predictions: {r['predictions']}")
     print(f"  {'naive PIL paste loop':<28}{r['naive_paste_s']:8.3f} s")
-    print(f"  {'stages.common.tile':<28}{r['numpy_tile_s']:8.3f} s")
+    print(f"  {'stages.render_errors.tile':<28}{r['numpy_tile_s']:8.3f} s")
     print(f"  {'speed-up':<28}{r['speedup']:8.1f} x   (target >= {TARGET_SPEEDUP:.0f} x: "
           f"{'met' if r['meets_target'] else 'NOT MET'})")
     print(f"  {'pixel identical':<28}{'yes' if r['pixel_identical'] else 'NO':>8}")

@@ -4,7 +4,7 @@
    against this pipeline's train stage with `train.model: mlp` and the original settings,
    alternating runs in one session so that machine noise hits both alike.
 2. Rendering: every mosaic, pasted one tile at a time with PIL as the original did,
-   against stages.common.tile (benchmarks/mosaics.py).
+   against stages.render_errors.tile (benchmarks/mosaics.py).
 3. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
    otherwise) trained and evaluated by the stages once per `--seeds`, for test errors and
    time: how much of a result is the seed.
@@ -30,17 +30,26 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.pipeline import paths, stage_command
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist.npz"
 
-# The original network and settings, as the README's mlp preset.
-MLP_PRESET = {
-    "normalize": {"val_fraction": 0.0},
-    "train": {"model": "mlp", "epochs": 5, "batch_size": 32, "learning_rate": 0.001,
-              "lr_schedule": "constant", "rotation": 0.0, "shift": 0.0, "zoom": 0.0,
-              "label_smoothing": 0.0, "restore_best": False, "steps_per_execution": 100,
-              "intra_op_threads": 1, "inter_op_threads": 1},
-}
+# The original network and settings: the shipped mlp recipe, on one thread per pool (for a
+# network this small TensorFlow spends more time handing ops between threads than on them).
+MLP_PRESET = {"train": {"model": "mlp", "intra_op_threads": 1, "inter_op_threads": 1}}
+
+
+def metrics_path() -> str:
+    return paths()["metrics"]
+
+
+def deep_update(base: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
 
 
 def run_child(args: list[str], cwd: Path) -> dict:
@@ -70,12 +79,11 @@ def prepare_project(data: Path, preset: dict) -> Path:
     shutil.copytree(ROOT / "stages", tmp / "stages",
                     ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["download"].update(url=str(data.resolve()), sha256=None, mirrors=[])
-    for section, values in preset.items():
-        params[section].update(values)
+    params["download"].update(url=str(data.resolve()), sha256=None, format="npz", mirrors=[])
+    deep_update(params, preset)
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stage in ("download", "normalize"):
-        run_child([sys.executable, "-m", f"stages.{stage}"], tmp)
+        run_child(stage_command(stage), tmp)
     return tmp
 
 
@@ -88,10 +96,10 @@ def bench_train(data: Path, repeats: int) -> dict:
                                str(data)], ROOT)
             original.append({**json.loads(child["stdout"].strip().splitlines()[-1]),
                              "peak_rss_mb": child["peak_rss_mb"]})
-            child = run_child([sys.executable, "-m", "stages.train"], project)
+            child = run_child(stage_command("train"), project)
             seconds = train_seconds(child["stdout"])
-            run_child([sys.executable, "-m", "stages.evaluate"], project)
-            metrics = json.loads((project / "reports" / "metrics.json").read_text())
+            run_child(stage_command("evaluate"), project)
+            metrics = json.loads((project / metrics_path()).read_text())
             stage.append({"train_seconds": seconds, "process_seconds": child["wall"],
                           "accuracy": metrics["accuracy"], "peak_rss_mb": child["peak_rss_mb"]})
     finally:
@@ -115,13 +123,13 @@ def bench_cnn(data: Path, model: str, seeds: list[int]) -> list[dict]:
             params = yaml.safe_load((project / "params.yaml").read_text())
             params["train"]["seed"] = seed
             (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            child = run_child([sys.executable, "-m", "stages.train"], project)
+            child = run_child(stage_command("train"), project)
             seconds = train_seconds(child["stdout"])
             last_epoch = [line for line in child["stdout"].splitlines()
                           if line.startswith("epoch ")][-1]
             val = re.search(r"eval/accuracy=([\d.]+)", last_epoch)
-            run_child([sys.executable, "-m", "stages.evaluate"], project)
-            metrics = json.loads((project / "reports" / "metrics.json").read_text())
+            run_child(stage_command("evaluate"), project)
+            metrics = json.loads((project / metrics_path()).read_text())
             runs.append({"seed": seed, "train_seconds": seconds,
                          "val_accuracy": float(val.group(1)) if val else None,
                          "test_accuracy": metrics["accuracy"], "test_errors": metrics["errors"],

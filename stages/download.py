@@ -13,7 +13,7 @@ import argparse
 import hashlib
 import http.client
 import os
-import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -23,11 +23,21 @@ import urllib.request
 from pathlib import Path
 
 from stages import idx, params
-from stages.dataset import MNIST_KEYS, load_mnist, validate_mnist
+from stages.dataset import IMAGE_SIDE, MNIST_KEYS, load_mnist, validate_mnist
 from stages.errors import DataError, PipelineError, run
 from stages.outputs import atomic_path, disk_errors, save_npz
 
 CHUNK = 1 << 16
+# The most one fetched file may hold: a source that sends more (a server that streams
+# forever, /dev/zero, a wrong multi-GB file) is refused once it passes the cap, and at once
+# if its Content-Length or file size already does. Both caps bound the disk a download
+# fills and what parsing it then reads, with room for a larger MNIST-format set.
+MAX_NPZ_BYTES = 256 << 20  # Keras' mnist.npz: 11 MB; 55 MB even stored uncompressed (4.9×)
+MAX_IDX_BYTES = 64 << 20  # per .gz file; the largest, train-images-idx3-ubyte.gz: 9.9 MB
+# The longest one attempt at one file may take. `download.timeout` bounds silence only: a
+# server trickling a byte every few seconds would otherwise keep the stage for days.
+# 30 minutes moves 11 MB at 6 kB/s; a retry (at most download.retries) starts a new clock.
+MAX_FETCH_SECONDS = 1800.0
 # Where each array of the Keras layout comes from in the original idx files.
 IDX_FILES = dict(zip(MNIST_KEYS, params.IDX_NAMES))
 
@@ -106,18 +116,59 @@ def _network(source: str, call, timeout: float):
         raise DownloadError(f"{source}: {type(err).__name__}: {str(err) or 'no details'}") from None
 
 
-def fetch_once(source: str, dest: Path, timeout: float) -> None:
-    """Copy one source to dest. Raises DownloadError (retryable) or PermanentError."""
+def _too_large(source: str, limit: int, what: str) -> PermanentError:
+    cap = f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit} bytes"
+    return PermanentError(f"{source}: {what}, over the cap of {cap} for one downloaded "
+                          "file; refused (not the dataset, or a source that never ends)")
+
+
+def _copy_bounded(source: str, read, out, limit: int, bar=None,
+                  deadline: float = MAX_FETCH_SECONDS) -> int:
+    """Copy read() blocks into out until the end; refuse once more than limit arrive, and
+    give up (retryable) when the whole copy takes longer than `deadline` seconds."""
+    received = 0
+    end = time.monotonic() + deadline
+    while block := read():
+        received += len(block)
+        if received > limit:
+            raise _too_large(source, limit, f"more than {limit} bytes received")
+        if time.monotonic() > end:
+            raise DownloadError(f"{source}: too slow: {received} bytes in {deadline:g}s, "
+                                "the most one attempt may take")
+        out.write(block)
+        if bar is not None:
+            bar.update(len(block))
+    return received
+
+
+def _copy_local(source: str, local: Path, dest: Path, limit: int) -> None:
+    """Copy a local file, bounded: a regular file by its size up front, anything else
+    (a device such as /dev/zero, a pipe) by counting what it yields."""
+    try:
+        info = local.stat()
+    except FileNotFoundError:
+        raise PermanentError(f"{source}: no such file") from None
+    except OSError as err:
+        raise PermanentError(f"{source}: cannot read: {err.strerror or err}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise PermanentError(f"{source}: is a folder, not a file")
+    if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+        raise _too_large(source, limit, f"{info.st_size} bytes")
+    try:
+        src = open(local, "rb")
+    except OSError as err:
+        raise PermanentError(f"{source}: cannot read: {err.strerror or err}") from None
+    with src, open(dest, "wb") as out:
+        _copy_bounded(source, lambda: src.read(CHUNK), out, limit)
+
+
+def fetch_once(source: str, dest: Path, timeout: float, limit: int = MAX_NPZ_BYTES,
+               deadline: float = MAX_FETCH_SECONDS) -> None:
+    """Copy one source to dest, at most `limit` bytes of it. Raises DownloadError
+    (retryable) or PermanentError."""
     local = _local_path(source)
     if local is not None:
-        if not local.is_file():
-            raise PermanentError(f"{source}: no such file")
-        try:
-            src = open(local, "rb")
-        except OSError as err:
-            raise PermanentError(f"{source}: cannot read: {err.strerror or err}") from None
-        with src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out)
+        _copy_local(source, local, dest, limit)
         return
     if urllib.parse.urlparse(source).scheme not in ("http", "https"):
         raise PermanentError(f"{source}: unsupported scheme; use http(s)://, file:// or a path")
@@ -126,12 +177,14 @@ def fetch_once(source: str, dest: Path, timeout: float) -> None:
                   timeout) as response:
         total = response.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
-        received = 0
+        if total is not None and total > limit:
+            raise _too_large(source, limit, f"Content-Length declares {total} bytes")
         with open(dest, "wb") as out, _progress(Path(source).name, total) as bar:
-            while block := _network(source, lambda: response.read(CHUNK), timeout):
-                out.write(block)
-                received += len(block)
-                bar.update(len(block))
+            # read1: what has arrived (one recv at most), so a trickle meets the deadline
+            # check between blocks instead of filling a whole CHUNK first.
+            received = _copy_bounded(
+                source, lambda: _network(source, lambda: response.read1(CHUNK), timeout),
+                out, limit, bar, deadline)
         if total is not None and received != total:
             raise DownloadError(
                 f"{source}: connection dropped after {received} of {total} bytes")
@@ -159,11 +212,12 @@ def verify_hash(path: Path, expected: str | None, source: str) -> None:
             f"{source}: sha256 {actual} does not match expected {expected}{hint}")
 
 
-def fetch_verified(source: str, expected: str | None, dest: Path, cfg: dict) -> None:
+def fetch_verified(source: str, expected: str | None, dest: Path, cfg: dict,
+                   limit: int = MAX_NPZ_BYTES) -> None:
     """Fetch with retries and exponential backoff; only transient faults are retried."""
     for attempt in range(cfg["retries"] + 1):
         try:
-            fetch_once(source, dest, cfg["timeout"])
+            fetch_once(source, dest, cfg["timeout"], limit)
             verify_hash(dest, expected, source)
             return
         except PermanentError:
@@ -199,10 +253,13 @@ def fetch_idx(base: str, expected, cfg: dict, output: Path) -> None:
         arrays = {}
         for key, name in IDX_FILES.items():
             url = base.rstrip("/") + "/" + name
-            fetch_verified(url, None if expected is None else expected[name], Path(tmp) / name, cfg)
+            fetch_verified(url, None if expected is None else expected[name], Path(tmp) / name,
+                           cfg, MAX_IDX_BYTES)
+            images = key.startswith("x")
             try:
                 arrays[key] = idx.parse_gz((Path(tmp) / name).read_bytes(), url,
-                                        3 if key.startswith("x") else 1)
+                                           3 if images else 1,
+                                           (IMAGE_SIDE, IMAGE_SIDE) if images else ())
             except DataError as err:
                 raise PermanentError(str(err)) from None
         try:

@@ -23,7 +23,8 @@ MAX_PIXEL_DISTANCE = 255 * 255  # per pixel; times the pixel count bounds every 
 
 def _flat(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
-    return images.reshape(len(images), -1)
+    # An explicit width: reshape(0, -1) is ambiguous (no errors means no queries).
+    return images.reshape(len(images), int(np.prod(images.shape[1:])))
 
 
 def squared_distances(queries: np.ndarray, train: np.ndarray) -> np.ndarray:

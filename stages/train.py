@@ -20,7 +20,7 @@ import numpy as np
 
 from stages import params
 from stages.dataset import load_processed
-from stages.errors import DataError, run
+from stages.errors import DataError, deferred_interrupts, run, stop_if_interrupted
 from stages.outputs import atomic_dir, atomic_path
 
 FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -169,6 +169,7 @@ def fit(cfg: dict, data: dict, curves_dir):
 
     data holds x_train, y_train and x_val, y_val (possibly empty); it is emptied as the
     arrays move into TensorFlow, so the NumPy copies are freed (peak memory).
+    Under deferred_interrupts, Ctrl-C stops it between two compiled chunks, never inside one.
     """
     from dvclive import Live
 
@@ -182,6 +183,7 @@ def fit(cfg: dict, data: dict, curves_dir):
     y = tf.constant(data.pop("y_train").astype(np.int32))
     x_val, y_val = data.pop("x_val"), data.pop("y_val").astype(np.int32)
     train_chunk, eval_batch = make_steps(model, x, y, cfg)
+    stop_if_interrupted()
     rng = np.random.default_rng(cfg["seed"])
     chunk = cfg["steps_per_execution"]
     best = (-1.0, None, 0)  # validation accuracy, weights, epoch
@@ -200,6 +202,8 @@ def fit(cfg: dict, data: dict, curves_dir):
                 done += len(batches)
                 if bar:
                     bar.update(done, [("loss", float(chunk_loss) / batches.size)])
+                # The chunk boundary: plain Python between two calls into TensorFlow.
+                stop_if_interrupted()
         # Curves (and `dvc metrics show`): the plain cross-entropy of the training batches
         # beside the validation split's loss and accuracy. Accuracy on augmented batches
         # with dropout on is not comparable with validation accuracy: printed, not plotted.
@@ -216,6 +220,7 @@ def fit(cfg: dict, data: dict, curves_dir):
         print(f"epoch {epoch}/{cfg['epochs']} {time.perf_counter() - started:.1f}s "
               + " ".join(f"{k}={v:.4f}" for k, v in (logs | {"train/accuracy": hits / n}).items()),
               flush=True)
+        stop_if_interrupted()
     live.end()
     if best[1] is not None and best[2] != cfg["epochs"]:
         print(f"restoring epoch {best[2]}: best validation accuracy {best[0]:.4f}")
@@ -266,12 +271,8 @@ def save_stable(model, path: Path) -> None:
         raw.unlink(missing_ok=True)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="normalize's scaled arrays (.npz)")
-    parser.add_argument("--model-dir", required=True, type=Path, help="the trained model")
-    parser.add_argument("--curves", required=True, type=Path, help="dvclive's curves")
-    args = parser.parse_args(argv)
+def train_and_save(args) -> None:
+    """The stage's work; stop_if_interrupted() marks where Ctrl-C may end it."""
     cfg = params.load()["train"]
     data = load_processed(args.data, only=("x_train", "y_train"))
     train_idx, val_idx = split(len(data["y_train"]), cfg["val_fraction"], cfg["seed"])
@@ -281,10 +282,12 @@ def main(argv=None) -> None:
     del x, y
     print(f"train: {cfg['model']} on {len(train_idx)} images, {len(val_idx)} held out "
           "for validation", flush=True)
+    stop_if_interrupted()
 
     from stages.keras_env import configure
 
     configure(cfg["seed"], cfg["intra_op_threads"], cfg["inter_op_threads"])
+    stop_if_interrupted()
     started = time.perf_counter()
     # Curves and model are built aside and swapped in only when training completed, so an
     # interrupted run leaves the previous model and its own curves in place.
@@ -295,9 +298,32 @@ def main(argv=None) -> None:
             save_stable(model, tmp / "model.keras")
             (tmp / "run_info.json").write_text(
                 json.dumps(run_info(cfg), indent=2, sort_keys=True) + "\n")
+            # The last stopping point: past it, the complete outputs are being moved in
+            # (two renames), and a late Ctrl-C lets the run finish rather than lie.
+            stop_if_interrupted()
     print(f"train: {cfg['model']} for {cfg['epochs']} epochs in {seconds:.1f}s "
           f"-> {args.model_dir}")
 
+
+def main(argv=None) -> None:
+    """`python -m stages.train --data ... --model-dir ... --curves ...`.
+
+    Ctrl-C (or SIGTERM) only takes note, from main()'s first line to the end, and the run
+    stops at the next stop_if_interrupted() in its own code: an interrupt never lands inside
+    TensorFlow (where it used to surface as a TypeError traceback). It ends the run with
+    `error: interrupted; no output was replaced`, exit 130 (143 for SIGTERM). Worst-case
+    delay: the longest stretch between two stopping points, i.e. importing TensorFlow
+    (~4 s), the first chunk (which traces the graph: a few seconds), one chunk of
+    steps_per_execution batches (~1.5 s for the default cnn on 2 cores, slower under load)
+    or the validation pass and saving. A second Ctrl-C stops at once, still with that one
+    line (see errors.deferred_interrupts).
+    """
+    with deferred_interrupts():
+        parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        parser.add_argument("--data", required=True, help="normalize's scaled arrays (.npz)")
+        parser.add_argument("--model-dir", required=True, type=Path, help="the trained model")
+        parser.add_argument("--curves", required=True, type=Path, help="dvclive's curves")
+        train_and_save(parser.parse_args(argv))
 
 if __name__ == "__main__":
     run(main)

@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import FIXTURE
+from tests.helpers import FIXTURE, copy_project, dvc, make_project, out_hashes, sh
 
 
 @pytest.fixture(scope="session")
 def fixture_path() -> Path:
     return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory):
+    """The fixture project after one full `dvc repro` (fast training), results committed.
+
+    Trained once per session and shared: READ it, never change it. A test that edits,
+    reruns or commits works on its own copy (`trained_copy`, or `copy_project`). That the
+    shared one stayed untouched is checked when the session ends.
+
+    Yields .repo (the project dir) and .repro (the CompletedProcess of its first repro).
+    """
+    repo = make_project(tmp_path_factory.mktemp("trained") / "project")
+    first = dvc(repo, "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "results of the fixture params")
+    hashes = out_hashes(repo)
+    yield SimpleNamespace(repo=repo, repro=first)
+    assert out_hashes(repo) == hashes, "a test changed the shared trained_project's outputs"
+
+
+@pytest.fixture
+def trained_copy(trained_project, tmp_path) -> Path:
+    """A private copy of trained_project (git history and DVC cache included) to change."""
+    return copy_project(trained_project.repo, tmp_path / "project")

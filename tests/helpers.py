@@ -163,3 +163,180 @@ def gz_idx(array: np.ndarray) -> bytes:
     from stages import idx
 
     return gzip.compress(idx.encode(array), mtime=0)
+
+
+def stage_command(stage: str, repo: Path = ROOT) -> list[str]:
+    """The argv dvc.yaml runs for `stage` (its `cmd`, vars filled in), with this
+    interpreter for `python`: how a test starts a stage exactly as `dvc repro` would."""
+    import re
+    import shlex
+
+    cmd = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    paths = dvc_vars(repo)
+    argv = shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: paths[m.group(1)], cmd))
+    assert argv[0] == "python", cmd
+    return [sys.executable, *argv[1:]]
+
+
+# Fashion-MNIST's class names, two of them changed to hold a comma (CSV quoting) and HTML
+# markup (page escaping): names every report must show as they are written.
+NAMED_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat, long", "Sandal",
+                 "<Shirt> & co", "Sneaker", "Bag", "Ankle boot"]
+
+
+def fixture_data() -> dict[str, np.ndarray]:
+    """The fixture's four arrays (1500 training, 500 test images)."""
+    with np.load(FIXTURE) as f:
+        return {k: f[k] for k in f.files}
+
+
+def centroid_probabilities(data: dict[str, np.ndarray]) -> np.ndarray:
+    """Deterministic, realistic-looking predictions without a network: a softmax over
+    the negative distances to each class's mean training image (~80% right)."""
+    x = data["x_train"].reshape(len(data["x_train"]), -1).astype(np.float64) / 255
+    means = np.stack([x[data["y_train"] == d].mean(axis=0) for d in range(10)])
+    t = data["x_test"].reshape(len(data["x_test"]), -1).astype(np.float64) / 255
+    logits = -((t[:, None, :] - means[None]) ** 2).sum(axis=2)
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def probabilities_for(cases: list[tuple[int, int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted, confidence) per test image -> y_true (uint8), probabilities N×10
+    (the rest of each row spread evenly over the other nine classes)."""
+    y = np.array([t for t, _, _ in cases], dtype=np.uint8)
+    p = np.zeros((len(cases), 10), dtype=np.float32)
+    for i, (_, pred, conf) in enumerate(cases):
+        p[i] = (1 - conf) / 9
+        p[i, pred] = conf
+    return y, p
+
+
+class MakesMarker:
+    """Unpickling this creates the file `marker`: proof that something was unpickled."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A copy of a whole project (work tree, .git, .dvc and its cache) at dest.
+
+    DVC's cache keeps copies, not links, so the copy shares nothing with src: a test can
+    change a trained project for the price of a file copy instead of a training.
+    """
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+# --- sources over the limits: refusals measured in a child interpreter -------------------
+# Sources that declare more than MNIST's layout allows, or never end, must be refused from
+# their headers or at a size cap, in bounded memory and seconds. Every check that could
+# exhaust memory runs in a child interpreter (probe) that reports its own peak RSS (VmHWM)
+# and time; zip and gzip bombs are built from one compressed megabyte of zeros repeated, so
+# the tests stay light.
+
+# A child that imports numpy and stages.download peaks at ~40 MiB; the largest array any of
+# these refusals may legitimately hold is 47 MB (60,000 images, uint8). Every bomb inflates
+# to 2 GiB and every claim is gigabytes, so a loader that trusted them would pass this
+# bound by far.
+MEMORY_BOUND_MIB = 200
+TIME_BOUND_S = 20  # a bound, not a benchmark: each refusal takes well under a few seconds
+BOMB_BYTES = 2 << 30  # what each bomb inflates to
+MIB = 1 << 20
+FULL_TRAIN = (60_000, 28, 28)
+FULL_IMAGES = 60_000 * 28 * 28
+
+PROBE = """
+import json, resource, sys, time
+started = time.perf_counter()
+args = sys.argv[1:]
+from stages.errors import PipelineError
+try:
+{code}
+    outcome = {{"result": repr(result)}}
+except PipelineError as err:
+    outcome = {{"error": type(err).__name__, "message": str(err)}}
+outcome["seconds"] = round(time.perf_counter() - started, 3)
+try:  # this process's own high-water mark: ru_maxrss would carry the parent's over exec
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+outcome["peak_mib"] = round(peak / 1024, 1)
+print("PROBE " + json.dumps(outcome))
+"""
+
+
+def probe(code: str, *args) -> dict:
+    """Run `code` (which sets `result`) in a fresh interpreter; its outcome, peak RSS and
+    time. A child measures only itself: this test process's memory does not count."""
+    import json
+    import textwrap
+    import time
+
+    env = run_env()
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                "ALL_PROXY"):
+        env.pop(var, None)
+    env["no_proxy"] = env["NO_PROXY"] = "127.0.0.1,localhost"
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(code=textwrap.indent(code, "    ")), *map(str, args)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    outcome = json.loads(lines[-1][len("PROBE "):])
+    outcome["wall"] = round(time.perf_counter() - started, 3)
+    print(f"\nprobe: {outcome}")  # shown with -s: the measured peak and time
+    return outcome
+
+
+def refused_in_bounds(outcome: dict, kind: str, source, pattern: str) -> str:
+    """The child was refused with `kind`, in one line naming the source, in bounds."""
+    import re
+
+    assert outcome.get("error") == kind, outcome
+    message = outcome["message"]
+    assert message.startswith(str(source)) and "\n" not in message, message
+    assert re.search(pattern, message), message
+    assert outcome["peak_mib"] < MEMORY_BOUND_MIB, outcome
+    assert outcome["wall"] < TIME_BOUND_S, outcome
+    return message
+
+
+def deflate_zeros(size: int) -> bytes:
+    """Raw deflate blocks inflating to `size` zero bytes (a multiple of 1 MiB): one fully
+    flushed, self-contained compressed MiB repeated, ~1 KB per MiB."""
+    import zlib
+
+    assert size % MIB == 0
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = compressor.compress(bytes(MIB)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    return block * (size // MIB)
+
+
+def deflate(data: bytes) -> bytes:
+    """Raw deflate blocks of data, not final: more blocks may follow."""
+    import zlib
+
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+
+
+FINAL_BLOCK = b"\x03\x00"  # an empty final deflate block: the end of a stream
+
+
+def crc_of(head: bytes, zeros: int) -> int:
+    """CRC-32 of head followed by `zeros` zero bytes, computed a MiB at a time."""
+    import zlib
+
+    crc, block = zlib.crc32(head), bytes(MIB)
+    for _ in range(zeros // MIB):
+        crc = zlib.crc32(block, crc)
+    return zlib.crc32(bytes(zeros % MIB), crc)

@@ -1,11 +1,13 @@
 """Experiments: `dvc exp run -S`, a grid through the real celery queue, `dvc exp show`.
 
-The project mirrors the default params' offline setup: `download.url` cannot be fetched and
-the data comes from the mirror `../shared/data/mnist.npz`, a path relative to the project,
-beside which the test puts a copy of the fixture. Queued experiments run in a temporary copy
-under .dvc/tmp/exps/, where that relative path leads nowhere: they work because download's
-result is already in the cache (dvc.lock committed with the baseline), so no queued
-experiment runs download at all. The test checks exactly that.
+The baseline is a copy of the session's trained project, switched to the default params'
+offline setup: `download.url` cannot be fetched and the data comes from the mirror
+`../shared/data/mnist.npz`, a path relative to the project, beside which the test puts a
+copy of the fixture. Only download reruns for that (same bytes: nothing after it does).
+Queued experiments run in a temporary copy under .dvc/tmp/exps/, where that relative path
+leads nowhere: they work because download's result is already in the cache (dvc.lock
+committed with the baseline), so no queued experiment runs download at all. The test
+checks exactly that.
 """
 
 from __future__ import annotations
@@ -16,30 +18,37 @@ import json
 import shutil
 import time
 
+import numpy as np
 import pytest
 import yaml
 
-from conftest import (
+from tests.helpers import (
     FIXTURE,
     FIXTURE_SHA256,
-    TINY_TRAIN,
+    copy_project,
     dvc,
-    make_project,
+    dvc_vars,
     ran_training,
+    set_params,
     sh,
     stages_run,
 )
 
 pytestmark = pytest.mark.slow
 
-# The grid: two points, each a different (epochs, learning_rate) pair.
-GRID = {"grid-a": {"train.epochs": 1, "train.learning_rate": 0.001},
-        "grid-b": {"train.epochs": 2, "train.learning_rate": 0.004}}
-WORKSPACE_EXP = ("ws-run", {"train.epochs": 2, "train.learning_rate": 0.001})
+PATHS = dvc_vars()
+METRICS = PATHS["metrics"]
+TRAIN_METRICS = f"{PATHS['curves']}/metrics.json"
+# The grid over the chosen model's recipe ("{model}" is filled in): two points, each a
+# different (epochs, learning_rate) pair; and one more run in the workspace.
+GRID = {"grid-a": {"epochs": 1, "learning_rate": 0.001},
+        "grid-b": {"epochs": 2, "learning_rate": 0.004}}
+WORKSPACE_EXP = ("ws-run", {"epochs": 2, "learning_rate": 0.001})
 
 
-def overrides(params: dict) -> list[str]:
-    return [arg for key, value in params.items() for arg in ("-S", f"{key}={value}")]
+def overrides(model: str, recipe: dict) -> list[str]:
+    return [arg for key, value in recipe.items()
+            for arg in ("-S", f"train.{model}.{key}={value}")]
 
 
 def wait_for_queue(repo, timeout: float = 300) -> str:
@@ -56,21 +65,26 @@ def wait_for_queue(repo, timeout: float = 300) -> str:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(trained_project, tmp_path_factory):
     root = tmp_path_factory.mktemp("experiments")
     (root / "shared" / "data").mkdir(parents=True)
     shutil.copy(FIXTURE, root / "shared" / "data" / "mnist.npz")
-    repo = make_project(root / "project", train=TINY_TRAIN, download={
+    repo = copy_project(trained_project.repo, root / "project")
+    set_params(repo, download={
         "url": (root / "unreachable" / "mnist.npz").as_uri(),
-        "mirrors": [{"url": "../shared/data/mnist.npz", "sha256": FIXTURE_SHA256}],
+        "mirrors": [{"url": "../shared/data/mnist.npz", "sha256": FIXTURE_SHA256,
+                     "format": "npz"}],
     })
     baseline = dvc(repo, "repro")
     assert "trying the next source" in baseline.stderr  # the mirror is what fed it
+    # Same bytes from the mirror: nothing after download reruns.
+    assert stages_run(baseline.stdout) == ["download"], baseline.stdout
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "baseline results")
+    sh(repo, "git", "commit", "-qm", "baseline: data from the offline mirror")
+    model = yaml.safe_load((repo / "params.yaml").read_text())["train"]["model"]
 
-    for name, params in GRID.items():
-        dvc(repo, "exp", "run", "--queue", "-n", name, *overrides(params))
+    for name, recipe in GRID.items():
+        dvc(repo, "exp", "run", "--queue", "-n", name, *overrides(model, recipe))
     started = time.monotonic()
     dvc(repo, "queue", "start", "-j", "2")
     try:
@@ -80,10 +94,10 @@ def lab(tmp_path_factory):
     queue_seconds = time.monotonic() - started
     logs = {name: dvc(repo, "queue", "logs", name, check=False).stdout for name in GRID}
 
-    name, params = WORKSPACE_EXP
-    workspace = dvc(repo, "exp", "run", "-n", name, *overrides(params))
-    yield {"repo": repo, "status": status, "logs": logs, "workspace": workspace,
-           "queue_seconds": queue_seconds}
+    name, recipe = WORKSPACE_EXP
+    workspace = dvc(repo, "exp", "run", "-n", name, *overrides(model, recipe))
+    yield {"repo": repo, "model": model, "status": status, "logs": logs,
+           "workspace": workspace, "queue_seconds": queue_seconds}
 
 
 def exp_show(repo) -> dict[str, dict]:
@@ -115,56 +129,54 @@ def test_queued_experiment_trains_but_restores_download_from_cache(lab, name):
     assert stages_run(log) == ["train", "evaluate", "render-errors"], log
     assert "Stage 'download' didn't change, skipping" in log
     epochs = [line for line in log.splitlines() if line.startswith("epoch ")]
-    assert len(epochs) == GRID[name]["train.epochs"]
+    assert len(epochs) == GRID[name]["epochs"]
 
 
 def test_exp_run_with_set_params_in_the_workspace(lab):
-    repo, out = lab["repo"], lab["workspace"].stdout
-    params = WORKSPACE_EXP[1]
+    repo, out, model = lab["repo"], lab["workspace"].stdout, lab["model"]
+    recipe = WORKSPACE_EXP[1]
     assert stages_run(out) == ["train", "evaluate", "render-errors"]
     assert ran_training(out)
-    # The workspace now holds the experiment: its params and its two-epoch curves.
+    # The workspace now holds the experiment: its params and its curves, one row an epoch.
     train = yaml.safe_load((repo / "params.yaml").read_text())["train"]
-    assert train["epochs"] == params["train.epochs"] == 2
-    assert train["learning_rate"] == params["train.learning_rate"]
+    assert {key: train[model][key] for key in recipe} == recipe
     rows = list(csv.DictReader(io.StringIO(
-        (repo / "reports/train/plots/metrics/train/accuracy.tsv").read_text()), delimiter="\t"))
-    assert len(rows) == 2
+        (repo / PATHS["curves"] / "plots/metrics/train/loss.tsv").read_text()), delimiter="\t"))
+    assert len(rows) == recipe["epochs"]
 
 
 def test_exp_show_lists_every_run_with_params_and_metrics(lab):
-    repo = lab["repo"]
+    repo, model = lab["repo"], lab["model"]
+    n_test = len(np.load(FIXTURE)["y_test"])
     found = exp_show(repo)
     expected = {**GRID, WORKSPACE_EXP[0]: WORKSPACE_EXP[1]}
     assert set(expected) <= set(found), found.keys()
     accuracies = set()
-    for name, params in expected.items():
-        train = found[name]["params"]["train"]
-        assert train["epochs"] == params["train.epochs"], name
-        assert train["learning_rate"] == params["train.learning_rate"], name
+    for name, recipe in expected.items():
+        trained = found[name]["params"]["train"][model]
+        assert {key: trained[key] for key in recipe} == recipe, name
         metrics = found[name]["metrics"]
-        scored = metrics["reports/metrics.json"]
-        assert scored["samples"] == 500
-        assert scored["errors"] == round((1 - scored["accuracy"]) * 500)
-        assert metrics["reports/train/metrics.json"]["step"] == params["train.epochs"] - 1
-        assert metrics["reports/errors_summary.json"]["errors"] == scored["errors"]
+        scored = metrics[METRICS]
+        assert set(scored) == {"accuracy", "errors", "loss"}
+        assert scored["errors"] == round((1 - scored["accuracy"]) * n_test)
+        assert metrics[TRAIN_METRICS]["step"] == recipe["epochs"] - 1
         accuracies.add(scored["accuracy"])
     assert len(accuracies) > 1  # different params, different results
 
     # The same table as CSV, for a spreadsheet: one row per experiment.
     table = list(csv.DictReader(io.StringIO(dvc(repo, "exp", "show", "--csv").stdout)))
     by_name = {row["Experiment"]: row for row in table if row["Experiment"]}
-    for name, params in expected.items():
-        assert float(by_name[name]["train.learning_rate"]) == params["train.learning_rate"]
-        assert float(by_name[name]["accuracy"]) == found[name]["metrics"][
-            "reports/metrics.json"]["accuracy"]
+    for name, recipe in expected.items():
+        row = by_name[name]
+        assert float(row[f"train.{model}.learning_rate"]) == recipe["learning_rate"]
+        assert float(row["accuracy"]) == found[name]["metrics"][METRICS]["accuracy"]
 
 
 def test_applying_a_queued_experiment_restores_its_results_without_training(lab):
     repo = lab["repo"]
-    shown = exp_show(repo)["grid-b"]["metrics"]["reports/metrics.json"]
+    shown = exp_show(repo)["grid-b"]["metrics"][METRICS]
     dvc(repo, "exp", "apply", "grid-b")
-    assert json.loads((repo / "reports/metrics.json").read_text()) == shown
+    assert json.loads((repo / METRICS).read_text()) == shown
     again = dvc(repo, "repro")
     assert stages_run(again.stdout) == [] and not ran_training(again.stdout)
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}

@@ -1,14 +1,17 @@
-"""Download faults against real HTTP servers on 127.0.0.1: clear errors, nothing half-written.
+"""stages/download.py: fetching and verifying MNIST, against real HTTP servers on 127.0.0.1.
 
 Every server here is a real http.server in a thread on an ephemeral loopback port; faults
 are injected by the handler (status codes, dropped connections, stalls, redirect loops).
+Whatever fails, the error is clear and nothing half-written is left behind.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
-import shutil
+import json
+import os
 import socket
 import sys
 import threading
@@ -18,9 +21,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURE, FIXTURE_SHA256, dvc, make_project, sh
+from stages import idx, params
 from stages import download as dl
-from stages.common import save_npz
+from stages.outputs import save_npz
+from tests.helpers import (
+    FIXTURE,
+    FIXTURE_SHA256,
+    copy_pipeline,
+    dvc,
+    dvc_vars,
+    gz_idx,
+    make_project,
+    probe,
+    refused_in_bounds,
+    set_params,
+    sh,
+    small_mnist,
+    stage_command,
+)
 
 FIXTURE_BYTES = FIXTURE.read_bytes()
 HTML = b"<!DOCTYPE html>\n<html><body><h1>Please log in</h1></body></html>\n"
@@ -134,11 +152,11 @@ def servers():
 
 
 def cfg_for(*sources, sha256=FIXTURE_SHA256, retries=0, timeout=5.0, backoff=0.0):
-    """A validated download config, through the stage's own validate()."""
+    """A checked download config, through params.py's own check."""
     first, *mirrors = sources
-    return dl.validate({"url": first, "sha256": sha256, "mirrors": list(mirrors),
-                        "format": "npz", "timeout": timeout, "retries": retries,
-                        "backoff": backoff})
+    return params.download({"url": first, "sha256": sha256, "mirrors": list(mirrors),
+                            "format": "npz", "timeout": timeout, "retries": retries,
+                            "backoff": backoff})
 
 
 def closed_port() -> int:
@@ -358,9 +376,9 @@ def test_mirror_with_its_own_hash(servers, out, tmp_path):
     digest = hashlib.sha256(other.read_bytes()).hexdigest()
     assert digest != FIXTURE_SHA256
     s = servers({})
-    cfg = dl.validate({"url": s.url("/gone"), "sha256": FIXTURE_SHA256,
-                       "mirrors": [{"url": str(other), "sha256": digest}], "format": "npz",
-                       "timeout": 5, "retries": 0, "backoff": 0})
+    cfg = params.download({"url": s.url("/gone"), "sha256": FIXTURE_SHA256,
+                           "mirrors": [{"url": str(other), "sha256": digest}],
+                           "format": "npz", "timeout": 5, "retries": 0, "backoff": 0})
     assert dl.download(cfg, output=out) == str(other)
     assert out.read_bytes() == other.read_bytes()
 
@@ -368,42 +386,129 @@ def test_mirror_with_its_own_hash(servers, out, tmp_path):
 # --- the original idx layout (format: idx) -------------------------------------------
 
 
+def fixture_head(n: int = 50) -> dict[str, np.ndarray]:
+    with np.load(FIXTURE) as f:
+        return {k: f[k][:n] for k in f.files}
+
+
+def idx_files(data: dict) -> dict[str, bytes]:
+    """The four gzip-compressed idx files holding data, by their original names."""
+    return {name: gz_idx(data[key]) for key, name in dl.IDX_FILES.items()}
+
+
 def idx_routes(prefix: str, data: dict, bad: str | None = None) -> dict:
-    import gzip
-    import struct
-
-    from stages.common import IDX_FILES
-
-    routes = {}
-    for key, name in IDX_FILES.items():
-        array = data[key]
-        magic = 0x800 + array.ndim if name != bad else 0x0D03  # 0x0D: float, not uint8
-        raw = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.tobytes()
-        routes[f"{prefix}/{name}"] = [("ok", gzip.compress(raw))]
-    return routes
+    files = idx_files(data)
+    if bad:  # float32 values: type code 0x0D, not uint8
+        key = next(k for k, name in dl.IDX_FILES.items() if name == bad)
+        files[bad] = gz_idx(data[key].astype(np.float32))
+    return {f"{prefix}/{name}": [("ok", raw)] for name, raw in files.items()}
 
 
-def idx_cfg(url: str) -> dict:
-    return dl.validate({"url": url, "sha256": None, "mirrors": [], "format": "idx",
-                        "timeout": 5, "retries": 2, "backoff": 0})
+def idx_hashes(files: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(raw).hexdigest() for name, raw in files.items()}
+
+
+def idx_cfg(url: str, sha256=None) -> dict:
+    return params.download({"url": url, "sha256": sha256, "mirrors": [], "format": "idx",
+                            "timeout": 5, "retries": 2, "backoff": 0})
 
 
 def test_idx_folder_over_http(servers, out):
-    data = {k: v[:50] for k, v in np.load(FIXTURE).items()}
+    data = fixture_head()
     s = servers(idx_routes("/mnist", data))
     dl.download(idx_cfg(s.url("/mnist/")), output=out)
     with np.load(out) as got:
+        assert set(got.files) == set(data)
         assert all(np.array_equal(got[k], data[k]) for k in data)
     assert len(s.requests()) == 4 and leftovers(out.parent) == []
 
 
 def test_idx_file_with_a_wrong_magic_number_is_refused_once(servers, out):
-    data = {k: v[:50] for k, v in np.load(FIXTURE).items()}
-    s = servers(idx_routes("/mnist", data, bad="t10k-images-idx3-ubyte.gz"))
+    s = servers(idx_routes("/mnist", fixture_head(), bad="t10k-images-idx3-ubyte.gz"))
     message = fails(idx_cfg(s.url("/mnist")), out, exc=dl.PermanentError)
     assert message.startswith(s.url("/mnist/t10k-images-idx3-ubyte.gz") + ": bad idx magic")
     assert s.requests().count("/mnist/t10k-images-idx3-ubyte.gz") == 1
     assert not out.exists() and leftovers(out.parent) == []  # temp folder gone too
+
+
+def test_idx_files_are_verified_against_their_own_hashes(servers, out):
+    files = idx_files(fixture_head())
+    hashes = idx_hashes(files)
+    s = servers({f"/mnist/{name}": [("ok", raw)] for name, raw in files.items()})
+    dl.download(idx_cfg(s.url("/mnist"), sha256=hashes), output=out)
+    assert load_arrays(out) == load_arrays_of(fixture_head())
+    wrong = dict(hashes, **{"train-labels-idx1-ubyte.gz": "0" * 64})
+    out.unlink()
+    message = fails(idx_cfg(s.url("/mnist"), sha256=wrong), out, exc=dl.PermanentError)
+    assert message.startswith(s.url("/mnist/train-labels-idx1-ubyte.gz") + ": sha256 ")
+    assert f"does not match expected {'0' * 64}" in message
+    assert not out.exists() and leftovers(out.parent) == []
+
+
+def test_an_npz_url_can_fall_back_to_an_idx_mirror(servers, out):
+    """Each source carries its own format and hash."""
+    files = idx_files(fixture_head())
+    s = servers({f"/idx/{name}": [("ok", raw)] for name, raw in files.items()})
+    cfg = params.download({"url": s.url("/gone.npz"), "sha256": FIXTURE_SHA256,
+                           "format": "npz", "timeout": 5, "retries": 0, "backoff": 0,
+                           "mirrors": [{"url": s.url("/idx"), "format": "idx",
+                                        "sha256": idx_hashes(files)}]})
+    assert dl.download(cfg, output=out) == s.url("/idx")
+    assert s.requests()[0] == "/gone.npz" and len(s.requests()) == 5
+    assert load_arrays(out) == load_arrays_of(fixture_head())
+
+
+def load_arrays(path) -> dict:
+    with np.load(path) as f:
+        return load_arrays_of({k: f[k] for k in f.files})
+
+
+def load_arrays_of(data: dict) -> dict:
+    """Arrays as comparable values: {key: (dtype, shape, bytes)}."""
+    return {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in data.items()}
+
+
+def idx_folder(folder: Path, data: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, raw in idx_files(data).items():
+        (folder / name).write_bytes(raw)
+    return folder
+
+
+def local_idx(folder: Path) -> dict:
+    return idx_cfg(str(folder))
+
+
+def test_idx_folder_on_disk_round_trips(tmp_path, out):
+    data = small_mnist()
+    dl.download(local_idx(idx_folder(tmp_path / "idx", data)), output=out)
+    assert load_arrays(out) == load_arrays_of(data)
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("t10k-images-idx3-ubyte.gz", lambda d: gz_idx(d["x_test"].reshape(-1)),
+     "t10k-images-idx3-ubyte.gz: bad idx magic number 0x00000801, expected 0x00000803"),
+    ("train-labels-idx1-ubyte.gz", lambda d: gzip.compress(idx.encode(d["y_train"])[:-1]),
+     "train-labels-idx1-ubyte.gz: header says 12 = 12 bytes, file holds 11"),
+    ("t10k-labels-idx1-ubyte.gz", lambda d: gz_idx(d["y_test"][:4]),
+     "5 x_test images but 4 y_test labels"),
+    ("train-labels-idx1-ubyte.gz", lambda d: gz_idx(np.full(12, 10, np.uint8)),
+     "y_train has label 10; allowed 0..9"),
+    ("train-images-idx3-ubyte.gz", lambda d: b"not gzip",
+     "train-images-idx3-ubyte.gz: not a valid gzip file"),
+    ("t10k-labels-idx1-ubyte.gz", None, "t10k-labels-idx1-ubyte.gz: no such file"),
+], ids=["wrong-magic", "short-body", "count-mismatch", "label-10", "not-gzip", "missing"])
+def test_bad_idx_folder_is_refused_and_nothing_is_written(tmp_path, out, name, content,
+                                                          match):
+    data = small_mnist()
+    folder = idx_folder(tmp_path / "idx", data)
+    if content is None:
+        (folder / name).unlink()
+    else:
+        (folder / name).write_bytes(content(data))
+    message = fails(local_idx(folder), out, match=match, exc=dl.PermanentError)
+    assert message.startswith(str(folder))
+    assert not out.exists() and leftovers(out.parent) == []
 
 
 # --- what is already at the output path ----------------------------------------------
@@ -444,20 +549,18 @@ def test_failed_download_leaves_the_existing_output_unchanged(servers, out):
 
 # --- through the real command line ---------------------------------------------------
 
+RAW = dvc_vars()["raw"]
+
 
 def stage_dir(tmp_path: Path, **download) -> Path:
-    """Just what `python -m stages.download` needs: the stages package and params.yaml."""
-    import yaml
-
-    from conftest import ROOT
-
-    repo = tmp_path / "proj"
-    shutil.copytree(ROOT / "stages", repo / "stages",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["download"].update(download)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    """The pipeline's files in a scratch folder, params.yaml's download section changed."""
+    repo = copy_pipeline(tmp_path / "proj")
+    set_params(repo, download=download)
     return repo
+
+
+def run_stage(repo: Path):
+    return sh(repo, *stage_command("download", repo), check=False, timeout=120)
 
 
 def assert_one_error_line(stderr: str, *must_contain: str) -> str:
@@ -473,17 +576,32 @@ def assert_one_error_line(stderr: str, *must_contain: str) -> str:
 
 
 @pytest.mark.slow
+def test_cli_downloads_then_reuses_the_verified_file(tmp_path):
+    repo = stage_dir(tmp_path, url=FIXTURE.as_uri(), sha256=FIXTURE_SHA256, format="npz",
+                     mirrors=[], retries=0)
+    first = run_stage(repo)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith(f"download: {RAW} from {FIXTURE.as_uri()} in ")
+    assert (repo / RAW).read_bytes() == FIXTURE.read_bytes()
+    again = run_stage(repo)
+    assert again.returncode == 0, again.stderr
+    assert "already holds verified data" in again.stdout
+    assert leftovers((repo / RAW).parent) == []
+
+
+@pytest.mark.slow
 def test_cli_failure_is_one_error_line_and_writes_nothing(servers, tmp_path):
     s = servers({"/m": [("status", 500)]})
     repo = stage_dir(tmp_path, url=s.url("/m"), sha256=FIXTURE_SHA256, mirrors=[],
                      retries=2, backoff=0.0)
-    proc = sh(repo, sys.executable, "-m", "stages.download", check=False, timeout=120)
+    proc = run_stage(repo)
     assert proc.returncode == 1
     assert_one_error_line(proc.stderr, s.url("/m"), "HTTP 500")
     assert len(warnings_in(proc.stderr)) == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert s.requests() == ["/m"] * 3
-    assert not (repo / "data/raw").exists() or list((repo / "data/raw").iterdir()) == []
+    raw_dir = (repo / RAW).parent
+    assert not raw_dir.exists() or list(raw_dir.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -491,14 +609,22 @@ def test_cli_failure_keeps_the_previous_output(servers, tmp_path):
     s = servers({"/m": [("ok", HTML)]})
     repo = stage_dir(tmp_path, url=s.url("/m"), sha256=FIXTURE_SHA256, mirrors=[],
                      retries=2, backoff=0.0)
-    raw = repo / "data/raw/mnist.npz"
+    raw = repo / RAW
     raw.parent.mkdir(parents=True)
     raw.write_bytes(b"tampered")
-    proc = sh(repo, sys.executable, "-m", "stages.download", check=False, timeout=120)
+    proc = run_stage(repo)
     assert proc.returncode == 1
     line = assert_one_error_line(proc.stderr, s.url("/m"), "web page")
     assert line == proc.stderr.strip()  # not retried: no warnings at all
     assert raw.read_bytes() == b"tampered" and leftovers(raw.parent) == []
+
+
+@pytest.mark.slow
+def test_cli_without_its_output_argument_is_a_usage_error(tmp_path):
+    repo = stage_dir(tmp_path)
+    proc = sh(repo, sys.executable, "-m", "stages.download", check=False, timeout=120)
+    assert proc.returncode == 2 and "--out" in proc.stderr
+    assert not (repo / RAW).parent.exists()
 
 
 @pytest.mark.slow
@@ -513,5 +639,173 @@ def test_dvc_repro_download_failure(servers, tmp_path):
     assert "failed to reproduce 'download'" in output
     assert "Traceback" not in output
     assert s.requests() == ["/404"]
-    assert not (repo / "data/raw/mnist.npz").exists()
+    assert not (repo / RAW).exists()
     assert not (repo / "dvc.lock").exists()  # nothing recorded for a failed stage
+
+
+# --- sources that never end, or declare too much: refused at a cap ------------------------
+# Each check that could exhaust memory runs in a child interpreter (tests.helpers.probe) that
+# reports its own peak RSS and time.
+
+
+class EndlessServer:
+    """A real HTTP server on 127.0.0.1 whose every answer is zeros that never end.
+
+    /huge... also declares a 10 GiB Content-Length; /trickle... sends one byte every 20 ms,
+    always inside any silence timeout; anything else declares none (HTTP/1.0: the body
+    lasts until the connection closes, which this server never does first).
+    Counts requests and the bytes it managed to send.
+    """
+
+    def __init__(self):
+        self.requests, self.sent = [], 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                if self.path.startswith("/huge"):
+                    self.send_header("Content-Length", str(10 << 30))
+                self.end_headers()
+                trickle = self.path.startswith("/trickle")
+                block = bytes(1 if trickle else 1 << 16)
+                try:
+                    while True:
+                        self.wfile.write(block)
+                        server.sent += len(block)
+                        if trickle:
+                            self.wfile.flush()
+                            time.sleep(0.02)
+                except OSError:  # the client hung up: what a refusal looks like here
+                    self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                         daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def endless():
+    server = EndlessServer()
+    yield server
+    server.close()
+
+
+DOWNLOAD = ("import json\nfrom pathlib import Path\nfrom stages import download\n"
+            "result = download.download(json.loads(args[0]), Path(args[1]))")
+
+
+def run_download(url: str, out: Path, fmt: str = "npz") -> dict:
+    cfg = {"sources": [{"url": url, "sha256": None, "format": fmt}], "timeout": 5.0,
+           "retries": 3, "backoff": 0.0}
+    return probe(DOWNLOAD, json.dumps(cfg), out)
+
+
+def nothing_left(out: Path) -> bool:
+    """No output and no temporary beside it."""
+    return not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
+
+
+def test_http_source_that_never_ends_is_refused_at_the_cap_and_not_retried(tmp_path,
+                                                                            endless):
+    out = tmp_path / "raw" / "mnist.npz"
+    url = endless.url("/mnist.npz")
+    outcome = run_download(url, out)
+    refused_in_bounds(outcome, "PermanentError", url,
+                      rf": more than {dl.MAX_NPZ_BYTES} bytes received, over the cap of "
+                      r"256 MiB for one downloaded file; refused")
+    assert endless.requests == ["/mnist.npz"]  # retries: 3, yet one attempt
+    assert endless.sent > dl.MAX_NPZ_BYTES  # it really streamed up to the cap
+    assert nothing_left(out)
+
+
+def test_http_content_length_over_the_cap_is_refused_before_the_body(tmp_path, endless):
+    out = tmp_path / "raw" / "mnist.npz"
+    url = endless.url("/huge/mnist.npz")
+    outcome = run_download(url, out)
+    refused_in_bounds(outcome, "PermanentError", url,
+                      rf": Content-Length declares {10 << 30} bytes, over the cap of 256 MiB")
+    assert endless.requests == ["/huge/mnist.npz"]
+    assert outcome["seconds"] < 5
+    assert nothing_left(out)
+
+
+def test_endless_idx_file_is_refused_at_the_per_file_cap(tmp_path, endless):
+    out = tmp_path / "raw" / "mnist.npz"
+    base = endless.url("/mnist")
+    outcome = run_download(base, out, fmt="idx")
+    refused_in_bounds(outcome, "PermanentError", base + "/train-images-idx3-ubyte.gz",
+                      rf": more than {dl.MAX_IDX_BYTES} bytes received, over the cap of "
+                      r"64 MiB for one downloaded file")
+    assert endless.requests == ["/mnist/train-images-idx3-ubyte.gz"]
+    assert nothing_left(out)
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "file:///dev/zero"])
+def test_dev_zero_as_a_local_source_is_refused_at_the_cap(tmp_path, source):
+    out = tmp_path / "raw" / "mnist.npz"
+    outcome = run_download(source, out)
+    refused_in_bounds(outcome, "PermanentError", source,
+                      rf"^{source}: more than {dl.MAX_NPZ_BYTES} bytes received, over "
+                      r"the cap of 256 MiB")
+    assert nothing_left(out)
+
+
+def test_huge_local_file_is_refused_from_its_size_without_reading_it(tmp_path):
+    source = tmp_path / "huge.npz"
+    with open(source, "wb") as f:  # sparse: 8 GiB declared, nothing written
+        f.truncate(8 << 30)
+    out = tmp_path / "raw" / "mnist.npz"
+    started = time.perf_counter()
+    with pytest.raises(dl.PermanentError) as info:
+        dl.download({"sources": [{"url": str(source), "sha256": None, "format": "npz"}],
+                     "timeout": 5.0, "retries": 3, "backoff": 0.0}, out)
+    assert str(info.value) == (
+        f"{source}: {8 << 30} bytes, over the cap of 256 MiB for one downloaded file; refused "
+        "(not the dataset, or a source that never ends)")
+    assert time.perf_counter() - started < 2
+    assert nothing_left(out)
+
+
+def test_a_local_source_at_the_cap_is_still_copied(tmp_path):
+    """The cap is a ceiling, not an off-by-one: exactly `limit` bytes pass."""
+    source = tmp_path / "exact.bin"
+    source.write_bytes(bytes(range(256)) * 4)
+    dest = tmp_path / "copy.bin"
+    dl.fetch_once(str(source), dest, 5.0, limit=1024)
+    assert dest.read_bytes() == source.read_bytes()
+    source.write_bytes(bytes(1025))
+    with pytest.raises(dl.PermanentError, match="1025 bytes, over the cap of 1024 bytes"):
+        dl.fetch_once(str(source), dest, 5.0, limit=1024)
+
+
+def test_caps_fit_mnist_with_headroom():
+    """The download caps against MNIST's real sizes: the full data pass, gigabytes do not."""
+    assert 2 * (47_040_128 + 7_840_128) < dl.MAX_NPZ_BYTES < 1 << 30
+    assert 4 * 9_912_422 < dl.MAX_IDX_BYTES  # train-images-idx3-ubyte.gz
+    assert os.path.getsize(FIXTURE) < dl.MAX_NPZ_BYTES
+
+
+def test_a_source_trickling_inside_the_timeout_is_given_up_at_the_deadline(tmp_path, endless):
+    # Never silent for `timeout`, never over the size cap: only the deadline ends it.
+    started = time.monotonic()
+    with pytest.raises(dl.DownloadError, match="too slow") as info:
+        dl.fetch_once(endless.url("/trickle.npz"), tmp_path / "out", timeout=5.0, deadline=1.0)
+    elapsed = time.monotonic() - started
+    assert not isinstance(info.value, dl.PermanentError)  # slow can pass: retried
+    assert 1.0 <= elapsed < 5.0
+    assert "\n" not in str(info.value) and "/trickle.npz" in str(info.value)
+    assert 0 < endless.sent < 1000

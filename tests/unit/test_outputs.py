@@ -1,12 +1,12 @@
-"""Unit tests of stages/common.py's pure helpers: atomic writes, npz, drawing, tiling, idx."""
+"""stages/outputs.py: atomic writes (never a torn or partial file), byte-stable files."""
 
 from __future__ import annotations
 
-import gzip
+import csv
+import errno
 import json
 import os
 import stat
-import struct
 import subprocess
 import sys
 import zipfile
@@ -14,22 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
 
-from stages import common
-from stages.common import (
-    PALETTE,
-    DataError,
-    ParamError,
-    PipelineError,
-    WriteError,
+from stages.dataset import load_npz
+from stages.errors import WriteError
+from stages.outputs import (
     atomic_dir,
     atomic_path,
-    draw,
-    parse_idx,
+    disk_errors,
     remove_stale_temps,
+    round_floats,
+    save_image,
     save_npz,
-    tile,
+    write_csv,
+    write_json,
+    write_text,
 )
+from tests.helpers import NAMED_CLASSES
 
 
 def entries(folder: Path) -> list[str]:
@@ -81,9 +85,9 @@ def test_atomic_path_keyboard_interrupt_keeps_the_old_file(tmp_path):
 def test_atomic_path_honours_the_umask_not_mkstemps_0600(tmp_path):
     old = os.umask(0o022)
     try:
-        common.write_text(tmp_path / "a.txt", "x")
+        write_text(tmp_path / "a.txt", "x")
         os.umask(0o077)
-        common.write_text(tmp_path / "b.txt", "x")
+        write_text(tmp_path / "b.txt", "x")
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
@@ -104,6 +108,28 @@ def test_atomic_path_converts_a_read_only_directory_into_a_write_error(tmp_path)
     with pytest.raises(WriteError, match="permission denied writing"):
         with atomic_path(ro / "out.bin"):
             pass
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS])
+def test_a_full_disk_while_writing_is_one_write_error_and_the_old_file_stays(tmp_path, code):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(WriteError) as info:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"part")
+            raise OSError(code, os.strerror(code))
+    reason = os.strerror(code)
+    assert str(info.value) == f"{reason[0].lower()}{reason[1:]} writing {target}"
+    assert target.read_bytes() == b"old" and entries(tmp_path) == ["out.bin"]
+
+
+def test_disk_errors_passes_other_os_errors_on_unchanged(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        with disk_errors(tmp_path / "x"):
+            raise FileNotFoundError(errno.ENOENT, "gone")
+    with pytest.raises(WriteError, match=r"^no space left on device writing .*x$"):
+        with disk_errors(tmp_path / "x"):
+            raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path):
@@ -128,8 +154,12 @@ def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path):
                                         lookalike.name])
     # and atomic_path sweeps them itself before writing
     stale_file.write_bytes(b"x")
-    common.write_text(target, "new")
+    write_text(target, "new")
     assert not stale_file.exists() and live.exists()
+
+
+def test_remove_stale_temps_in_a_missing_folder_removes_nothing(tmp_path):
+    assert remove_stale_temps(tmp_path / "absent" / "out.npz") == []
 
 
 # --- atomic_dir ----------------------------------------------------------------------
@@ -168,6 +198,7 @@ def test_atomic_dir_first_write_and_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a" / "out").stat().st_mode) == 0o755
+    assert (tmp_path / "a" / "out" / "f").read_text() == "x"
 
 
 def test_atomic_dir_puts_the_previous_output_back_if_the_swap_fails(tmp_path):
@@ -178,6 +209,7 @@ def test_atomic_dir_puts_the_previous_output_back_if_the_swap_fails(tmp_path):
         with atomic_dir(target) as tmp:
             tmp.rmdir()  # the swap's second rename now fails
     assert (target / "f").read_text() == "previous"
+    assert entries(tmp_path) == ["out"]
 
 
 # --- save_npz ------------------------------------------------------------------------
@@ -222,170 +254,66 @@ def test_save_npz_refuses_object_arrays_and_leaves_nothing(tmp_path):
     assert entries(tmp_path) == []
 
 
-def test_json_and_csv_writers_are_stable(tmp_path):
-    common.write_json(tmp_path / "m.json", {"b": 1.23456789, "a": [1, 2]})
-    assert (tmp_path / "m.json").read_text() == (
-        '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1.23456789\n}\n')
-    assert common.round_floats({"x": [1.00000049, (2.0000006,)], "n": 3}) == {
-        "x": [1.0, [2.000001]], "n": 3}
-    common.write_csv(tmp_path / "t.csv", ["i", "v"], [(0, "a"), (1, "b")])
-    assert common.read_csv_rows(tmp_path / "t.csv") == [{"i": "0", "v": "a"},
-                                                         {"i": "1", "v": "b"}]
-    json.loads((tmp_path / "m.json").read_text())
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """One folder for every example's files (hypothesis runs each test many times)."""
+    return tmp_path_factory.mktemp("prop")
 
 
-# --- draw ----------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.from_regex(r"[a-z_]{1,8}", fullmatch=True),
+                       hnp.arrays(st.sampled_from([np.uint8, np.float32, np.int64]),
+                                  hnp.array_shapes(min_dims=0, max_dims=3, max_side=5)),
+                       min_size=1, max_size=4))
+def test_save_npz_round_trips_byte_stably(scratch, arrays):
+    save_npz(scratch / "a.npz", **arrays)
+    save_npz(scratch / "b.npz", **dict(reversed(list(arrays.items()))))
+    assert (scratch / "a.npz").read_bytes() == (scratch / "b.npz").read_bytes()
+    got = load_npz(scratch / "a.npz", tuple(arrays))
+    for key, value in arrays.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape
+        assert np.array_equal(got[key], value, equal_nan=value.dtype.kind == "f")
 
 
-def test_draw_palette_levels():
-    assert PALETTE == " .:-=+*#%@"
-    # level = floor(v / 255 * 9): the first value of each level, and the one just below
-    row = np.array([[0, 28, 29, 56, 57, 84, 85, 113, 114, 141, 142, 169, 170, 198, 199,
-                     226, 227, 254, 255]], dtype=np.uint8)
-    assert draw(row) == "  ..::--==++**##%%@"
-    every = np.arange(256, dtype=np.uint8).reshape(1, -1)
-    assert draw(every) == "".join(PALETTE[v * 9 // 255] for v in range(256))
+# --- text, JSON, CSV, images -----------------------------------------------------------
 
 
-def test_draw_whole_image_is_28_lines_of_28():
-    image = np.zeros((28, 28), np.uint8)
-    image[3, 4] = 255
-    text = draw(image)
-    lines = text.split("\n")
-    assert len(lines) == 28 and all(len(line) == 28 for line in lines)
-    assert lines[3][4] == "@" and text.count("@") == 1 and set(text) == {" ", "@", "\n"}
+def test_json_is_sorted_indented_and_ends_with_a_newline(tmp_path):
+    data = {"b": 1.23456789, "a": [1, 2]}
+    write_json(tmp_path / "m.json", data)
+    text = (tmp_path / "m.json").read_text()
+    assert text == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1.23456789\n}\n'
+    assert json.loads(text) == data
 
 
-def test_draw_accepts_float_images_scaled_back():
-    image = np.full((2, 2), 1.0, np.float32) * 255
-    assert draw(image) == "@@\n@@"
+def test_round_floats_rounds_nested_floats_only():
+    assert round_floats({"x": [1.00000049, (2.0000006,)], "n": 3, "s": "1.23456789"}) == {
+        "x": [1.0, [2.000001]], "n": 3, "s": "1.23456789"}
+    assert round_floats(0.123456789, digits=3) == 0.123
 
 
-# --- tile ----------------------------------------------------------------------------
+def test_csv_has_a_header_and_quotes_only_what_needs_it(tmp_path):
+    rows = [(0, "a"), (1, 'say "hi"'), (2, NAMED_CLASSES[4])]
+    write_csv(tmp_path / "t.csv", ["i", "v"], rows)
+    text = (tmp_path / "t.csv").read_text()
+    assert text.splitlines()[:2] == ["i,v", "0,a"]
+    assert f'2,"{NAMED_CLASSES[4]}"' in text  # the comma inside a name is quoted
+    with open(tmp_path / "t.csv", newline="") as f:
+        back = list(csv.DictReader(f))
+    assert back == [{"i": str(i), "v": v} for i, v in rows]
 
 
-def digits(n: int) -> np.ndarray:
-    """n distinct tiles: tile i is filled with the value i (never 255)."""
-    return np.stack([np.full((28, 28), i, np.uint8) for i in range(n)]) if n else \
-        np.zeros((0, 28, 28), np.uint8)
+def test_write_text_replaces_the_whole_file(tmp_path):
+    write_text(tmp_path / "t.txt", "a long first version\n")
+    write_text(tmp_path / "t.txt", "short\n")
+    assert (tmp_path / "t.txt").read_text() == "short\n"
 
 
-def tile_at(canvas: np.ndarray, row: int, col: int) -> np.ndarray:
-    return canvas[row * 28:(row + 1) * 28, col * 28:(col + 1) * 28]
-
-
-def test_tile_empty_is_one_white_row():
-    canvas = tile(digits(0), 5)
-    assert canvas.shape == (28, 5 * 28) and canvas.dtype == np.uint8
-    assert (canvas == 255).all()
-
-
-def test_tile_one_image_top_left_rest_white():
-    canvas = tile(digits(1), 4)
-    assert canvas.shape == (28, 4 * 28)
-    assert (tile_at(canvas, 0, 0) == 0).all()
-    assert (canvas[:, 28:] == 255).all()
-
-
-def test_tile_exact_multiple_has_no_extra_row():
-    canvas = tile(digits(6), 3)
-    assert canvas.shape == (2 * 28, 3 * 28)
-    for i in range(6):
-        assert (tile_at(canvas, i // 3, i % 3) == i).all()  # row-major
-
-
-def test_tile_partial_last_row_is_padded_white():
-    canvas = tile(digits(7), 3)
-    assert canvas.shape == (3 * 28, 3 * 28)
-    assert (tile_at(canvas, 2, 0) == 6).all()
-    assert (canvas[2 * 28:, 28:] == 255).all()
-
-
-def test_tile_per_row_one_is_a_column():
-    canvas = tile(digits(3), 1)
-    assert canvas.shape == (3 * 28, 28)
-    assert [int(tile_at(canvas, r, 0)[0, 0]) for r in range(3)] == [0, 1, 2]
-
-
-def test_tile_keeps_pixels_within_a_tile():
-    image = np.arange(28 * 28, dtype=np.uint32).reshape(28, 28) % 251
-    canvas = tile(np.stack([image, image.T]).astype(np.uint8), 2)
-    assert np.array_equal(tile_at(canvas, 0, 0), image) and \
-        np.array_equal(tile_at(canvas, 0, 1), image.T)
-
-
-def test_tile_per_row_zero_is_refused():
-    with pytest.raises(ValueError, match="per_row"):
-        tile(digits(2), 0)
-
-
-# --- parse_idx -----------------------------------------------------------------------
-
-
-def idx_bytes(array: np.ndarray, magic: int | None = None, dims=None) -> bytes:
-    dims = array.shape if dims is None else dims
-    magic = 0x800 + len(dims) if magic is None else magic
-    return gzip.compress(struct.pack(f">I{len(dims)}I", magic, *dims) + array.tobytes())
-
-
-def test_parse_idx_images_and_labels():
-    images = np.arange(2 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(2, 28, 28)
-    assert np.array_equal(parse_idx(idx_bytes(images), "x", 3), images)
-    labels = np.array([5, 0, 4], np.uint8)
-    parsed = parse_idx(idx_bytes(labels), "y", 1)
-    assert parsed.dtype == np.uint8 and parsed.tolist() == [5, 0, 4]
-    assert parsed.flags.writeable  # a copy, not a view of the gzip buffer
-
-
-def test_parse_idx_the_real_header_bytes():
-    raw = gzip.compress(bytes.fromhex("00000801 00000002") + bytes([7, 3]))
-    assert parse_idx(raw, "labels", 1).tolist() == [7, 3]
-
-
-@pytest.mark.parametrize("raw, match", [
-    (idx_bytes(np.zeros(3, np.uint8), magic=0x0803), "bad idx magic number 0x00000803"),
-    (idx_bytes(np.zeros(3, np.uint8), magic=0x0D01), "bad idx magic"),  # float type
-    (idx_bytes(np.zeros(3, np.uint8), dims=(4,)), "header says 4 = 4 bytes, file holds 3"),
-    (idx_bytes(np.zeros(5, np.uint8), dims=(4,)), "file holds 5"),
-    (gzip.compress(b"\x00\x00\x08"), "too short for an idx header"),
-    (b"\x00\x00\x08\x01\x00\x00\x00\x01\x07", "not a valid gzip file"),
-    (idx_bytes(np.zeros(300, np.uint8))[:-12], "not a valid gzip file"),  # truncated
-])
-def test_parse_idx_refuses_bad_files(raw, match):
-    with pytest.raises(DataError, match=match):
-        parse_idx(raw, "f.gz", 1)
-
-
-def test_parse_idx_corrupt_deflate_stream_is_a_data_error():
-    raw = bytearray(idx_bytes(np.arange(200, dtype=np.uint8)))
-    raw[12:20] = b"\xff" * 8  # inside the deflate stream
-    with pytest.raises(DataError, match="f.gz: not a valid gzip file"):
-        parse_idx(bytes(raw), "f.gz", 1)
-
-
-# --- errors reach the user as one line -----------------------------------------------
-
-
-def test_run_prints_one_line_and_exits_1(capsys):
-    def main():
-        raise DataError("first line\nsecond line\n\n  third")
-
-    with pytest.raises(SystemExit) as info:
-        common.run(main)
-    assert info.value.code == 1
-    assert capsys.readouterr().err == "error: first line; second line; third\n"
-
-
-def test_run_turns_ctrl_c_into_exit_130(capsys):
-    def main():
-        raise KeyboardInterrupt
-
-    with pytest.raises(SystemExit) as info:
-        common.run(main)
-    assert info.value.code == 130
-    assert capsys.readouterr().err == "error: interrupted; no output was replaced\n"
-
-
-def test_error_classes():
-    assert issubclass(WriteError, PipelineError) and issubclass(ParamError, PipelineError)
-    assert issubclass(DataError, PipelineError)
+@pytest.mark.parametrize("suffix, fmt", [(".bmp", "BMP"), (".png", "PNG")])
+def test_save_image_keeps_every_pixel_in_the_format_of_its_suffix(tmp_path, suffix, fmt):
+    pixels = np.arange(28 * 30, dtype=np.uint32).reshape(28, 30).astype(np.uint8)
+    save_image(tmp_path / f"i{suffix}", pixels)
+    with Image.open(tmp_path / f"i{suffix}") as image:
+        assert image.format == fmt and image.mode == "L"
+        assert np.array_equal(np.asarray(image), pixels)
+    assert entries(tmp_path) == [f"i{suffix}"]

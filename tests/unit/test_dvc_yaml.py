@@ -1,0 +1,125 @@
+"""dvc.yaml against the code: each stage's deps are exactly the project modules it runs.
+
+The import closure is derived from the code itself (every `import stages...` / `from stages
+... import ...` anywhere in a module, functions included, followed transitively), never
+from a hand-kept list, so an edit reruns exactly the stages it can change.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT
+
+PACKAGE = "stages"
+
+
+def module_file(name: str) -> Path | None:
+    """stages.x -> stages/x.py (None when `name` is not a module of the package)."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    path = ROOT.joinpath(*parts).with_suffix(".py")
+    return path if path.is_file() else None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Project modules `path` imports anywhere in its body."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if module_file(alias.name)}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == PACKAGE:  # from stages import params, scoring
+                found |= {f"{PACKAGE}.{a.name}" for a in node.names
+                          if module_file(f"{PACKAGE}.{a.name}")}
+            elif module_file(node.module):
+                found.add(node.module)
+    return found
+
+
+def closure(module: str) -> set[str]:
+    """Files (relative to the repo) a `python -m module` run executes from the project."""
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += imported_modules(module_file(name))
+    files = {module_file(name).relative_to(ROOT).as_posix() for name in seen}
+    return files | {f"{PACKAGE}/__init__.py"}  # run first by any import of the package
+
+
+def stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def stage_module(stage: dict) -> str:
+    match = re.match(r"python -m (stages\.\w+)\b", stage["cmd"])
+    assert match, f"cmd does not run a stages module: {stage['cmd']}"
+    return match[1]
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_code_deps_are_exactly_the_import_closure(name):
+    stage = stages()[name]
+    declared = {d for d in stage["deps"] if d.startswith(f"{PACKAGE}/")}
+    derived = closure(stage_module(stage))
+    assert declared == derived, (
+        f"{name}: missing from dvc.yaml deps: {sorted(derived - declared)}; "
+        f"listed but not imported: {sorted(declared - derived)}")
+
+
+def test_the_closure_follows_imports_inside_functions_and_through_modules():
+    # render_errors imports neighbours and the page inside functions; the page imports
+    # error_sheets, which imports dataset: all must be found.
+    files = closure("stages.render_errors")
+    assert {"stages/neighbours.py", "stages/errors_page.py", "stages/error_sheets.py",
+            "stages/dataset.py"} <= files
+    # and no stage pulls in TensorFlow code it does not run
+    assert "stages/keras_env.py" not in files
+    assert "stages/models.py" not in closure("stages.evaluate")
+
+
+def test_every_project_module_is_some_stages_dependency():
+    used = set().union(*(closure(stage_module(s)) for s in stages().values()))
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / PACKAGE).glob("*.py")}
+    assert modules == used, f"modules no stage runs: {sorted(modules - used)}"
+
+
+def _path_literals(path: Path) -> list[str]:
+    """String constants in code (docstrings excluded) that look like project paths."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings and re.match(r"(data|reports)/", node.value)]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / PACKAGE).glob("*.py")), ids=lambda p: p.name)
+def test_paths_live_in_dvc_yaml_not_in_code(path):
+    assert _path_literals(path) == []
+
+
+def test_every_path_a_command_uses_is_a_declared_dep_or_out():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    paths = {}
+    for entry in spec["vars"]:
+        paths.update(entry)
+    for name, stage in spec["stages"].items():
+        declared = set(stage.get("deps", [])) | {
+            next(iter(o)) if isinstance(o, dict) else o
+            for key in ("outs", "metrics", "plots") for o in stage.get(key, [])}
+        used = set(re.findall(r"\$\{(\w+)\}", stage["cmd"]))
+        assert used, f"{name}: its command takes no paths from vars"
+        undeclared = {v for v in used if f"${{{v}}}" not in declared}
+        assert not undeclared, f"{name}: cmd uses {sorted(undeclared)} but does not declare them"

@@ -1,0 +1,129 @@
+"""stages/evaluate.py: the test set scored once, tables written with the class names."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from stages import evaluate, scoring
+from stages.console import draw
+from stages.errors import DataError
+from stages.normalize import normalize
+from stages.outputs import round_floats, save_npz
+from tests.helpers import (
+    NAMED_CLASSES,
+    copy_pipeline,
+    dvc_vars,
+    fixture_data,
+    set_params,
+    sh,
+    stage_command,
+)
+
+PATHS = dvc_vars()
+DIGITS = [str(c) for c in range(10)]
+
+
+def test_misclassified_lists_index_true_predicted_confidence_by_index():
+    y = np.array([3, 1, 4, 1])
+    probs = np.full((4, 10), 0.01, np.float32)
+    probs[0, 3] = probs[1, 7] = probs[2, 4] = probs[3, 2] = 0.91
+    rows = evaluate.misclassified(y, probs)
+    assert [r[:3] for r in rows] == [(1, 1, 7), (3, 1, 2)]
+    assert rows[0][3] == "0.910000"
+    assert evaluate.misclassified(y[[0, 2]], probs[[0, 2]]) == []
+
+
+def test_listing_is_the_original_format_with_class_names():
+    images = np.zeros((3, 28, 28), np.float32)
+    images[2, 5, 5] = 1.0
+    text = evaluate.listing([(2, 5, 6, "0.9")], images, DIGITS)
+    assert text.splitlines()[0] == "index 2: predicted 6, true 5"
+    assert text.split("\n", 1)[1] == draw(images[2] * 255)
+    named = evaluate.listing([(2, 5, 6, "0.9"), (0, 4, 1, "0.5")], images, NAMED_CLASSES)
+    lines = named.splitlines()
+    assert lines[0] == f"index 2: predicted {NAMED_CLASSES[6]}, true {NAMED_CLASSES[5]}"
+    assert lines[29] == f"index 0: predicted {NAMED_CLASSES[1]}, true {NAMED_CLASSES[4]}"
+    assert len(lines) == 2 * 29
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained mlp, saved as the train stage saves it (fixed seed: fixed weights)."""
+    import keras
+
+    from stages import models, train
+
+    keras.utils.set_random_seed(0)
+    folder = tmp_path_factory.mktemp("model") / "model"
+    folder.mkdir()
+    train.save_stable(models.build("mlp"), folder / "model.keras")
+    return folder
+
+
+def test_predict_gives_probabilities_whatever_the_batch_size(model_dir):
+    x = normalize(fixture_data())[0]["x_test"][:25]
+    probs = evaluate.predict(model_dir, x, 1000)
+    assert probs.shape == (25, 10) and probs.dtype == np.float32
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert np.allclose(evaluate.predict(model_dir, x, 7), probs, atol=1e-6)
+
+
+@pytest.mark.parametrize("content", [None, b"not a zip", b"PK\x03\x04" + bytes(50)],
+                         ids=["missing", "garbage", "broken-zip"])
+def test_predict_refuses_a_model_it_cannot_load(tmp_path, content):
+    if content is not None:
+        (tmp_path / "model.keras").write_bytes(content)
+    with pytest.raises(DataError, match=f"^{tmp_path / 'model.keras'}: cannot load the model"):
+        evaluate.predict(tmp_path, np.zeros((2, 28, 28), np.float32), 10)
+
+
+# --- through the stage's command line --------------------------------------------------------
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_cli_scores_the_model_and_writes_every_table_with_class_names(tmp_path, model_dir):
+    repo = copy_pipeline(tmp_path / "p")
+    set_params(repo, dataset={"classes": NAMED_CLASSES}, evaluate={"list_errors": True})
+    data = fixture_data()
+    save_npz(repo / PATHS["processed"], **normalize(data)[0])
+    (repo / PATHS["model_dir"]).parent.mkdir(parents=True, exist_ok=True)
+    (repo / PATHS["model_dir"]).mkdir()
+    (repo / PATHS["model_dir"] / "model.keras").write_bytes(
+        (model_dir / "model.keras").read_bytes())
+    proc = sh(repo, *stage_command("evaluate", repo), timeout=300)
+
+    with np.load(repo / PATHS["predictions"]) as f:
+        probs = f["probabilities"]
+    y = data["y_test"].astype(np.int64)
+    y_pred = probs.argmax(1)
+    assert probs.shape == (500, 10) and probs.dtype == np.float32
+    metrics = json.loads((repo / PATHS["metrics"]).read_text())
+    assert metrics == round_floats(scoring.headline(y, probs))
+    assert f"500 samples, {metrics['errors']} wrong" in proc.stdout
+
+    classes = read_csv(repo / PATHS["classes"])
+    assert [r["class"] for r in classes] == NAMED_CLASSES  # the comma name is one field
+    for got, want in zip(scoring.read_class_rows(classes),
+                         scoring.class_table(y, y_pred, NAMED_CLASSES)):
+        assert got == pytest.approx(want, abs=5e-7)
+    pairs = scoring.read_pair_rows(read_csv(repo / PATHS["pairs"]))
+    assert [p["pair"] for p in pairs] == [
+        p["pair"] for p in scoring.confusion_pairs(y, y_pred, NAMED_CLASSES)]
+    confusion = read_csv(repo / PATHS["confusion"])
+    assert [(r["actual"], r["predicted"]) for r in confusion] == [
+        (NAMED_CLASSES[t], NAMED_CLASSES[p]) for t, p in zip(y, y_pred)]
+    wrong = read_csv(repo / PATHS["misclassified"])
+    assert [int(r["index"]) for r in wrong] == np.flatnonzero(y_pred != y).tolist()
+    assert len(wrong) == metrics["errors"]
+    first = wrong[0]
+    assert (f"index {first['index']}: predicted {first['predicted']}, true {first['true']}"
+            in proc.stdout)  # list_errors: the original's listing

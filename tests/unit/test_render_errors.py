@@ -1,0 +1,356 @@
+"""stages/render_errors.py: the original's mosaics, the error analysis, and the stage itself.
+
+Neighbour search, tables, sheets and page have their own test files; here the tiler, which
+images land in which mosaic, the stage's input checks and its outputs end to end.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from stages import error_sheets, render_errors, scoring
+from stages.errors import DataError
+from stages.outputs import save_npz, write_csv
+from stages.render_errors import analyse, mosaics, read_table, tile
+from tests.helpers import (
+    FIXTURE,
+    NAMED_CLASSES,
+    centroid_probabilities,
+    copy_pipeline,
+    dvc_vars,
+    fixture_data,
+    set_params,
+    sh,
+    stage_command,
+)
+
+PATHS = dvc_vars()
+
+# --- tile ----------------------------------------------------------------------------
+
+
+def digits(n: int) -> np.ndarray:
+    """n distinct tiles: tile i is filled with the value i (never 255)."""
+    return np.stack([np.full((28, 28), i, np.uint8) for i in range(n)]) if n else \
+        np.zeros((0, 28, 28), np.uint8)
+
+
+def tile_at(canvas: np.ndarray, row: int, col: int) -> np.ndarray:
+    return canvas[row * 28:(row + 1) * 28, col * 28:(col + 1) * 28]
+
+
+def test_tile_empty_is_one_white_row():
+    canvas = tile(digits(0), 5)
+    assert canvas.shape == (28, 5 * 28) and canvas.dtype == np.uint8
+    assert (canvas == 255).all()
+
+
+def test_tile_one_image_top_left_rest_white():
+    canvas = tile(digits(1), 4)
+    assert canvas.shape == (28, 4 * 28)
+    assert (tile_at(canvas, 0, 0) == 0).all()
+    assert (canvas[:, 28:] == 255).all()
+
+
+def test_tile_exact_multiple_has_no_extra_row():
+    canvas = tile(digits(6), 3)
+    assert canvas.shape == (2 * 28, 3 * 28)
+    for i in range(6):
+        assert (tile_at(canvas, i // 3, i % 3) == i).all()  # row-major
+
+
+def test_tile_partial_last_row_is_padded_white():
+    canvas = tile(digits(7), 3)
+    assert canvas.shape == (3 * 28, 3 * 28)
+    assert (tile_at(canvas, 2, 0) == 6).all()
+    assert (canvas[2 * 28:, 28:] == 255).all()
+
+
+def test_tile_per_row_one_is_a_column():
+    canvas = tile(digits(3), 1)
+    assert canvas.shape == (3 * 28, 28)
+    assert [int(tile_at(canvas, r, 0)[0, 0]) for r in range(3)] == [0, 1, 2]
+
+
+def test_tile_keeps_pixels_within_a_tile():
+    image = np.arange(28 * 28, dtype=np.uint32).reshape(28, 28) % 251
+    canvas = tile(np.stack([image, image.T]).astype(np.uint8), 2)
+    assert np.array_equal(tile_at(canvas, 0, 0), image) and \
+        np.array_equal(tile_at(canvas, 0, 1), image.T)
+
+
+def test_tile_per_row_zero_is_refused():
+    with pytest.raises(ValueError, match="per_row"):
+        tile(digits(2), 0)
+
+
+def reference_tile(images: np.ndarray, per_row: int) -> np.ndarray:
+    """The original layout, one paste at a time: white canvas, row-major, 28×28 tiles."""
+    n = len(images)
+    rows = math.ceil(n / per_row)
+    canvas = Image.new("L", (per_row * 28, rows * 28), 255)
+    for i, image in enumerate(images):
+        canvas.paste(Image.fromarray(image, mode="L"), ((i % per_row) * 28, (i // per_row) * 28))
+    return np.asarray(canvas)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 30).flatmap(
+           lambda n: hnp.arrays(np.uint8, (n, 28, 28), elements=st.integers(0, 255))),
+       st.integers(1, 12))
+def test_tile_matches_the_paste_one_at_a_time_reference(batch, per_row):
+    got = tile(batch, per_row)
+    assert got.dtype == np.uint8
+    if len(batch) == 0:
+        # the original would make a zero-height canvas; tile() gives one white row
+        assert got.shape == (28, per_row * 28) and (got == 255).all()
+    else:
+        assert np.array_equal(got, reference_tile(batch, per_row))
+
+
+# --- the original's mosaics, as the stage lays them out --------------------------------
+
+
+def test_mosaics_put_each_image_in_its_mosaic_empty_one_and_exact_multiple():
+    rng = np.random.default_rng(0)
+    x_test = rng.integers(0, 256, (16, 28, 28), dtype=np.uint8)
+    y_test = np.array([0] * 10 + [1] + [2] * 5, dtype=np.uint8)
+    x_train = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    y_train = np.array([0] * 5 + [1] * 7, dtype=np.uint8)
+    predicted = y_test.copy()
+    predicted[[0, 3, 10]] = 9  # two wrong 0s, the only 1 is wrong, every 2 right
+    data = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    out = mosaics(data, predicted, {"per_row": 4, "errors_per_row": 2})
+    assert sorted(out) == sorted(f"{kind}_{c}" for c in range(10)
+                                 for kind in ("train", "test", "test_error"))
+
+    def tiles(m):
+        return m.reshape(-1, 28, m.shape[1] // 28, 28).transpose(0, 2, 1, 3).reshape(-1, 28, 28)
+
+    assert out["train_3"].shape == (28, 4 * 28) and (out["train_3"] == 255).all()  # empty
+    assert out["test_error_0"].shape == (28, 2 * 28)       # exactly one full row of 2
+    np.testing.assert_array_equal(tiles(out["test_error_0"]), x_test[[0, 3]])
+    assert out["test_error_1"].shape == (28, 2 * 28)       # one image, then white
+    np.testing.assert_array_equal(tiles(out["test_error_1"])[0], x_test[10])
+    assert (tiles(out["test_error_1"])[1] == 255).all()
+    assert out["test_0"].shape == (2 * 28, 4 * 28)          # 8 right 0s: two full rows
+    np.testing.assert_array_equal(tiles(out["test_0"]), x_test[[1, 2, 4, 5, 6, 7, 8, 9]])
+    assert out["train_1"].shape == (2 * 28, 4 * 28)         # 7 = one row + 3
+    np.testing.assert_array_equal(tiles(out["train_1"])[:7], x_train[5:])
+    assert (tiles(out["train_1"])[7] == 255).all()
+    assert out["test_error_2"].shape == (28, 2 * 28) and (out["test_error_2"] == 255).all()
+
+
+def test_mosaics_are_pixel_identical_to_the_original_paste_loop():
+    from benchmarks.mosaics import naive_mosaics
+
+    data = fixture_data()
+    predicted = centroid_probabilities(data).argmax(axis=1)
+    fast = mosaics(data, predicted, {"per_row": 50, "errors_per_row": 10})
+    slow = naive_mosaics(data, predicted)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        np.testing.assert_array_equal(fast[name], slow[name], err_msg=name)
+
+
+# --- analyse -----------------------------------------------------------------------------
+
+
+def test_analyse_gives_every_error_its_neighbours_of_both_classes():
+    data = fixture_data()
+    probabilities = centroid_probabilities(data)
+    records = analyse(data, probabilities, 2)
+    wrong = np.flatnonzero(probabilities.argmax(1) != data["y_test"])
+    assert sorted(r["index"] for r in records) == wrong.tolist()
+    for r in records:
+        assert (data["y_train"][r["true_neighbours"]] == r["true"]).all()
+        assert (data["y_train"][r["pred_neighbours"]] == r["predicted"]).all()
+        assert len(r["true_l2"]) == len(r["pred_l2"]) == 2
+        assert r["nearer"] in ("true", "predicted", "tie")
+
+
+def test_analyse_without_errors_is_empty():
+    data = fixture_data()
+    perfect = np.eye(10, dtype=np.float32)[data["y_test"]]
+    assert analyse(data, perfect, 3) == []
+
+
+# --- evaluate's tables, read back --------------------------------------------------------
+
+
+def evaluate_tables(folder: Path, data: dict, probabilities: np.ndarray, names) -> None:
+    """classes.csv and confusion_pairs.csv as evaluate writes them."""
+    y, y_pred = data["y_test"], probabilities.argmax(1)
+    write_csv(folder / PATHS["classes"], scoring.CLASS_HEADER,
+              scoring.class_rows(scoring.class_table(y, y_pred, names)))
+    write_csv(folder / PATHS["pairs"], scoring.PAIR_HEADER,
+              scoring.pair_rows(scoring.confusion_pairs(y, y_pred, names)))
+
+
+def test_read_table_reads_evaluates_tables_back(tmp_path):
+    data = fixture_data()
+    probabilities = centroid_probabilities(data)
+    evaluate_tables(tmp_path, data, probabilities, NAMED_CLASSES)
+    rates = read_table(tmp_path / PATHS["classes"], scoring.read_class_rows,
+                       scoring.CLASS_HEADER)
+    assert [r["class"] for r in rates] == NAMED_CLASSES
+    y_pred = probabilities.argmax(1)
+    assert [r["errors"] for r in rates] == [
+        int(((data["y_test"] == c) & (y_pred != c)).sum()) for c in range(10)]
+    pairs = read_table(tmp_path / PATHS["pairs"], scoring.read_pair_rows, scoring.PAIR_HEADER)
+    assert sum(p["count"] for p in pairs) == int((y_pred != data["y_test"]).sum())
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "file not found"),
+    ("a,b\n1,2\n", r"header \['a', 'b'\], expected \['class'"),
+    (",".join(scoring.CLASS_HEADER) + "\n0,zero,1,0,0,0,0\n", "unreadable table"),
+    (",".join(scoring.CLASS_HEADER) + "\n0,0,1\n", "unreadable table"),
+    (b"\xff\xfe".decode("latin-1"), "unreadable table|header"),
+], ids=["missing", "header", "not-a-number", "short-row", "not-utf8"])
+def test_read_table_refuses_a_bad_table(tmp_path, content, match):
+    path = tmp_path / "classes.csv"
+    if content is not None:
+        path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(DataError, match=f"^{path}: ({match})"):
+        read_table(path, scoring.read_class_rows, scoring.CLASS_HEADER)
+
+
+# --- the stage ---------------------------------------------------------------------------
+
+
+def project(folder: Path) -> Path:
+    """The pipeline with render-errors' inputs in place: the fixture as raw data, centroid
+    predictions and evaluate's tables, classes named (with a comma and markup)."""
+    repo = copy_pipeline(folder)
+    set_params(repo, dataset={"classes": NAMED_CLASSES})
+    data = fixture_data()
+    probabilities = centroid_probabilities(data)
+    (repo / PATHS["raw"]).parent.mkdir(parents=True)
+    shutil.copy(FIXTURE, repo / PATHS["raw"])
+    save_npz(repo / PATHS["predictions"], probabilities=probabilities)
+    evaluate_tables(repo, data, probabilities, NAMED_CLASSES)
+    return repo
+
+
+OUTPUTS = ("mosaics", "error_plots", "confident", "neighbours", "page")
+
+
+def render_argv(repo: Path) -> list[str]:
+    """render-errors' arguments from dvc.yaml, made absolute under repo."""
+    argv = stage_command("render-errors", repo)[3:]
+    return [a if a.startswith("--") else str(repo / a) for a in argv]
+
+
+def nothing_written(repo: Path) -> bool:
+    return not any((repo / PATHS[key]).exists() for key in OUTPUTS)
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory):
+    """The stage run (twice) through its command line, outside DVC."""
+    repo = project(tmp_path_factory.mktemp("render") / "p")
+    first = sh(repo, *stage_command("render-errors", repo), timeout=300)
+    files = sorted(p for p in (repo / "reports").rglob("*") if p.is_file())
+    snapshot = {p: p.read_bytes() for p in files}
+    sh(repo, *stage_command("render-errors", repo), timeout=300)
+    return repo, first, snapshot
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_stage_writes_every_output_byte_reproducibly(stage_run):
+    repo, first, snapshot = stage_run
+    for key in ("confident", "neighbours", "page"):
+        assert (repo / PATHS[key]).is_file(), key
+    for c in range(10):
+        for name in (f"train_{c}.bmp", f"test_{c}.bmp", f"test_error_{c}.bmp"):
+            assert Image.open(repo / PATHS["mosaics"] / name).format == "BMP"
+        for name in (f"test_error_{c}.png", f"sheet_{c}.png"):
+            assert Image.open(repo / PATHS["error_plots"] / name).format == "PNG"
+    now = sorted(p for p in (repo / "reports").rglob("*") if p.is_file())
+    assert now == sorted(snapshot)
+    for path in now:
+        assert path.read_bytes() == snapshot[path], f"{path} differs between two runs"
+    assert f"30 mosaics -> {PATHS['mosaics']}" in first.stdout
+    assert first.stderr == ""
+
+
+@pytest.mark.slow
+def test_stage_tables_agree_with_each_other_and_name_the_classes(stage_run):
+    repo, first, _ = stage_run
+    data = fixture_data()
+    probabilities = centroid_probabilities(data)
+    wrong = int((probabilities.argmax(1) != data["y_test"]).sum())
+    neighbours = read_csv(repo / PATHS["neighbours"])
+    assert len(neighbours) == wrong
+    nearer = sum(r["nearer"] == "predicted" for r in neighbours)
+    assert f"render-errors: {wrong} errors, {nearer} nearer a training image" in first.stdout
+    for row in neighbours:
+        assert row["true"] in NAMED_CLASSES and row["predicted"] in NAMED_CLASSES
+        for key, column in (("true", "true"), ("pred", "predicted")):
+            ids = [int(i) for i in row[f"{key}_neighbours"].split()]
+            assert len(ids) == 3
+            assert (data["y_train"][ids] == NAMED_CLASSES.index(row[column])).all()
+            dists = [float(v) for v in row[f"{key}_l2"].split()]
+            assert dists == sorted(dists)
+    assert NAMED_CLASSES[4] in {r["true"] for r in neighbours}  # "Coat, long", one field
+    confident = read_csv(repo / PATHS["confident"])
+    assert len(confident) == min(20, wrong)
+    conf = [float(r["confidence"]) for r in confident]
+    assert conf == sorted(conf, reverse=True)
+    assert conf[0] == max(float(r["confidence"]) for r in neighbours)
+    page = (repo / PATHS["page"]).read_text()
+    assert f"<b>{wrong}</b> of 500 test images are misclassified" in page
+    assert html.escape(NAMED_CLASSES[6]) in page and NAMED_CLASSES[6] not in page
+
+
+@pytest.mark.slow
+def test_stage_sheet_and_mosaic_heights_match_error_counts(stage_run):
+    repo, _, _ = stage_run
+    neighbours = read_csv(repo / PATHS["neighbours"])
+    header = error_sheets.PAD + 2 * error_sheets.LINE_H + error_sheets.PAD
+    for c, name in enumerate(NAMED_CLASSES):
+        n = sum(r["true"] == name for r in neighbours)
+        _, height = Image.open(repo / PATHS["error_plots"] / f"sheet_{c}.png").size
+        assert height == header + n * (error_sheets.TILE + error_sheets.PAD) + (
+            error_sheets.PAD if n else 0)
+        _, rows = Image.open(repo / PATHS["mosaics"] / f"test_error_{c}.bmp").size
+        assert rows == max(1, math.ceil(n / 10)) * 28
+
+
+@pytest.mark.parametrize("break_input, match", [
+    (lambda repo: save_npz(repo / PATHS["predictions"],
+                           probabilities=np.full((500, 9), 0.1, np.float32)),
+     r"shape \(500, 9\) does not match the 500 test images and 10 classes"),
+    (lambda repo: save_npz(repo / PATHS["predictions"],
+                           probabilities=np.full((500, 10), np.nan, np.float32)),
+     "holds NaN or infinite values"),
+    (lambda repo: (repo / PATHS["classes"]).write_text(
+        (repo / PATHS["classes"]).read_text().rsplit("\n", 2)[0] + "\n"),
+     r"one row per class label 0\.\.9 expected"),
+    (lambda repo: (repo / PATHS["pairs"]).unlink(), "file not found"),
+], ids=["shape", "nan", "missing-class-row", "no-pairs"])
+def test_stage_refuses_bad_inputs_before_writing_anything(tmp_path, monkeypatch, break_input,
+                                                         match):
+    repo = project(tmp_path / "p")
+    break_input(repo)
+    monkeypatch.chdir(repo)  # params.yaml is read from the working directory
+    with pytest.raises(DataError, match=match):
+        render_errors.main(render_argv(repo))
+    assert nothing_written(repo)
