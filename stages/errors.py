@@ -72,10 +72,11 @@ def deferred_interrupts(signals=(signal.SIGINT, signal.SIGTERM)):
 
     A second signal means "now": the process writes the one line and exits at once
     (128 + signal number), leaving its hidden temporaries as a kill does; the next write of
-    each output sweeps them away. Outside the main thread (no signals there) it does nothing.
-    The previous handlers are back when the block ends.
+    each output sweeps them away. Outside the main thread (no signals there) or inside another
+    such block it does nothing; the previous handlers are back when the block ends.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signals[0]) is _note):  # no signals here, or already deferred
         yield
         return
     previous = {signum: signal.signal(signum, _note) for signum in signals}

@@ -222,6 +222,13 @@ def fit(cfg: dict, data: dict, curves_dir):
               flush=True)
         stop_if_interrupted()
     live.end()
+    if not len(y_val):
+        # No validation split (the mlp recipe): every curve dvc.yaml plots still exists, as
+        # an empty series, so `dvc plots show` does not report a missing file.
+        for name in ("accuracy", "loss"):
+            series = Path(live.plots_dir) / "metrics" / "eval" / f"{name}.tsv"
+            series.parent.mkdir(parents=True, exist_ok=True)
+            series.write_text(f"step\t{name}\n")
     if best[1] is not None and best[2] != cfg["epochs"]:
         print(f"restoring epoch {best[2]}: best validation accuracy {best[0]:.4f}")
         model.set_weights(best[1])
@@ -308,15 +315,16 @@ def train_and_save(args) -> None:
 def main(argv=None) -> None:
     """`python -m stages.train --data ... --model-dir ... --curves ...`.
 
-    Ctrl-C (or SIGTERM) only takes note, from main()'s first line to the end, and the run
-    stops at the next stop_if_interrupted() in its own code: an interrupt never lands inside
-    TensorFlow (where it used to surface as a TypeError traceback). It ends the run with
-    `error: interrupted; no output was replaced`, exit 130 (143 for SIGTERM). Worst-case
-    delay: the longest stretch between two stopping points, i.e. importing TensorFlow
-    (~4 s), the first chunk (which traces the graph: a few seconds), one chunk of
-    steps_per_execution batches (~1.5 s for the default cnn on 2 cores, slower under load)
-    or the validation pass and saving. A second Ctrl-C stops at once, still with that one
-    line (see errors.deferred_interrupts).
+    From main()'s first line, Ctrl-C (or SIGTERM) only takes note, and the run stops at the
+    next stop_if_interrupted() in its own code: an interrupt never lands inside TensorFlow
+    (where it used to surface as a TypeError traceback). It ends the run with `error:
+    interrupted; no output was replaced`, exit 130 (143 for SIGTERM). Worst-case delay: the
+    longest stretch between two stopping points, i.e. importing TensorFlow (~4 s on 2
+    cores), the first chunk (which also traces the graph: a few seconds), one chunk of
+    steps_per_execution batches (~1.5 s for the default cnn, longer under load), one epoch's
+    validation pass, or saving. A second Ctrl-C stops at once, with the same line (see
+    errors.deferred_interrupts). Before main() (Python's start and this module's imports,
+    a fraction of a second, no TensorFlow) Python's default Ctrl-C still applies.
     """
     with deferred_interrupts():
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -324,6 +332,7 @@ def main(argv=None) -> None:
         parser.add_argument("--model-dir", required=True, type=Path, help="the trained model")
         parser.add_argument("--curves", required=True, type=Path, help="dvclive's curves")
         train_and_save(parser.parse_args(argv))
+
 
 if __name__ == "__main__":
     run(main)

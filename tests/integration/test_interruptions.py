@@ -104,7 +104,7 @@ class Lines:
             self._q.put(line)
         self._q.put(None)
 
-    def wait_for(self, prefix: str, timeout: float = 180) -> str:
+    def wait_for(self, prefix: str | tuple[str, ...], timeout: float = 180) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -262,7 +262,7 @@ def test_after_ctrl_c_the_next_repro_completes_and_the_cache_is_sound(ctrl_c_tra
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_while_tensorflow_loads_is_one_line_too(trained, tmp_path, sig, code):
+def test_ctrl_c_or_sigterm_while_tensorflow_loads_is_one_line_too(trained, tmp_path, sig, code):
     """Sent as train starts importing TensorFlow (seconds of import code, then tracing)."""
     repo = copy_project(trained, tmp_path / "p")
     before = snapshot(repo, *TRAIN_OUTS)
@@ -320,25 +320,28 @@ def test_ctrl_c_at_any_moment_stops_at_a_stopping_point_of_train(trained, tmp_pa
     with busy_cores():
         proc, lines = start(repo, sys.executable, "-c", TRIALS, str(len(DELAYS)), *TRAIN_ARGS)
         for delay in DELAYS:
-            lines.wait_for("train: cnn on ")
-            time.sleep(delay)
-            proc.send_signal(signal.SIGINT)
-            sent = time.monotonic()
-            outcomes.append(json.loads(lines.wait_for("RESULT ", timeout=120)[7:]))
-            latencies.append(time.monotonic() - sent)
-        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+            # A trial that ends before it starts training (it should not) reports at once.
+            if lines.wait_for(("train: cnn on ", "RESULT ")).startswith("train: "):
+                time.sleep(delay)
+                proc.send_signal(signal.SIGINT)
+                sent = time.monotonic()
+                lines.wait_for("RESULT ", timeout=120)
+                latencies.append(time.monotonic() - sent)
+            outcomes.append(json.loads(lines.seen[-1].removeprefix("RESULT ")))
+        code = proc.wait(timeout=60)
     stops = set()
     for outcome in outcomes:
-        assert outcome["kind"] == "Interrupted" and outcome["message"] == "SIGINT", outcome
         *callers, (raised_in, raiser) = [(in_repo(repo, f), name)
-                                         for f, name in outcome["frames"]]
+                                         for f, name in outcome.get("frames", [["?", "?"]])]
         # Raised by the stopping point, called from train's own code; no frame of TensorFlow,
         # Keras or dvclive is on the way: the interrupt never ran inside them.
         assert (raised_in, raiser) == ("stages/errors.py", "stop_if_interrupted"), outcome
         assert callers[-1][0] == "stages/train.py"
         assert all(f in ("<string>", "stages/train.py") for f, _ in callers), outcome
+        assert outcome["kind"] == "Interrupted" and outcome["message"] == "SIGINT", outcome
         stops.add(callers[-1][1])
     assert stops <= {"train_and_save", "fit"}
+    assert code == 0, proc.stderr.read()
     # Each stop came within a chunk, an epoch's end or TensorFlow's import; seconds at most.
     assert max(latencies) < 60, latencies
     assert snapshot(repo, *TRAIN_OUTS) == before
@@ -360,9 +363,11 @@ def test_ctrl_c_during_dvc_repro_train(trained, tmp_path):
     stderr = proc.stderr.read()
     lines.rest()
     assert code != 0
-    # The stage's own line, then DVC's report of the failed stage; no traceback.
-    assert ONE_LINE in stderr
-    assert "Traceback" not in stderr and "TypeError" not in stderr
+    # The stage's own line, then DVC's one line on the failed stage; no traceback.
+    first, dvc_says = stderr.splitlines()
+    assert first == INTERRUPTED
+    assert dvc_says.startswith("ERROR: failed to reproduce 'train'")
+    assert dvc_says.endswith("exited with 130")
     assert processes_in(repo) == []
     # DVC removed the stage's outputs before running it; nothing half-made took their place.
     assert not (repo / PATHS["model_dir"]).exists()

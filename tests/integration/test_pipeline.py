@@ -365,7 +365,11 @@ def test_exp_run_with_one_set_trains_the_original_network_with_its_recipe(traine
     curves = json.loads((path(repo, "curves") / "metrics.json").read_text())
     assert curves["step"] == recipe["epochs"] - 1
     assert "eval" not in curves  # val_fraction 0: no validation split, no validation metrics
-    assert not (path(repo, "curves") / "plots" / "metrics" / "eval").exists()
+    eval_curves = path(repo, "curves") / "plots" / "metrics" / "eval"
+    assert {p.read_text() for p in eval_curves.iterdir()} == {"step\taccuracy\n", "step\tloss\n"}
+    # Every plot dvc.yaml declares loads, the validation ones as empty series.
+    plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)
+    assert not plots.get("errors"), plots.get("errors")
     n_train = len(np.load(FIXTURE)["y_train"])
     assert f"train: mlp on {n_train} images, 0 held out" in out
 
