@@ -9,17 +9,14 @@ signal happened to arrive between two TensorFlow calls.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -31,8 +28,8 @@ from stages import download as dl
 from stages import params
 from stages.errors import INTERRUPTED, WriteError
 from stages.outputs import atomic_dir, save_npz
-from tests.helpers import (FIXTURE, FIXTURE_SHA256, ROOT, dvc, dvc_vars, make_project,
-                           run_env, set_params, sh)
+from tests.helpers import (FIXTURE, FIXTURE_SHA256, ROOT, busy_cores, copy_project, dvc,
+                           dvc_vars, run_env, set_params, sh, start)
 
 pytestmark = pytest.mark.slow
 
@@ -76,62 +73,6 @@ def cache_is_sound(repo: Path) -> int:
     return count
 
 
-@contextlib.contextmanager
-def busy_cores(n: int = 2):
-    """n processes spinning on a core each, for the duration of the block: a loaded machine.
-
-    Under load, every step of the stage takes longer and a signal lands at moments an idle
-    machine rarely shows (inside TensorFlow's import, tracing, a chunk's conversion).
-    """
-    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    try:
-        yield
-    finally:
-        for loop in loops:
-            loop.kill()
-            loop.wait()
-
-
-class Lines:
-    """Read a child's stdout on a thread, so a test can wait for a line with a timeout."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc, self.seen, self._q = proc, [], queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self._q.put(line)
-        self._q.put(None)
-
-    def wait_for(self, prefix: str | tuple[str, ...], timeout: float = 180) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._q.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                raise AssertionError(f"exited {self.proc.wait()} before {prefix!r}:\n"
-                                     + "".join(self.seen) + self.proc.stderr.read())
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return line
-        raise AssertionError(f"no line {prefix!r} within {timeout}s:\n" + "".join(self.seen))
-
-    def rest(self) -> str:
-        chunks = []
-        while (line := self._q.get(timeout=60)) is not None:
-            chunks.append(line)
-        return "".join(self.seen + chunks)
-
-
-def start(repo: Path, *args, env: dict | None = None) -> tuple[subprocess.Popen, Lines]:
-    proc = subprocess.Popen(args, cwd=repo, env=env or run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    return proc, Lines(proc)
-
-
 def processes_in(repo: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cwd"]):
@@ -143,68 +84,15 @@ def processes_in(repo: Path) -> list[psutil.Process]:
     return found
 
 
-def copy_project(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest, symlinks=True)
-    return dest
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A committed project whose download, normalize and train (1 epoch) are done."""
-    repo = make_project(tmp_path_factory.mktemp("interrupt") / "base", train=QUICK_TRAIN)
-    dvc(repo, "repro", "train")
+def trained(trained_project, tmp_path_factory) -> Path:
+    """A copy of the session's trained project, switched to the mlp (an epoch takes a
+    fraction of a second) and committed; the previous model is the project's cnn."""
+    repo = copy_project(trained_project.repo, tmp_path_factory.mktemp("interrupt") / "base")
+    set_params(repo, train=QUICK_TRAIN)
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "trained")
+    sh(repo, "git", "commit", "-qm", "train the mlp")
     return repo
-
-
-# --- the deferral itself: real signals to a small child ------------------------------
-
-DEFERRING = textwrap.dedent("""
-    import sys, time
-    from stages.errors import deferred_interrupts, run, stop_if_interrupted
-
-    def main():
-        with deferred_interrupts():
-            print("ready", flush=True)
-            while True:
-                busy = time.perf_counter() + 0.02
-                while time.perf_counter() < busy:  # a stretch with no stopping point
-                    pass
-                print("step", flush=True)
-                if sys.argv[1] == "stops":
-                    stop_if_interrupted()
-
-    run(main)
-""")
-
-
-def deferring_child(mode: str) -> tuple[subprocess.Popen, Lines]:
-    env = run_env()
-    env["PYTHONPATH"] = str(ROOT)
-    return start(ROOT, sys.executable, "-c", DEFERRING, mode, env=env)
-
-
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_deferred_signal_stops_at_the_next_stopping_point(sig, code):
-    proc, lines = deferring_child("stops")
-    lines.wait_for("ready")
-    proc.send_signal(sig)
-    assert proc.wait(timeout=30) == code
-    assert proc.stderr.read() == ONE_LINE
-    assert lines.rest().splitlines()[-1] == "step"  # it stopped after a step, not inside
-
-
-def test_without_a_stopping_point_ctrl_c_waits_and_a_second_one_ends_it_at_once():
-    proc, lines = deferring_child("never")
-    lines.wait_for("step")
-    proc.send_signal(signal.SIGINT)
-    for _ in range(3):  # the first Ctrl-C only took note: the work goes on
-        lines.wait_for("step", timeout=30)
-    assert proc.poll() is None
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=30) == 130
-    assert proc.stderr.read() == ONE_LINE
 
 
 # --- SIGINT during `python -m stages.train` ------------------------------------------
