@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.dataset import IMAGE_SIDE, load_mnist, load_npz
+from stages.dataset import IMAGE_SIDE, load_mnist
+from stages.npz import load_npz
 from stages.outputs import save_image
 from benchmarks.pipeline import paths
 from stages.neighbours import nearest_by_class

@@ -30,7 +30,8 @@ import numpy as np
 
 from stages import error_tables as tables
 from stages import params, scoring
-from stages.dataset import IMAGE_SIDE, check_finite, load_mnist, load_npz
+from stages.dataset import IMAGE_SIDE, check_finite, load_mnist
+from stages.npz import load_npz
 from stages.errors import DataError, run
 from stages.outputs import atomic_dir, save_image, write_csv, write_text
 

@@ -402,3 +402,15 @@ def start(repo: Path, *args, env: dict | None = None) -> tuple[subprocess.Popen,
     proc = subprocess.Popen(args, cwd=repo, env=env or run_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     return proc, Lines(proc)
+
+
+# --- property tests ------------------------------------------------------------------------
+
+
+def property_settings(max_examples: int = 60):
+    """Hypothesis settings for properties whose examples write files: no per-example
+    deadline (disk and zip work vary with the machine's load), no too-slow health check."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=max_examples, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from stages.dataset import load_npz
 from stages.errors import WriteError
+from stages.npz import load_npz
 from stages.outputs import (
     atomic_dir,
     atomic_path,
