@@ -1,8 +1,11 @@
-"""Stage 3: fit the network `train.model` names -> data/model/, reports/train/ (curves).
+"""Stage 3: fit the network `train.model` names, with its recipe -> the model and curves.
 
-Every source of randomness is seeded and TensorFlow's ops run deterministically on a
-pinned number of threads, so the same params on the same machine give the same bits.
-Only the validation split steers training (best epoch); the test set is never seen here.
+The recipe (`train.<model>` in params.yaml) says how: epochs, batch size, learning rate
+and schedule, augmentation, label smoothing, and the share of the training set held out
+for validation, split here with the run's seed. Only that split steers training (best
+epoch); the test set is never seen here. Every source of randomness is seeded and
+TensorFlow's ops run deterministically on a pinned number of threads, so the same params
+on the same machine give the same bits.
 """
 
 from __future__ import annotations
