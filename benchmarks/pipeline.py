@@ -1,4 +1,8 @@
-"""The pipeline as dvc.yaml defines it, for benchmarks: its paths and its stage commands."""
+"""The pipeline as dvc.yaml defines it: its paths and its stage commands.
+
+Benchmarks and tests start stages exactly as `dvc repro` would, from this one reading of
+dvc.yaml.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,26 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def paths() -> dict[str, str]:
-    """dvc.yaml's vars: every path of the pipeline, by name."""
+def _spec(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.yaml").read_text())
+
+
+def _vars(spec: dict) -> dict[str, str]:
     out = {}
-    for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["vars"]:
+    for entry in spec["vars"]:
         out.update(entry)
     return out
 
 
-def stage_command(stage: str) -> list[str]:
+def paths(repo: Path = ROOT) -> dict[str, str]:
+    """dvc.yaml's vars: every path of the pipeline, by name."""
+    return _vars(_spec(repo))
+
+
+def stage_command(stage: str, repo: Path = ROOT) -> list[str]:
     """A stage's command from dvc.yaml with its ${...} paths filled in, run by this Python."""
-    cmd = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["cmd"]
-    argv = shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: paths()[m[1]], cmd))
+    spec = _spec(repo)
+    named = _vars(spec)
+    cmd = re.sub(r"\$\{(\w+)\}", lambda m: named[m[1]], spec["stages"][stage]["cmd"])
+    argv = shlex.split(cmd)
     return [sys.executable, *argv[1:]] if argv[0] == "python" else argv

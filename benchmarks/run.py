@@ -40,10 +40,6 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist.npz"
 MLP_PRESET = {"train": {"model": "mlp", "intra_op_threads": 1, "inter_op_threads": 1}}
 
 
-def metrics_path() -> str:
-    return paths()["metrics"]
-
-
 def deep_update(base: dict, changes: dict) -> None:
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -99,7 +95,7 @@ def bench_train(data: Path, repeats: int) -> dict:
             child = run_child(stage_command("train"), project)
             seconds = train_seconds(child["stdout"])
             run_child(stage_command("evaluate"), project)
-            metrics = json.loads((project / metrics_path()).read_text())
+            metrics = json.loads((project / paths()["metrics"]).read_text())
             stage.append({"train_seconds": seconds, "process_seconds": child["wall"],
                           "accuracy": metrics["accuracy"], "peak_rss_mb": child["peak_rss_mb"]})
     finally:
@@ -129,7 +125,7 @@ def bench_cnn(data: Path, model: str, seeds: list[int]) -> list[dict]:
                           if line.startswith("epoch ")][-1]
             val = re.search(r"eval/accuracy=([\d.]+)", last_epoch)
             run_child(stage_command("evaluate"), project)
-            metrics = json.loads((project / metrics_path()).read_text())
+            metrics = json.loads((project / paths()["metrics"]).read_text())
             runs.append({"seed": seed, "train_seconds": seconds,
                          "val_accuracy": float(val.group(1)) if val else None,
                          "test_accuracy": metrics["accuracy"], "test_errors": metrics["errors"],

@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+# One reading of dvc.yaml for benchmarks and tests: its vars (every path) and stage commands.
+from benchmarks.pipeline import paths as dvc_vars  # noqa: F401
+from benchmarks.pipeline import stage_command  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "mnist_small.npz"
 # sha256 of tests/data/mnist_small.npz: the first 1500 training and 500 test images of
@@ -126,15 +130,6 @@ def ran_training(output: str) -> bool:
         line.lower().startswith("epoch ") for line in output.splitlines())
 
 
-def dvc_vars(repo: Path = ROOT) -> dict[str, str]:
-    """The paths dvc.yaml names in its `vars` (its one home for paths)."""
-    spec = yaml.safe_load((repo / "dvc.yaml").read_text())
-    out = {}
-    for entry in spec["vars"]:
-        out.update(entry)
-    return out
-
-
 def out_hashes(repo: Path) -> dict[str, str]:
     """sha256 of every file of every stage output in dvc.lock, by path under repo."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -167,19 +162,6 @@ def gz_idx(array: np.ndarray) -> bytes:
     from stages import idx
 
     return gzip.compress(idx.encode(array), mtime=0)
-
-
-def stage_command(stage: str, repo: Path = ROOT) -> list[str]:
-    """The argv dvc.yaml runs for `stage` (its `cmd`, vars filled in), with this
-    interpreter for `python`: how a test starts a stage exactly as `dvc repro` would."""
-    import re
-    import shlex
-
-    cmd = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["cmd"]
-    paths = dvc_vars(repo)
-    argv = shlex.split(re.sub(r"\$\{(\w+)\}", lambda m: paths[m.group(1)], cmd))
-    assert argv[0] == "python", cmd
-    return [sys.executable, *argv[1:]]
 
 
 # Fashion-MNIST's class names, two of them changed to hold a comma (CSV quoting) and HTML
