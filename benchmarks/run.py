@@ -110,9 +110,9 @@ def bench_train(data: Path, repeats: int) -> dict:
     return result
 
 
-def bench_cnn(data: Path, model: str, seeds: list[int]) -> list[dict]:
+def bench_cnn(data: Path, model: str, seeds: list[int], framework: str = "keras") -> list[dict]:
     """Train and evaluate `model` with the default params once per seed, via the stages."""
-    project = prepare_project(data, {"train": {"model": model}})
+    project = prepare_project(data, {"train": {"model": model, "framework": framework}})
     runs = []
     try:
         for seed in seeds:
@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("train", "mosaics", "cnn"))
     parser.add_argument("--model", choices=("cnn", "cnn_large"), default="cnn")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    parser.add_argument("--framework", choices=("keras", "torch"), default="keras",
+                        help="who trains --only cnn")
     args = parser.parse_args()
     if not args.data.is_file():
         sys.exit(f"error: {args.data} not found; pass --data PATH to a full mnist.npz")
@@ -181,8 +183,9 @@ def main() -> None:
         print("\nrendering and neighbour search (benchmarks/mosaics.py)")
         print(json.dumps(mosaics.run(args.data), indent=2, sort_keys=True))
     if args.only == "cnn":
-        print(f"\n{args.model}, default params, seeds {args.seeds} (train + evaluate stages)")
-        runs = bench_cnn(args.data, args.model, args.seeds)
+        print(f"\n{args.model} in {args.framework}, default params, seeds {args.seeds} "
+              "(train + evaluate stages)")
+        runs = bench_cnn(args.data, args.model, args.seeds, args.framework)
         errors = [r["test_errors"] for r in runs]
         print(f"test errors {errors}: mean {statistics.mean(errors):.1f}, worst {max(errors)}; "
               f"training {statistics.median(r['train_seconds'] for r in runs):.0f}s (median)")

@@ -1,61 +1,42 @@
 """Seeded augmentation for training: small random rotations, zooms and shifts.
 
 All three are folded into one affine map per image and applied in a single bilinear
-resampling: a third of the cost of three separate Keras layers (each resamples the
-whole batch), and no interpolation blur compounded three times. It runs inside the
-training step, outside the network, so the saved model is the plain classifier.
+resampling (each framework's fit module does the resampling with its own op): a third
+of the cost of three separate resamplings, and no interpolation blur compounded three
+times. It runs in the training step, outside the network, so the saved model is the plain
+classifier.
 
-Randomness is stateless: the draws for a batch depend only on (seed, step number), so a
-run is reproducible to the bit whatever else ran in the process before it.
+This module holds the geometry only, in plain arithmetic that works the same on NumPy
+arrays, TensorFlow tensors and PyTorch tensors: both frameworks draw the same
+distribution of maps from the same formula.
 """
 
 from __future__ import annotations
 
 import math
 
+DRAWS = 5  # uniform numbers in [-1, 1] per image: angle, x and y scale, x and y shift
 
-def affine_params(u, side: int, rotation: float, shift: float, zoom: float):
-    """Map uniform draws u in [-1, 1] of shape [5, n] to the 8-number projective transforms
-    ImageProjectiveTransformV3 takes, one row per image.
 
-    Each row sends an output pixel (x, y) to the input point it samples from: rotate by up
-    to `rotation` degrees and scale each axis by 1 ± `zoom` about the image centre, then
-    move by up to `shift` × side pixels.
+def affine_rows(u, side: int, rotation: float, shift: float, zoom: float, cos, sin) -> tuple:
+    """Map uniform draws u in [-1, 1] of shape [5, n] to (a0, a1, a2, b0, b1, b2), each [n].
+
+    An output pixel at column x, row y samples the input at (a0 x + a1 y + a2,
+    b0 x + b1 y + b2): rotated by up to `rotation` degrees and each axis scaled by
+    1 ± `zoom` about the image centre, then moved by up to `shift` × side pixels.
+    `cos` and `sin` are the array library's own (np.cos, tf.cos, torch.cos).
     """
-    import tensorflow as tf
-
     angle = u[0] * (rotation * math.pi / 180)
     scale_x, scale_y = 1 + u[1] * zoom, 1 + u[2] * zoom
     move_x, move_y = u[3] * (shift * side), u[4] * (shift * side)
-    cos, sin = tf.cos(angle), tf.sin(angle)
-    a0, a1 = cos / scale_x, -sin / scale_x
-    b0, b1 = sin / scale_y, cos / scale_y
+    c, s = cos(angle), sin(angle)
+    a0, a1 = c / scale_x, -s / scale_x
+    b0, b1 = s / scale_y, c / scale_y
     centre = (side - 1) / 2
     a2 = centre - (a0 + a1) * centre - move_x
     b2 = centre - (b0 + b1) * centre - move_y
-    zero = tf.zeros_like(a0)
-    return tf.stack([a0, a1, a2, b0, b1, b2, zero, zero], axis=1)
+    return a0, a1, a2, b0, b1, b2
 
 
-def augment(images, seed, rotation: float, shift: float, zoom: float):
-    """Images [n, side, side] in [0, 1] -> the same shape, each randomly rotated, zoomed and
-    shifted; `seed` is a shape-[2] int tensor (e.g. run seed and step number)."""
-    import tensorflow as tf
-
-    if not (rotation or shift or zoom):
-        return images
-    n, side = tf.shape(images)[0], images.shape[1]
-    u = tf.random.stateless_uniform((5, n), seed, -1.0, 1.0)
-    return warp(images, affine_params(u, side, rotation, shift, zoom))
-
-
-def warp(images, transforms):
-    """Resample each image [n, side, side] through its row of `transforms` (bilinear,
-    black outside the image)."""
-    import tensorflow as tf
-
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images[..., None], transforms=transforms,
-        output_shape=tf.shape(images)[1:3], fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="CONSTANT")
-    return out[..., 0]
+def is_off(rotation: float, shift: float, zoom: float) -> bool:
+    return not (rotation or shift or zoom)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import params, scoring
+from stages import frameworks, params, scoring
 from stages.console import draw
 from stages.dataset import load_processed
-from stages.errors import DataError, run
+from stages.errors import run
 from stages.outputs import round_floats, save_npz, write_csv, write_json
 
 
@@ -37,19 +37,6 @@ def listing(rows: list[tuple], images: np.ndarray, names: list[str]) -> str:
     )
 
 
-def predict(model_dir: Path, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """The model's class probabilities for every image, N×10 float32."""
-    from stages.keras_env import keras
-
-    try:
-        model = keras.models.load_model(model_dir / "model.keras")
-    except (OSError, ValueError) as err:
-        raise DataError(f"{model_dir / 'model.keras'}: cannot load the model ({err})") from None
-    # Plain calls, not predict(): no tf.data pipeline to build for 10 batches.
-    return np.concatenate([model(x[start:start + batch_size], training=False).numpy()
-                           for start in range(0, len(x), batch_size)]).astype(np.float32)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="normalize's scaled arrays (.npz)")
@@ -65,11 +52,10 @@ def main(argv=None) -> None:
     cfg, names, train = everything["evaluate"], everything["dataset"]["classes"], everything["train"]
     data = load_processed(args.data, only=("x_test", "y_test"))
 
-    from stages.keras_env import configure  # first: it quiets TensorFlow's logs
-
-    configure(0, train["intra_op_threads"], train["inter_op_threads"])
     x, y = data["x_test"], data["y_test"].astype(np.int64)
-    probabilities = predict(args.model_dir, x, cfg["batch_size"])
+    # Whichever framework trained it: the model folder says which (stages/frameworks.py).
+    probabilities = frameworks.predict(args.model_dir, x, cfg["batch_size"],
+                                       train["intra_op_threads"], train["inter_op_threads"])
     y_pred = probabilities.argmax(axis=1)
     result = round_floats(scoring.headline(y, probabilities))
     rows = misclassified(y, probabilities)

@@ -52,3 +52,9 @@ def configure(seed: int, intra_op_threads: int, inter_op_threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+
+
+def versions() -> dict:
+    """What a Keras run's bits depend on besides the params: for run_info.json."""
+    return {"tensorflow": tf.__version__, "keras": keras.__version__,
+            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")}

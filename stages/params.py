@@ -19,7 +19,9 @@ from stages.errors import ParamError
 PARAMS_FILE = "params.yaml"
 SECTIONS = ("dataset", "download", "normalize", "train", "evaluate", "render")
 CLASSES = 10  # every network ends in 10 softmax outputs
-MODEL_NAMES = ("mlp", "cnn", "cnn_large")  # the networks of stages/models.py
+MODEL_NAMES = ("mlp", "cnn", "cnn_large")  # the networks of stages/*_model.py
+FRAMEWORKS = ("keras", "torch")  # each one stages/F_env.py, F_model.py, F_fit.py
+DEVICES = ("cpu", "cuda")
 FORMATS = ("npz", "idx")
 IDX_NAMES = (  # the four files of a source in the original idx format
     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -209,11 +211,18 @@ def threads(p: dict, where: str) -> dict:
 def train(p: dict) -> dict:
     """The shared settings plus the recipe of the model `train.model` names, flattened."""
     where = "train"
-    check_keys(p, where, {"model", "seed", "steps_per_execution", "intra_op_threads",
-                          "inter_op_threads", *MODEL_NAMES})
+    check_keys(p, where, {"framework", "device", "model", "seed", "steps_per_execution",
+                          "intra_op_threads", "inter_op_threads", *MODEL_NAMES})
     recipes = {name: recipe(p[name], f"{where}.{name}") for name in MODEL_NAMES}
+    framework = choice(p, where, "framework", FRAMEWORKS)
+    device = choice(p, where, "device", DEVICES)
+    if framework == "keras" and device != "cpu":
+        raise _bad(f"{where}.device", device, "cpu with train.framework keras (the project "
+                   "installs tensorflow-cpu); for a GPU use train.framework torch")
     model = choice(p, where, "model", MODEL_NAMES)
     return {
+        "framework": framework,
+        "device": device,
         "model": model,
         "seed": integer(p, where, "seed", 0, 2**31 - 1),
         "steps_per_execution": integer(p, where, "steps_per_execution", 1, 100_000),

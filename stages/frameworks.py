@@ -1,0 +1,56 @@
+"""The seam between the pipeline and the frameworks that train and run its networks.
+
+A framework F (`train.framework`) is three modules, found by name:
+
+- stages/F_env.py:   imports F, `configure(seed, intra_op_threads, inter_op_threads)`
+                     (seeds, deterministic kernels, pinned threads), `versions()`;
+- stages/F_model.py: the networks, `MODEL_FILE`, `save(model, model_dir)`,
+                     `load(model_dir)` and `predict(model, x, batch_size)` -> N×10;
+- stages/F_fit.py:   `fit(cfg, data, curves_dir)` -> the trained model.
+
+The train stage trains through them; evaluate gets probabilities through `predict()`
+below, which reads from the model folder's run_info.json which framework made it. So
+everything after train is framework-agnostic, and dvc.yaml lists as deps exactly the
+chosen framework's modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from stages.errors import DataError
+from stages.params import FRAMEWORKS
+
+RUN_INFO = "run_info.json"
+
+
+def module(framework: str, part: str):
+    """stages/{framework}_{part}.py, imported (part: env, model or fit)."""
+    return importlib.import_module(f"stages.{framework}_{part}")
+
+
+def framework_of(model_dir: Path) -> str:
+    """Which framework trained the model in model_dir, from its run_info.json."""
+    path = Path(model_dir) / RUN_INFO
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the model's run info ({err})") from None
+    # Models from before the pipeline had a second framework were all Keras.
+    framework = info.get("framework", "keras") if isinstance(info, dict) else None
+    if framework not in FRAMEWORKS:
+        raise DataError(f"{path}: framework {framework!r} is none of {', '.join(FRAMEWORKS)}")
+    return framework
+
+
+def predict(model_dir: Path, x: np.ndarray, batch_size: int, intra_op_threads: int,
+            inter_op_threads: int) -> np.ndarray:
+    """The class probabilities of the model in model_dir for every image: N×10 float32."""
+    framework = framework_of(model_dir)
+    module(framework, "env").configure(0, intra_op_threads, inter_op_threads)
+    network = module(framework, "model")
+    return network.predict(network.load(model_dir), x, batch_size)

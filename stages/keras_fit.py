@@ -1,0 +1,176 @@
+"""Training in Keras: compiled loops over chunks of batches, Keras' Adam, seeded augmentation.
+
+`fit(cfg, data, curves_dir)` trains the network `cfg["model"]` names with its recipe and
+returns the Keras model. The stage (stages/train.py) has already split the data, seeded
+everything and pinned the threads (stages/keras_env.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from stages.augment import DRAWS, affine_rows, is_off
+from stages.errors import stop_if_interrupted
+from stages.keras_env import keras, tf
+from stages.keras_model import build
+from stages.training import Curves, batch_order
+
+
+def compile_model(cfg: dict, steps_per_epoch: int):
+    model = build(cfg["model"])
+    lr = cfg["learning_rate"]
+    if cfg["lr_schedule"] == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, cfg["epochs"] * steps_per_epoch)
+    # Compiled so that the saved model can be evaluated or fine-tuned as it is loaded.
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def training_loss(label_smoothing: float):
+    """Cross-entropy of integer labels against softmax outputs, with smoothed targets.
+
+    Targets are 1 - s + s/10 for the true digit and s/10 for the others: the net is not
+    pushed towards infinite confidence, which generalises better on clean data.
+    """
+    if not label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy()
+    smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    return lambda labels, probs: smoothed(tf.one_hot(labels, 10), probs)
+
+
+def warp(images, transforms):
+    """Resample each image [n, side, side] through its row of 8 projective `transforms`
+    (bilinear, black outside the image)."""
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images[..., None], transforms=transforms,
+        output_shape=tf.shape(images)[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")
+    return out[..., 0]
+
+
+def augment(images, seed, rotation: float, shift: float, zoom: float):
+    """Images [n, side, side] in [0, 1] -> the same shape, each randomly rotated, zoomed and
+    shifted; `seed` is a shape-[2] int tensor (run seed and step number): the draws of a
+    step depend on nothing else."""
+    if is_off(rotation, shift, zoom):
+        return images
+    n, side = tf.shape(images)[0], images.shape[1]
+    u = tf.random.stateless_uniform((DRAWS, n), seed, -1.0, 1.0)
+    rows = affine_rows(u, side, rotation, shift, zoom, tf.cos, tf.sin)
+    zero = tf.zeros_like(rows[0])
+    return warp(images, tf.stack([*rows, zero, zero], axis=1))
+
+
+def make_steps(model, x, y, cfg: dict):
+    """Compiled train and eval loops that run many batches per call.
+
+    For a network as small as the original one, time goes to per-batch overhead, not
+    arithmetic: Keras' fit() pays for a data pipeline, metric objects and a Python call per
+    few batches. Here the data sits in memory as tensors and one call of train_chunk runs a
+    whole chunk of batches in graph: same network, same batches, same Adam updates.
+    """
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    train_loss = training_loss(cfg["label_smoothing"])
+    optimizer = model.optimizer
+    weights = model.trainable_variables
+    seed = tf.constant(cfg["seed"], tf.int64)
+    shape_changes = cfg["rotation"], cfg["shift"], cfg["zoom"]
+
+    # One trace for every chunk shape (the last chunk and the last batch are shorter):
+    # tracing the model, loss and optimizer into a graph costs as much as an mlp epoch.
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32)])
+    def train_chunk(batches):
+        def step(i, loss_sum, hits):
+            # Each step's augmentation draws depend on (seed, step) only: reproducible.
+            step_seed = tf.stack([seed, tf.cast(optimizer.iterations, tf.int64)])
+            xb = augment(tf.gather(x, batches[i]), step_seed, *shape_changes)
+            yb = tf.gather(y, batches[i])
+            with tf.GradientTape() as tape:
+                probs = model(xb, training=True)
+                objective = train_loss(yb, probs)
+            optimizer.apply(tape.gradient(objective, weights), weights)
+            # Logged: plain cross-entropy, the same quantity as the validation loss (the
+            # smoothed objective has a floor above 0 and would show a gap that is not there).
+            # Without smoothing the objective is that loss already: not computed twice.
+            loss = loss_fn(yb, probs) if cfg["label_smoothing"] else objective
+            n = tf.cast(tf.size(yb), tf.float32)
+            hit = tf.reduce_sum(tf.cast(tf.argmax(probs, 1, output_type=tf.int32) == yb,
+                                        tf.float32))
+            return i + 1, loss_sum + loss * n, hits + hit
+
+        _, loss_sum, hits = tf.while_loop(
+            lambda i, *_: i < tf.shape(batches)[0], step, (0, 0.0, 0.0))
+        return loss_sum, hits
+
+    @tf.function(reduce_retracing=True)
+    def eval_batch(xb, yb):
+        probs = model(xb, training=False)
+        loss = loss_fn(yb, probs) * tf.cast(tf.size(yb), tf.float32)
+        return loss, tf.reduce_sum(tf.cast(tf.argmax(probs, 1, output_type=tf.int32) == yb,
+                                           tf.float32))
+
+    return train_chunk, eval_batch
+
+
+def evaluate_split(eval_batch, x, y, batch_size: int = 1000) -> dict:
+    loss_sum = hits = 0.0
+    for start in range(0, len(y), batch_size):
+        loss, hit = eval_batch(x[start:start + batch_size], y[start:start + batch_size])
+        loss_sum, hits = loss_sum + float(loss), hits + float(hit)
+    return {"loss": loss_sum / len(y), "accuracy": hits / len(y)}
+
+
+def fit(cfg: dict, data: dict, curves_dir):
+    """Train for cfg["epochs"], logging curves with dvclive into curves_dir; returns the model.
+
+    data holds x_train, y_train and x_val, y_val (possibly empty); it is emptied as the
+    arrays move into TensorFlow, so the NumPy copies are freed (peak memory).
+    Under deferred_interrupts, Ctrl-C stops it between two compiled chunks, never inside one.
+    """
+    keras.utils.set_random_seed(cfg["seed"])  # initial weights and dropout
+    n = len(data["y_train"])
+    steps_per_epoch = -(-n // cfg["batch_size"])
+    model = compile_model(cfg, steps_per_epoch)
+    x = tf.constant(data.pop("x_train"))
+    y = tf.constant(data.pop("y_train").astype(np.int32))
+    x_val, y_val = data.pop("x_val"), data.pop("y_val").astype(np.int32)
+    train_chunk, eval_batch = make_steps(model, x, y, cfg)
+    stop_if_interrupted()
+    rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule in every framework
+    chunk = cfg["steps_per_execution"]
+    best = (-1.0, None, 0)  # validation accuracy, weights, epoch
+    curves = Curves(curves_dir, cfg["epochs"])
+    tty = sys.stdout.isatty()
+    for epoch in range(1, cfg["epochs"] + 1):
+        started = time.perf_counter()
+        bar = keras.utils.Progbar(steps_per_epoch, verbose=1) if tty else None
+        loss_sum = hits = 0.0
+        done = 0
+        for part in batch_order(n, cfg["batch_size"], rng):
+            for start in range(0, len(part), chunk):
+                batches = part[start:start + chunk]
+                chunk_loss, chunk_hits = train_chunk(tf.constant(batches, tf.int32))
+                loss_sum, hits = loss_sum + float(chunk_loss), hits + float(chunk_hits)
+                done += len(batches)
+                if bar:
+                    bar.update(done, [("loss", float(chunk_loss) / batches.size)])
+                # The chunk boundary: plain Python between two calls into TensorFlow.
+                stop_if_interrupted()
+        logs = {"train/loss": loss_sum / n}
+        if len(y_val):
+            # The validation split steers training; the test set is never seen here.
+            val = evaluate_split(eval_batch, x_val, y_val)
+            logs |= {"eval/loss": val["loss"], "eval/accuracy": val["accuracy"]}
+            if cfg["restore_best"] and val["accuracy"] > best[0]:
+                best = (val["accuracy"], model.get_weights(), epoch)
+        curves.epoch(epoch, time.perf_counter() - started, logs, hits / n)
+        stop_if_interrupted()
+    curves.close(validated=bool(len(y_val)))
+    if best[1] is not None and best[2] != cfg["epochs"]:
+        print(f"restoring epoch {best[2]}: best validation accuracy {best[0]:.4f}")
+        model.set_weights(best[1])
+    return model
