@@ -77,6 +77,29 @@ def shipped_params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
+def train_cfg(framework: str = "keras", **recipe) -> dict:
+    """train's checked settings as the stage gets them: the shipped shared keys on one
+    thread per pool, the mlp with `recipe` changed."""
+    from stages import params
+
+    section = merge(shipped_params()["train"], {"framework": framework, "model": "mlp",
+                                                "mlp": recipe, "intra_op_threads": 1,
+                                                "inter_op_threads": 1})
+    return params.train(section)
+
+
+def toy_digits(n: int = 200, seed: int = 0):
+    """Separable toy data, class d lighting pixel (d, d): the fit data (80%) as train gets
+    it, and the held-out 20% images and labels."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n).astype(np.uint8)
+    x = np.zeros((n, 28, 28), np.float32)
+    x[np.arange(n), y, y] = 1.0
+    cut = n * 4 // 5
+    data = {"x_train": x[:cut], "y_train": y[:cut], "x_val": x[cut:], "y_val": y[cut:]}
+    return data, x[cut:], y[cut:]
+
+
 def set_params(repo: Path, **sections) -> None:
     """Change params.yaml in repo: set_params(repo, train={"cnn": {"epochs": 1}})."""
     path = repo / "params.yaml"

@@ -2,7 +2,10 @@
 
 The import closure is derived from the code itself (every `import stages...` / `from stages
 ... import ...` anywhere in a module, functions included, followed transitively), never
-from a hand-kept list, so an edit reruns exactly the stages it can change.
+from a hand-kept list, so an edit reruns exactly the stages it can change. A framework's
+modules are imported by name (`frameworks.module(framework, "fit")`): the closure follows
+those calls for the framework `train.framework` names, and dvc.yaml's
+`stages/${train.framework}_*.py` deps are checked for every framework.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages import params
 from tests.helpers import ROOT
 
 PACKAGE = "stages"
@@ -28,11 +32,18 @@ def module_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Project modules `path` imports anywhere in its body."""
+def imported_modules(path: Path, framework: str) -> set[str]:
+    """Project modules `path` imports anywhere in its body, by import statement or through
+    `frameworks.module(framework, "part")` (stages.{framework}_{part})."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
+        if (isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) == "module"
+                and len(node.args) == 2 and isinstance(node.args[1], ast.Constant)):
+            name = f"{PACKAGE}.{framework}_{node.args[1].value}"
+            assert module_file(name), f"{path.name}: {name} does not exist"
+            found.add(name)
+        elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if module_file(alias.name)}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == PACKAGE:  # from stages import params, scoring
@@ -43,15 +54,16 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
-def closure(module: str) -> set[str]:
-    """Files (relative to the repo) a `python -m module` run executes from the project."""
+def closure(module: str, framework: str = "keras") -> set[str]:
+    """Files (relative to the repo) a `python -m module` run executes from the project,
+    with `framework` as train.framework."""
     seen, todo = set(), [module]
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        todo += imported_modules(module_file(name))
+        todo += imported_modules(module_file(name), framework)
     files = {module_file(name).relative_to(ROOT).as_posix() for name in seen}
     return files | {f"{PACKAGE}/__init__.py"}  # run first by any import of the package
 
@@ -66,13 +78,15 @@ def stage_module(stage: dict) -> str:
     return match[1]
 
 
+@pytest.mark.parametrize("framework", params.FRAMEWORKS)
 @pytest.mark.parametrize("name", sorted(stages()))
-def test_code_deps_are_exactly_the_import_closure(name):
+def test_code_deps_are_exactly_the_import_closure(name, framework):
     stage = stages()[name]
-    declared = {d for d in stage["deps"] if d.startswith(f"{PACKAGE}/")}
-    derived = closure(stage_module(stage))
+    declared = {d.replace("${train.framework}", framework) for d in stage["deps"]
+                if d.startswith(f"{PACKAGE}/")}
+    derived = closure(stage_module(stage), framework)
     assert declared == derived, (
-        f"{name}: missing from dvc.yaml deps: {sorted(derived - declared)}; "
+        f"{name} ({framework}): missing from dvc.yaml deps: {sorted(derived - declared)}; "
         f"listed but not imported: {sorted(declared - derived)}")
 
 
@@ -82,13 +96,18 @@ def test_the_closure_follows_imports_inside_functions_and_through_modules():
     files = closure("stages.render_errors")
     assert {"stages/neighbours.py", "stages/errors_page.py", "stages/error_sheets.py",
             "stages/dataset.py"} <= files
-    # and no stage pulls in TensorFlow code it does not run
-    assert "stages/keras_env.py" not in files
-    assert "stages/models.py" not in closure("stages.evaluate")
+    # and no stage pulls in framework code it does not run
+    assert not any(f.startswith(("stages/keras_", "stages/torch_")) for f in files)
+    assert "stages/keras_fit.py" not in closure("stages.evaluate", "keras")
+    # a framework's modules are found through frameworks.module(), for that framework only
+    torch_train = closure("stages.train", "torch")
+    assert {"stages/torch_env.py", "stages/torch_fit.py", "stages/torch_model.py"} <= torch_train
+    assert not any(f.startswith("stages/keras_") for f in torch_train)
 
 
 def test_every_project_module_is_some_stages_dependency():
-    used = set().union(*(closure(stage_module(s)) for s in stages().values()))
+    used = set().union(*(closure(stage_module(s), framework) for s in stages().values()
+                         for framework in params.FRAMEWORKS))
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / PACKAGE).glob("*.py")}
     assert modules == used, f"modules no stage runs: {sorted(modules - used)}"
 

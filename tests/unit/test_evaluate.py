@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -55,30 +56,14 @@ def model_dir(tmp_path_factory):
     """An untrained mlp, saved as the train stage saves it (fixed seed: fixed weights)."""
     import keras
 
-    from stages import models, train
+    from stages import keras_model
 
     keras.utils.set_random_seed(0)
     folder = tmp_path_factory.mktemp("model") / "model"
     folder.mkdir()
-    train.save_stable(models.build("mlp"), folder / "model.keras")
+    keras_model.save(keras_model.build("mlp"), folder)
+    (folder / "run_info.json").write_text(json.dumps({"framework": "keras", "model": "mlp"}))
     return folder
-
-
-def test_predict_gives_probabilities_whatever_the_batch_size(model_dir):
-    x = normalize(fixture_data())[0]["x_test"][:25]
-    probs = evaluate.predict(model_dir, x, 1000)
-    assert probs.shape == (25, 10) and probs.dtype == np.float32
-    assert np.allclose(probs.sum(1), 1, atol=1e-5)
-    assert np.allclose(evaluate.predict(model_dir, x, 7), probs, atol=1e-6)
-
-
-@pytest.mark.parametrize("content", [None, b"not a zip", b"PK\x03\x04" + bytes(50)],
-                         ids=["missing", "garbage", "broken-zip"])
-def test_predict_refuses_a_model_it_cannot_load(tmp_path, content):
-    if content is not None:
-        (tmp_path / "model.keras").write_bytes(content)
-    with pytest.raises(DataError, match=f"^{tmp_path / 'model.keras'}: cannot load the model"):
-        evaluate.predict(tmp_path, np.zeros((2, 28, 28), np.float32), 10)
 
 
 # --- through the stage's command line --------------------------------------------------------
@@ -95,10 +80,7 @@ def test_cli_scores_the_model_and_writes_every_table_with_class_names(tmp_path, 
     set_params(repo, dataset={"classes": NAMED_CLASSES}, evaluate={"list_errors": True})
     data = fixture_data()
     save_npz(repo / PATHS["processed"], **normalize(data)[0])
-    (repo / PATHS["model_dir"]).parent.mkdir(parents=True, exist_ok=True)
-    (repo / PATHS["model_dir"]).mkdir()
-    (repo / PATHS["model_dir"] / "model.keras").write_bytes(
-        (model_dir / "model.keras").read_bytes())
+    shutil.copytree(model_dir, repo / PATHS["model_dir"])
     proc = sh(repo, *stage_command("evaluate", repo), timeout=300)
 
     with np.load(repo / PATHS["predictions"]) as f:

@@ -26,8 +26,8 @@ from tests.helpers import (
 
 SHIPPED = shipped_params()
 DELETE = object()
-SHARED_TRAIN_KEYS = ("model", "seed", "steps_per_execution", "intra_op_threads",
-                     "inter_op_threads")
+SHARED_TRAIN_KEYS = ("framework", "device", "model", "seed", "steps_per_execution",
+                     "intra_op_threads", "inter_op_threads")
 IDX_HASHES = {name: f"{i:x}" * 64 for i, name in enumerate(params.IDX_NAMES, start=10)}
 
 
@@ -187,6 +187,24 @@ def test_restore_best_needs_a_validation_split():
     values["train"]["model"] = "mlp"
     got = params.check(values)["train"]
     assert got["restore_best"] is True and got["val_fraction"] == 0.1
+
+
+def test_unknown_framework_and_device_list_the_allowed_names():
+    assert rejects("train.framework", "jax", "train.framework") == \
+        "train.framework: got 'jax'; allowed: one of keras, torch"
+    assert rejects("train.device", "tpu", "train.device") == \
+        "train.device: got 'tpu'; allowed: one of cpu, cuda"
+
+
+def test_a_gpu_is_for_torch_only():
+    assert SHIPPED["train"]["framework"] == "keras" and SHIPPED["train"]["device"] == "cpu"
+    assert rejects("train.device", "cuda", r"^train\.device: got 'cuda'") == (
+        "train.device: got 'cuda'; allowed: cpu with train.framework keras (the project "
+        "installs tensorflow-cpu); for a GPU use train.framework torch")
+    values = edited("train.device", "cuda")
+    values["train"]["framework"] = "torch"
+    assert params.check(values)["train"] | {} == expected_train("cnn") | {
+        "framework": "torch", "device": "cuda"}
 
 
 def test_unknown_model_lists_the_allowed_names():

@@ -1,9 +1,9 @@
-"""stages/train.py: the validation split, batches, the loss, stable saving, and fitting."""
+"""stages/train.py: the validation split, run info, and the stage for either framework."""
 
 from __future__ import annotations
 
 import json
-import zipfile
+import sys
 
 import numpy as np
 import pytest
@@ -22,17 +22,10 @@ from tests.helpers import (
     sh,
     shipped_params,
     stage_command,
+    train_cfg,
 )
 
 PATHS = dvc_vars()
-
-
-def train_cfg(**recipe) -> dict:
-    """train's checked settings: the shipped shared keys, mlp with `recipe` changed."""
-    section = merge(shipped_params()["train"], {"model": "mlp", "mlp": recipe,
-                                                "intra_op_threads": 1,
-                                                "inter_op_threads": 1})
-    return params.train(section)
 
 
 # --- the validation split ------------------------------------------------------------------
@@ -57,126 +50,31 @@ def test_split_refuses_a_fraction_that_leaves_no_usable_split(n, fraction):
         train.split(n, fraction, seed=0)
 
 
-# --- batches -------------------------------------------------------------------------------
+# --- what the model's bits depend on ----------------------------------------------------
 
 
-@pytest.mark.parametrize("n,batch", [(10, 3), (12, 4), (5, 8)])
-def test_batch_order_covers_every_image_once_with_one_short_last_batch(n, batch):
-    parts = train.batch_order(n, batch, np.random.default_rng(0))
-    flat = np.concatenate([p.ravel() for p in parts])
-    assert np.array_equal(np.sort(flat), np.arange(n))
-    assert all(p.shape[1] == batch for p in parts[:1] if n >= batch)
-    assert sum(p.size for p in parts) == n
-    if n % batch:
-        assert parts[-1].shape == (1, n % batch)
+@pytest.mark.parametrize("framework", params.FRAMEWORKS)
+def test_run_info_names_the_framework_and_model_and_what_the_bits_depend_on(framework):
+    from stages import frameworks
+
+    cfg = train_cfg() | {"framework": framework}
+    env = frameworks.module(framework, "env")
+    info = train.run_info(cfg, env.versions(), frameworks.module(framework, "model").MODEL_FILE)
+    keys = ("framework", "model", "device", "seed", "intra_op_threads", "inter_op_threads")
+    assert {k: info[k] for k in keys} == {k: cfg[k] for k in keys}
+    assert info["numpy"] == np.__version__
+    if framework == "keras":
+        import keras
+        import tensorflow as tf
+
+        assert (info["tensorflow"], info["keras"], info["model_file"]) == (
+            tf.__version__, keras.__version__, "model.keras")
     else:
-        assert len(parts) == 1 and parts[0].shape == (n // batch, batch)
+        import torch
 
-
-def test_batch_order_is_a_fresh_seeded_shuffle_each_epoch():
-    rng = np.random.default_rng(5)
-    first, second = (np.concatenate([p.ravel() for p in train.batch_order(50, 8, rng)])
-                     for _ in range(2))
-    assert not np.array_equal(first, second)
-    again = np.random.default_rng(5)
-    assert np.array_equal(np.concatenate([p.ravel() for p in train.batch_order(50, 8, again)]),
-                          first)
-
-
-# --- the loss ------------------------------------------------------------------------------
-
-
-def test_label_smoothing_moves_the_loss_minimum_to_the_smoothed_targets():
-    labels = np.array([3, 7], np.int32)
-    sure = np.full((2, 10), 1e-6, np.float32)
-    sure[[0, 1], labels] = 1 - 9e-6
-    smooth = np.full((2, 10), 0.01, np.float32)
-    smooth[[0, 1], labels] = 0.91
-
-    plain = train.training_loss(0.0)
-    assert float(plain(labels, sure)) < 1e-4 < float(plain(labels, smooth))
-    smoothed = train.training_loss(0.1)
-    # Minimal (the targets' entropy) at 0.91 / 0.01 exactly; higher when over-confident.
-    entropy = -(0.91 * np.log(0.91) + 9 * 0.01 * np.log(0.01))
-    assert np.isclose(float(smoothed(labels, smooth)), entropy, atol=1e-5)
-    assert float(smoothed(labels, sure)) > entropy + 0.5
-    # Smoothed towards each image's own label: the same shape one class over costs dearly.
-    assert float(smoothed(labels, np.roll(smooth, 1, axis=1))) > entropy + 3
-
-
-# --- saving --------------------------------------------------------------------------------
-
-
-def test_renumbered_shared_ids_keep_their_links():
-    config = {"a": {"shared_object_id": 987}, "b": [{"shared_object_id": 123},
-                                                    {"shared_object_id": 987}]}
-    assert train._renumber_shared_ids(config) == {
-        "a": {"shared_object_id": 1}, "b": [{"shared_object_id": 2}, {"shared_object_id": 1}]}
-
-
-def test_save_stable_is_byte_stable_and_loads_back_the_same_model(tmp_path):
-    import keras
-
-    from stages import models
-
-    model = models.build("mlp")
-    x = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
-    probs = model.predict(x, verbose=0)
-    train.save_stable(model, tmp_path / "a.keras")
-    train.save_stable(model, tmp_path / "b.keras")
-    assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
-    with zipfile.ZipFile(tmp_path / "a.keras") as zf:
-        assert {i.date_time for i in zf.infolist()} == {train.FIXED_ZIP_TIME}
-        assert json.loads(zf.read("metadata.json"))["date_saved"] == "1980-01-01@00:00:00"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.keras", "b.keras"]  # no raw
-    loaded = keras.models.load_model(tmp_path / "a.keras")
-    assert np.array_equal(loaded.predict(x, verbose=0), probs)
-
-
-def test_run_info_records_what_the_bits_depend_on():
-    import keras
-    import tensorflow as tf
-
-    cfg = train_cfg()
-    info = train.run_info(cfg)
-    assert {k: info[k] for k in ("model", "seed", "intra_op_threads", "inter_op_threads")} == \
-        {k: cfg[k] for k in ("model", "seed", "intra_op_threads", "inter_op_threads")}
-    assert (info["tensorflow"], info["keras"], info["numpy"]) == (
-        tf.__version__, keras.__version__, np.__version__)
+        assert (info["torch"], info["model_file"]) == (torch.__version__, "model.safetensors")
+        assert info["deterministic_algorithms"] is True and info["cpu_capability"]
     assert json.loads(json.dumps(info)) == info  # plain JSON values only
-
-
-# --- fitting -------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch):
-    """A few steps on separable toy data: loss falls, and the same seed gives same weights."""
-    monkeypatch.chdir(tmp_path)
-    import tensorflow as tf
-
-    # Threads are fixed once per process (the stage does it first thing); here only the
-    # determinism switch matters, and fit() seeds itself.
-    tf.config.experimental.enable_op_determinism()
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 10, 200).astype(np.uint8)
-    x = np.zeros((200, 28, 28), np.float32)
-    x[np.arange(200), y, y] = 1.0  # class d lights pixel (d, d)
-    data = {"x_train": x[:160], "y_train": y[:160], "x_val": x[160:], "y_val": y[160:]}
-    cfg = train_cfg(epochs=8, learning_rate=0.01, batch_size=8, val_fraction=0.2,
-                    restore_best=True)
-    cfg["steps_per_execution"] = 4
-    first = train.fit(cfg, dict(data), tmp_path / "curves")
-    acc = (first.predict(x[160:], verbose=0).argmax(1) == y[160:]).mean()
-    assert acc > 0.9
-    second = train.fit(cfg, dict(data), tmp_path / "curves2")
-    for a, b in zip(first.get_weights(), second.get_weights()):
-        assert np.array_equal(a, b)
-    lines = (tmp_path / "curves/plots/metrics/train/loss.tsv").read_text().splitlines()
-    losses = [float(line.split("\t")[1]) for line in lines[1:]]
-    assert len(losses) == 8 and losses[-1] < losses[0]
-    val = (tmp_path / "curves/plots/metrics/eval/accuracy.tsv").read_text().splitlines()
-    assert len(val) == 1 + 8
 
 
 # --- through the stage's command line --------------------------------------------------------
@@ -201,14 +99,18 @@ def test_cli_refuses_a_split_that_leaves_no_validation_image(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_trains_the_chosen_model_and_writes_model_curves_and_run_info(tmp_path):
-    repo = project(tmp_path, mlp={"val_fraction": 0.1})
+@pytest.mark.parametrize("framework, model_file", [("keras", "model.keras"),
+                                                   ("torch", "model.safetensors")])
+def test_cli_trains_the_chosen_model_and_writes_model_curves_and_run_info(
+        tmp_path, framework, model_file):
+    repo = project(tmp_path, framework=framework, mlp={"val_fraction": 0.1})
     proc = sh(repo, *stage_command("train", repo), timeout=300)
-    assert "train: mlp on 1350 images, 150 held out for validation" in proc.stdout
-    assert "epoch 1/1 " in proc.stdout
+    assert f"train: mlp in {framework} on 1350 images, 150 held out for validation" in proc.stdout
+    assert "epoch 1/1 " in proc.stdout and proc.stderr == ""
     model_dir = repo / PATHS["model_dir"]
-    assert sorted(p.name for p in model_dir.iterdir()) == ["model.keras", "run_info.json"]
+    assert sorted(p.name for p in model_dir.iterdir()) == [model_file, "run_info.json"]
     info = json.loads((model_dir / "run_info.json").read_text())
+    assert info["framework"] == framework and info["model_file"] == model_file
     assert info["model"] == "mlp" and info["seed"] == shipped_params()["train"]["seed"]
     accuracy = (repo / PATHS["curves"] / "plots/metrics/eval/accuracy.tsv").read_text()
     assert len(accuracy.splitlines()) == 2  # header and one epoch
@@ -217,3 +119,36 @@ def test_cli_trains_the_chosen_model_and_writes_model_curves_and_run_info(tmp_pa
         [model_dir.name, (repo / PATHS["processed"]).parent.name])
     assert [p.name for p in (repo / PATHS["curves"]).parent.iterdir()] == [
         (repo / PATHS["curves"]).name]
+
+
+@pytest.mark.slow
+def test_cli_without_pytorch_installed_names_the_command_that_installs_it(tmp_path):
+    """`import torch` made to fail the way it fails where torch is not installed."""
+    repo = project(tmp_path, framework="torch")
+    command = stage_command("train", repo)
+    without_torch = ("import runpy, sys; sys.modules['torch'] = None; "
+                     f"sys.argv = {['stages.train', *command[3:]]!r}; "
+                     "runpy.run_module('stages.train', run_name='__main__')")
+    proc = sh(repo, sys.executable, "-c", without_torch, check=False, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == ("error: train.framework torch needs PyTorch, which is not installed: "
+                           "run `make torch` (it installs requirements-torch.lock)\n")
+    assert not (repo / PATHS["model_dir"]).exists() and not (repo / PATHS["curves"]).exists()
+
+
+@pytest.mark.slow
+def test_cli_on_cuda_trains_on_the_gpu_or_says_there_is_none(tmp_path):
+    import torch
+
+    repo = project(tmp_path, framework="torch", device="cuda")
+    proc = sh(repo, *stage_command("train", repo), check=False, timeout=300)
+    if torch.cuda.is_available():
+        assert proc.returncode == 0, proc.stderr
+        info = json.loads((repo / PATHS["model_dir"] / "run_info.json").read_text())
+        assert info["device"] == "cuda" and info["gpu"]
+    else:
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("error: train.device cuda: no CUDA GPU is visible to "
+                                      "PyTorch") and proc.stderr.count("\n") == 1
+        assert not (repo / PATHS["model_dir"]).exists()
+        assert not (repo / PATHS["curves"]).exists()
