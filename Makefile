@@ -1,13 +1,16 @@
 # The two commands of the README: `make repro` runs the pipeline, `make test` the tests.
 # Both build .venv from the lock file once and reuse it while the lock is unchanged.
+# `make torch` adds PyTorch (train.framework: torch) from its own lock; `make test` and
+# `make bench` do it too, `make repro` never does.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed-from-lock
+TORCH_STAMP := $(VENV)/.installed-torch-from-lock
 # DVC runs each stage's `python -m ...` through the shell: the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro test test-fast bench lock clean-venv system-deps
+.PHONY: repro torch test test-fast bench lock clean-venv system-deps
 
 $(STAMP): requirements.lock
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -17,14 +20,22 @@ $(STAMP): requirements.lock
 	$(VENV)/bin/python -m pip check
 	touch $@
 
+# requirements-torch.lock: everything in requirements.lock, same versions, plus PyTorch.
+$(TORCH_STAMP): $(STAMP) requirements-torch.lock
+	$(VENV)/bin/python -m pip install --quiet -r requirements-torch.lock
+	$(VENV)/bin/python -m pip check
+	touch $@
+
 repro: $(STAMP)
 	dvc repro
 
-test: $(STAMP) system-deps
+torch: $(TORCH_STAMP)
+
+test: $(TORCH_STAMP) system-deps
 	python -m pytest
 
 # The inner loop: every test that runs no dvc, trains nothing and starts no stage process.
-test-fast: $(STAMP) system-deps
+test-fast: $(TORCH_STAMP) system-deps
 	python -m pytest -m "not slow"
 
 # The tests drive a real headless Chromium (the error page) and a real OpenSSH server (the
@@ -42,14 +53,19 @@ system-deps:
 		fi; \
 	fi
 
-bench: $(STAMP)
+bench: $(TORCH_STAMP)
 	python -m benchmarks.run $(BENCH_ARGS)
 
 # Re-resolve exact versions after changing dependencies in pyproject.toml.
+# The torch lock keeps PyTorch's public version (2.13.0, not a local 2.13.0+cpu build), so
+# pip takes whichever build of it the machine's indexes have.
 lock: $(STAMP)
 	python -m pip install --quiet pip-tools
 	pip-compile --quiet --strip-extras --extra dev --no-emit-index-url \
 		--no-emit-find-links -o requirements.lock pyproject.toml
+	pip-compile --quiet --strip-extras --extra dev --extra torch -c requirements.lock \
+		--no-emit-index-url --no-emit-find-links -o requirements-torch.lock pyproject.toml
+	sed -i 's/^torch==\(.*\)+[a-z0-9.]*$$/torch==\1/' requirements-torch.lock
 
 clean-venv:
 	rm -rf $(VENV)

@@ -371,7 +371,7 @@ def test_exp_run_with_one_set_trains_the_original_network_with_its_recipe(traine
     plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)
     assert not plots.get("errors"), plots.get("errors")
     n_train = len(np.load(FIXTURE)["y_train"])
-    assert f"train: mlp on {n_train} images, 0 held out" in out
+    assert f"train: mlp in keras on {n_train} images, 0 held out" in out
 
 
 def test_a_bad_param_fails_the_first_stage_in_seconds(tmp_path):

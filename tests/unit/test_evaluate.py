@@ -11,7 +11,6 @@ import pytest
 
 from stages import evaluate, scoring
 from stages.console import draw
-from stages.errors import DataError
 from stages.normalize import normalize
 from stages.outputs import round_floats, save_npz
 from tests.helpers import (

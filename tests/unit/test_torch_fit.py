@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch  # make test installs PyTorch (make torch)
 
 from tests.helpers import fixture_data, toy_digits, train_cfg
-
-torch = pytest.importorskip("torch", reason="make test installs PyTorch (make torch)")
 
 
 def test_augment_is_seeded_stays_in_range_and_is_off_at_zero():

@@ -7,11 +7,10 @@ import struct
 
 import numpy as np
 import pytest
+import torch  # make test installs PyTorch (make torch)
 
 from stages import params
 from stages.errors import DataError
-
-torch = pytest.importorskip("torch", reason="make test installs PyTorch (make torch)")
 
 
 def images(n=25, seed=0):

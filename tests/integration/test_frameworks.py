@@ -1,0 +1,90 @@
+"""Train with PyTorch instead of Keras: same stages, same data, same outputs.
+
+Real `dvc exp run -S train.framework=torch` and `dvc repro` on a copy of the session's
+trained (Keras) project: the stages after train run unchanged on the torch model, a forced
+rerun gives the same bits, each framework's code is a dependency only when it is chosen,
+and going back to Keras restores its results from DVC's run-cache without training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from tests.helpers import dvc, dvc_vars, out_hashes, ran_training, set_params, sh, stages_run
+
+pytestmark = pytest.mark.slow
+
+PATHS = dvc_vars()
+ALL_STAGES = ["download", "normalize", "train", "evaluate", "render-errors"]
+
+
+def status(repo) -> dict:
+    return json.loads(dvc(repo, "status", "--json").stdout)
+
+
+def edit_module(repo, name: str) -> None:
+    with open(repo / "stages" / f"{name}.py", "a") as f:
+        f.write("# edited by a test: a comment changes no result\n")
+
+
+def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
+    repo = trained_copy
+    keras_results = out_hashes(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+    recipe = params[params["model"]]
+
+    run = dvc(repo, "exp", "run", "-S", "train.framework=torch")
+    # download and normalize are framework-free: not rerun.
+    assert stages_run(run.stdout) == ["train", "evaluate", "render-errors"], run.stdout
+    assert f"train: {params['model']} in torch on " in run.stdout
+    epochs = [line for line in run.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == recipe["epochs"]
+    assert all("eval/accuracy=" in line for line in epochs)
+
+    model_dir = repo / PATHS["model_dir"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["model.safetensors", "run_info.json"]
+    info = json.loads((model_dir / "run_info.json").read_text())
+    assert (info["framework"], info["model"], info["device"]) == ("torch", params["model"],
+                                                                   "cpu")
+    assert info["torch"] and info["deterministic_algorithms"] is True
+
+    # Every output of every stage is there, the same files as under Keras but the model's.
+    torch_results = out_hashes(repo)
+    model_file = f"{PATHS['model_dir']}/model."
+    assert ({p for p in torch_results if not p.startswith(model_file)}
+            == {p for p in keras_results if not p.startswith(model_file)})
+    metrics = json.loads((repo / PATHS["metrics"]).read_text())
+    with open(repo / PATHS["misclassified"], newline="") as f:
+        assert len(list(csv.DictReader(f))) == metrics["errors"]
+    assert 0 < metrics["accuracy"] <= 1
+    assert (repo / PATHS["page"]).read_text().count("<img") > 0
+
+    # Same params, same machine, new processes: every output byte for byte, dvc.lock as is.
+    lock = (repo / "dvc.lock").read_text()
+    again = dvc(repo, "repro", "--force")
+    assert stages_run(again.stdout) == ALL_STAGES
+    assert out_hashes(repo) == torch_results
+    assert (repo / "dvc.lock").read_text() == lock
+
+    # Only the chosen framework's code is a dependency.
+    edit_module(repo, "keras_fit")
+    edit_module(repo, "keras_model")
+    assert status(repo) == {}
+    edit_module(repo, "torch_fit")
+    assert list(status(repo)) == ["train"]
+    rerun = dvc(repo, "repro")
+    # A comment retrains, and the same model bytes come out: nothing after train reruns.
+    assert stages_run(rerun.stdout) == ["train"] and out_hashes(repo) == torch_results
+
+    # Back to Keras, its code as it was: its results come back from the run-cache, with
+    # no training.
+    sh(repo, "git", "checkout", "--", "stages")
+    set_params(repo, train={"framework": "keras"})
+    back = dvc(repo, "repro")
+    assert not ran_training(back.stdout), back.stdout
+    assert "Stage 'train' is cached - skipping run" in back.stdout
+    assert out_hashes(repo) == keras_results
