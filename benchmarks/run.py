@@ -5,17 +5,24 @@
    alternating runs in one session so that machine noise hits both alike.
 2. Rendering: every mosaic, pasted one tile at a time with PIL as the original did,
    against stages.render_errors.tile (benchmarks/mosaics.py).
-3. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
-   otherwise) trained and evaluated by the stages once per `--seeds`, for test errors and
-   time: how much of a result is the seed.
+3. Frameworks: each of `--models` (default: mlp) trained by the train stage in Keras and
+   in PyTorch with the shipped params, twice each, alternating: training time, images/s,
+   peak RSS, test accuracy, and whether the forced rerun gave the same model bytes.
+   `--epochs N` shortens every recipe (for the convnets: speed and determinism in minutes;
+   their accuracy over seeds comes from 4.).
+4. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
+   otherwise) trained by `--framework` and evaluated by the stages once per `--seeds`, for
+   test errors and time: how much of a result is the seed.
 
-Usage: python -m benchmarks.run [--data PATH] [--repeats N] [--only train|mosaics|cnn]
-       [--model cnn|cnn_large] [--seeds 1 2 3]
+Usage: python -m benchmarks.run [--data PATH] [--repeats N]
+       [--only train|mosaics|frameworks|cnn] [--models mlp cnn] [--epochs N]
+       [--model cnn|cnn_large] [--framework keras|torch] [--seeds 1 2 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -136,14 +143,79 @@ def bench_cnn(data: Path, model: str, seeds: list[int], framework: str = "keras"
     return runs
 
 
+def model_digest(project: Path) -> str:
+    """One sha256 over every file of the train stage's model folder."""
+    digest = hashlib.sha256()
+    for f in sorted((project / paths()["model_dir"]).iterdir()):
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[dict]:
+    """Each model trained by each framework with the shipped params, twice (alternating
+    frameworks, so machine noise hits both alike); evaluated after the first run."""
+    projects = {}
+    for model in models:
+        for framework in ("keras", "torch"):
+            preset = {"train": {"framework": framework, "model": model}}
+            if epochs:
+                preset["train"][model] = {"epochs": epochs}
+            projects[model, framework] = prepare_project(data, preset)
+    runs = {key: [] for key in projects}
+    try:
+        for attempt in range(2):
+            for key, project in projects.items():
+                child = run_child(stage_command("train"), project)
+                runs[key].append({"seconds": train_seconds(child["stdout"]),
+                                  "peak_rss_mb": child["peak_rss_mb"],
+                                  "digest": model_digest(project)})
+                if attempt == 0:
+                    run_child(stage_command("evaluate"), project)
+                    runs[key][0]["metrics"] = json.loads(
+                        (project / paths()["metrics"]).read_text())
+        rows = []
+        for (model, framework), (first, second) in runs.items():
+            cfg = yaml.safe_load((projects[model, framework] / "params.yaml").read_text())
+            n_train = 60_000 - round(60_000 * cfg["train"][model]["val_fraction"])
+            n_epochs = cfg["train"][model]["epochs"]
+            seconds = min(first["seconds"], second["seconds"])
+            rows.append({"model": model, "framework": framework, "epochs": n_epochs,
+                         "train_seconds": [first["seconds"], second["seconds"]],
+                         "images_per_second": n_epochs * n_train / seconds,
+                         "peak_rss_mb": max(first["peak_rss_mb"], second["peak_rss_mb"]),
+                         "test_accuracy": first["metrics"]["accuracy"],
+                         "test_errors": first["metrics"]["errors"],
+                         "rerun_bit_identical": first["digest"] == second["digest"]})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for project in projects.values():
+            shutil.rmtree(project, ignore_errors=True)
+    return rows
+
+
+def frameworks_table(rows: list[dict]) -> str:
+    lines = ["| model | framework | epochs | training (s), run / rerun | images/s | peak RSS (MB) "
+             "| test accuracy (errors) | rerun bit-identical |", "|---" * 8 + "|"]
+    for r in rows:
+        first, second = r["train_seconds"]
+        lines.append(f"| {r['model']} | {r['framework']} | {r['epochs']} | {first:.1f} / "
+                     f"{second:.1f} | {r['images_per_second']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['test_accuracy']:.2%} ({r['test_errors']}) | "
+                     f"{'yes' if r['rerun_bit_identical'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
+    import keras
     import numpy as np
     import tensorflow as tf
+    import torch
 
     from stages.train import cpu_model
 
-    return (f"{cpu_model()}, {os.cpu_count()} cores, {platform.platform()}, "
-            f"Python {platform.python_version()}, TensorFlow {tf.__version__}, "
+    return (f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} "
+            f"cores, {platform.platform()}, Python {platform.python_version()}, TensorFlow "
+            f"{tf.__version__}, Keras {keras.__version__}, PyTorch {torch.__version__}, "
             f"NumPy {np.__version__}")
 
 
@@ -152,7 +224,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="full MNIST in the Keras .npz layout")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--only", choices=("train", "mosaics", "cnn"))
+    parser.add_argument("--only", choices=("train", "mosaics", "frameworks", "cnn"))
+    parser.add_argument("--models", nargs="+", choices=("mlp", "cnn", "cnn_large"),
+                        default=["mlp"], help="what --only frameworks trains")
+    parser.add_argument("--epochs", type=int, help="shorten every recipe (frameworks)")
     parser.add_argument("--model", choices=("cnn", "cnn_large"), default="cnn")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--framework", choices=("keras", "torch"), default="keras",
@@ -182,6 +257,10 @@ def main() -> None:
 
         print("\nrendering and neighbour search (benchmarks/mosaics.py)")
         print(json.dumps(mosaics.run(args.data), indent=2, sort_keys=True))
+    if args.only in (None, "frameworks"):
+        print(f"\nframeworks: {', '.join(args.models)} with the shipped params, each trained "
+              "twice by the train stage (evaluated after the first)")
+        print(frameworks_table(bench_frameworks(args.data, args.models, args.epochs)))
     if args.only == "cnn":
         print(f"\n{args.model} in {args.framework}, default params, seeds {args.seeds} "
               "(train + evaluate stages)")
