@@ -16,7 +16,7 @@ from stages.augment import DRAWS, affine_rows, is_off
 from stages.errors import stop_if_interrupted
 from stages.keras_env import keras, tf
 from stages.keras_model import build
-from stages.training import Curves, batch_order
+from stages.training import BestEpoch, Curves, batch_order
 
 
 def compile_model(cfg: dict, steps_per_epoch: int):
@@ -142,7 +142,7 @@ def fit(cfg: dict, data: dict, curves_dir):
     stop_if_interrupted()
     rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule in every framework
     chunk = cfg["steps_per_execution"]
-    best = (-1.0, None, 0)  # validation accuracy, weights, epoch
+    best = BestEpoch(cfg["restore_best"])
     curves = Curves(curves_dir, cfg["epochs"])
     tty = sys.stdout.isatty()
     for epoch in range(1, cfg["epochs"] + 1):
@@ -165,12 +165,9 @@ def fit(cfg: dict, data: dict, curves_dir):
             # The validation split steers training; the test set is never seen here.
             val = evaluate_split(eval_batch, x_val, y_val)
             logs |= {"eval/loss": val["loss"], "eval/accuracy": val["accuracy"]}
-            if cfg["restore_best"] and val["accuracy"] > best[0]:
-                best = (val["accuracy"], model.get_weights(), epoch)
+            best.offer(epoch, val["accuracy"], model.get_weights)
         curves.epoch(epoch, time.perf_counter() - started, logs, hits / n)
         stop_if_interrupted()
     curves.close(validated=bool(len(y_val)))
-    if best[1] is not None and best[2] != cfg["epochs"]:
-        print(f"restoring epoch {best[2]}: best validation accuracy {best[0]:.4f}")
-        model.set_weights(best[1])
+    best.restore(cfg["epochs"], model.set_weights)
     return model

@@ -20,7 +20,7 @@ from stages.augment import DRAWS, affine_rows, is_off
 from stages.errors import stop_if_interrupted
 from stages.torch_env import device, torch
 from stages.torch_model import build
-from stages.training import Curves, batches
+from stages.training import BestEpoch, Curves, batches
 
 F = torch.nn.functional
 KERAS_ADAM_EPSILON = 1e-7  # PyTorch's default is 1e-8
@@ -120,7 +120,7 @@ def fit(cfg: dict, data: dict, curves_dir):
         if cfg["lr_schedule"] == "cosine" else None)
     rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule in every framework
     generator = torch.Generator().manual_seed(cfg["seed"])  # augmentation draws
-    best = (-1.0, None, 0)  # validation accuracy, weights, epoch
+    best = BestEpoch(cfg["restore_best"])
     curves = Curves(curves_dir, cfg["epochs"])
     tty = sys.stdout.isatty()
     for epoch in range(1, cfg["epochs"] + 1):
@@ -139,12 +139,9 @@ def fit(cfg: dict, data: dict, curves_dir):
             # The validation split steers training; the test set is never seen here.
             val = evaluate(model, x_val, y_val)
             logs |= {"eval/loss": val["loss"], "eval/accuracy": val["accuracy"]}
-            if cfg["restore_best"] and val["accuracy"] > best[0]:
-                best = (val["accuracy"], copy.deepcopy(model.state_dict()), epoch)
+            best.offer(epoch, val["accuracy"], lambda: copy.deepcopy(model.state_dict()))
         curves.epoch(epoch, time.perf_counter() - started, logs, hits / n)
         stop_if_interrupted()
     curves.close(validated=bool(len(y_val)))
-    if best[1] is not None and best[2] != cfg["epochs"]:
-        print(f"restoring epoch {best[2]}: best validation accuracy {best[0]:.4f}")
-        model.load_state_dict(best[1])
+    best.restore(cfg["epochs"], model.load_state_dict)
     return model.cpu()

@@ -1,4 +1,5 @@
-"""What every framework's training loop shares: the batch order and the per-epoch report.
+"""What every framework's training loop shares: the batch order, the per-epoch report and
+the choice of the best epoch.
 
 The same seed gives the same batches in the same order under Keras and PyTorch, and both
 report each epoch the same way: one line on stdout (what `dvc repro` shows) and dvclive
@@ -63,3 +64,24 @@ class Curves:
                 series = Path(self.live.plots_dir) / "metrics" / "eval" / f"{name}.tsv"
                 series.parent.mkdir(parents=True, exist_ok=True)
                 series.write_text(f"step\t{name}\n")
+
+
+class BestEpoch:
+    """`restore_best`: keep the weights of the epoch with the best validation accuracy, and
+    put them back at the end if it was not the last one."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.accuracy, self.weights, self.epoch = -1.0, None, 0
+
+    def offer(self, epoch: int, accuracy: float, weights) -> None:
+        """weights: a function returning a copy of the current weights, called only when
+        this epoch is the best so far."""
+        if self.enabled and accuracy > self.accuracy:
+            self.accuracy, self.weights, self.epoch = accuracy, weights(), epoch
+
+    def restore(self, last_epoch: int, set_weights) -> None:
+        if self.weights is not None and self.epoch != last_epoch:
+            print(f"restoring epoch {self.epoch}: best validation accuracy "
+                  f"{self.accuracy:.4f}")
+            set_weights(self.weights)

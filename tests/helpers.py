@@ -141,6 +141,19 @@ def make_project(dest: Path, **sections) -> Path:
     return dest
 
 
+def status(repo: Path) -> dict:
+    """`dvc status --json`: the stages whose deps or params changed, by name."""
+    import json
+
+    return json.loads(dvc(repo, "status", "--json").stdout)
+
+
+def edit_module(repo: Path, name: str) -> None:
+    """Append a comment to stages/<name>.py: its hash changes, its behaviour does not."""
+    with open(repo / "stages" / f"{name}.py", "a") as f:
+        f.write("# edited by a test: a comment changes no result\n")
+
+
 def stages_run(output: str) -> list[str]:
     """Names of the stages `dvc repro` actually ran, in order."""
     return [line.split("'")[1] for line in output.splitlines()

@@ -22,15 +22,6 @@ PATHS = dvc_vars()
 ALL_STAGES = ["download", "normalize", "train", "evaluate", "render-errors"]
 
 
-def status(repo) -> dict:
-    return json.loads(dvc(repo, "status", "--json").stdout)
-
-
-def edit_module(repo, name: str) -> None:
-    with open(repo / "stages" / f"{name}.py", "a") as f:
-        f.write("# edited by a test: a comment changes no result\n")
-
-
 def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
     repo = trained_copy
     keras_results = out_hashes(repo)

@@ -99,6 +99,24 @@ def trained(trained_project, tmp_path_factory) -> Path:
 # --- SIGINT during `python -m stages.train` ------------------------------------------
 
 
+def test_ctrl_c_in_pytorch_training_is_one_line_and_keeps_the_previous_model(trained, tmp_path):
+    """PyTorch's loop stops between two batches (its stopping point), as Keras' does
+    between two chunks."""
+    repo = copy_project(trained, tmp_path / "p")
+    before = snapshot(repo, *TRAIN_OUTS)
+    set_params(repo, train={"framework": "torch", **LONG})
+    with busy_cores():
+        proc, lines = start(repo, sys.executable, "-m", "stages.train", *TRAIN_ARGS)
+        lines.wait_for("epoch 1/1000 ")
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    assert code == 130
+    assert proc.stderr.read() == ONE_LINE
+    assert "Traceback" not in lines.rest()
+    assert snapshot(repo, *TRAIN_OUTS) == before  # still the Keras model and its curves
+    assert temporaries(repo) == []
+
+
 @pytest.fixture(scope="module")
 def ctrl_c_train(trained, tmp_path_factory):
     repo = copy_project(trained, tmp_path_factory.mktemp("sigint") / "p")
@@ -159,7 +177,7 @@ def test_ctrl_c_or_sigterm_while_tensorflow_loads_is_one_line_too(trained, tmp_p
     set_params(repo, train=LONG)
     with busy_cores():
         proc, lines = start(repo, sys.executable, "-m", "stages.train", *TRAIN_ARGS)
-        lines.wait_for("train: mlp on ")  # printed just before TensorFlow is imported
+        lines.wait_for("train: mlp in keras on ")  # printed just before TensorFlow is imported
         proc.send_signal(sig)
         assert proc.wait(timeout=120) == code
     assert proc.stderr.read() == ONE_LINE
@@ -211,7 +229,7 @@ def test_ctrl_c_at_any_moment_stops_at_a_stopping_point_of_train(trained, tmp_pa
         proc, lines = start(repo, sys.executable, "-c", TRIALS, str(len(DELAYS)), *TRAIN_ARGS)
         for delay in DELAYS:
             # A trial that ends before it starts training (it should not) reports at once.
-            if lines.wait_for(("train: cnn on ", "RESULT ")).startswith("train: "):
+            if lines.wait_for(("train: cnn in keras on ", "RESULT ")).startswith("train: "):
                 time.sleep(delay)
                 proc.send_signal(signal.SIGINT)
                 sent = time.monotonic()
@@ -226,8 +244,9 @@ def test_ctrl_c_at_any_moment_stops_at_a_stopping_point_of_train(trained, tmp_pa
         # Raised by the stopping point, called from train's own code; no frame of TensorFlow,
         # Keras or dvclive is on the way: the interrupt never ran inside them.
         assert (raised_in, raiser) == ("stages/errors.py", "stop_if_interrupted"), outcome
-        assert callers[-1][0] == "stages/train.py"
-        assert all(f in ("<string>", "stages/train.py") for f, _ in callers), outcome
+        assert callers[-1][0] in ("stages/train.py", "stages/keras_fit.py")
+        assert all(f in ("<string>", "stages/train.py", "stages/keras_fit.py")
+                   for f, _ in callers), outcome
         assert outcome["kind"] == "Interrupted" and outcome["message"] == "SIGINT", outcome
         stops.add(callers[-1][1])
     assert stops <= {"train_and_save", "fit"}

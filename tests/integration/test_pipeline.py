@@ -26,12 +26,14 @@ from tests.helpers import (
     FIXTURE,
     dvc,
     dvc_vars,
+    edit_module,
     make_project,
     out_hashes,
     ran_training,
     set_params,
     shipped_params,
     stages_run,
+    status,
 )
 
 pytestmark = pytest.mark.slow
@@ -61,17 +63,6 @@ def read_csv(file, delimiter: str = ",") -> list[dict[str, str]]:
 def header_of(file) -> list[str]:
     with open(file, newline="") as f:
         return next(csv.reader(f))
-
-
-def status(repo) -> dict:
-    """`dvc status --json`: the stages whose deps or params changed, by name."""
-    return json.loads(dvc(repo, "status", "--json").stdout)
-
-
-def edit_module(repo, name: str) -> None:
-    """Append a comment to stages/<name>.py: its hash changes, its behaviour does not."""
-    with open(repo / "stages" / f"{name}.py", "a") as f:
-        f.write("# edited by a test: a comment changes no result\n")
 
 
 # --- one training, read by many -------------------------------------------------------

@@ -50,3 +50,27 @@ def test_curves_log_each_epoch_print_one_line_and_leave_empty_validation_series(
     for name in ("accuracy", "loss"):  # dvc.yaml plots them: present, empty
         assert (tmp_path / f"curves/plots/metrics/eval/{name}.tsv").read_text() == \
             f"step\t{name}\n"
+
+
+def test_best_epoch_keeps_the_best_and_restores_it_unless_it_was_the_last(capsys):
+    copies = []
+
+    def weights():
+        copies.append(len(copies))
+        return f"weights {len(copies)}"
+
+    best = training.BestEpoch(enabled=True)
+    for epoch, accuracy in enumerate([0.5, 0.9, 0.8, 0.9], start=1):
+        best.offer(epoch, accuracy, weights)
+    assert len(copies) == 2  # copied only when better: epochs 1 and 2
+    restored = []
+    best.restore(4, restored.append)
+    assert restored == ["weights 2"]
+    assert capsys.readouterr().out == "restoring epoch 2: best validation accuracy 0.9000\n"
+    best.offer(5, 0.95, weights)
+    best.restore(5, restored.append)  # the best is the last: nothing to put back
+    assert restored == ["weights 2"]
+    off = training.BestEpoch(enabled=False)
+    off.offer(1, 0.99, weights)
+    off.restore(2, restored.append)
+    assert len(copies) == 3 and restored == ["weights 2"]
