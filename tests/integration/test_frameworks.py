@@ -14,11 +14,18 @@ import json
 import pytest
 import yaml
 
-from tests.helpers import dvc, dvc_vars, out_hashes, ran_training, set_params, sh, stages_run
+from tests.helpers import (
+    dvc,
+    dvc_vars,
+    edit_module,
+    out_hashes,
+    ran_training,
+    set_params,
+    sh,
+    stages_run,
+    status,
+)
 
-pytestmark = pytest.mark.slow
-
-PATHS = dvc_vars()
 ALL_STAGES = ["download", "normalize", "train", "evaluate", "render-errors"]
 
 
