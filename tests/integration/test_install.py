@@ -1,0 +1,45 @@
+"""The two commands' installs, as `make` plans them on a fresh checkout (`make -n`: the
+commands it would run, none run): the default pipeline never installs PyTorch; the tests,
+which cover every framework, do."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from tests.helpers import ROOT
+
+
+def planned(tmp_path, target: str) -> str:
+    for name in ("Makefile", "requirements.lock", "requirements-torch.lock"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    proc = subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_make_repro_installs_the_main_lock_only(tmp_path):
+    plan = planned(tmp_path, "repro")
+    assert "pip install --quiet -r requirements.lock" in plan
+    assert "torch" not in plan
+    assert plan.rstrip().splitlines()[-1] == "dvc repro"
+
+
+@pytest.mark.parametrize("target", ["torch", "test", "bench"])
+def test_make_torch_test_and_bench_add_the_torch_lock(tmp_path, target):
+    plan = planned(tmp_path, target)
+    assert plan.index("-r requirements.lock") < plan.index("-r requirements-torch.lock")
+
+
+def test_the_torch_lock_keeps_every_version_of_the_main_lock():
+    def pins(name):
+        return dict(line.split("==") for line in (ROOT / name).read_text().splitlines()
+                    if "==" in line and not line.startswith((" ", "#")))
+
+    main, torch = pins("requirements.lock"), pins("requirements-torch.lock")
+    assert {k: torch[k] for k in main} == main
+    assert torch["torch"] == "2.13.0"  # the public version: any build of it, CPU or CUDA
+    assert "safetensors" in torch and "torch" not in main
