@@ -4,6 +4,7 @@ which cover every framework, do."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -15,8 +16,11 @@ from tests.helpers import ROOT
 def planned(tmp_path, target: str) -> str:
     for name in ("Makefile", "requirements.lock", "requirements-torch.lock"):
         shutil.copy2(ROOT / name, tmp_path / name)
-    proc = subprocess.run(["make", "-n", target], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
+    # As a user's shell runs it, not as a sub-make of `make test` (which would add
+    # "Entering directory" lines and the parent's flags).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
