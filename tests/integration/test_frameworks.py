@@ -26,6 +26,9 @@ from tests.helpers import (
     status,
 )
 
+pytestmark = pytest.mark.slow
+
+PATHS = dvc_vars()
 ALL_STAGES = ["download", "normalize", "train", "evaluate", "render-errors"]
 
 
