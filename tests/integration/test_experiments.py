@@ -16,6 +16,8 @@ import csv
 import io
 import json
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -29,6 +31,7 @@ from tests.helpers import (
     dvc,
     dvc_vars,
     ran_training,
+    run_env,
     set_params,
     sh,
     stages_run,
@@ -86,7 +89,14 @@ def lab(trained_project, tmp_path_factory):
     for name, recipe in GRID.items():
         dvc(repo, "exp", "run", "--queue", "-n", name, *overrides(model, recipe))
     started = time.monotonic()
-    dvc(repo, "queue", "start", "-j", "2")
+    # `dvc queue start` returns at once, but leaves a detached process behind that keeps
+    # the stdout and stderr it inherited while its workers live (one may idle on after
+    # "shutting down due to empty queue"). Into a file, not a pipe this test would wait
+    # on until its timeout; the queue's state is polled below.
+    with open(root / "queue-start.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo,
+                       env=run_env(), stdout=log, stderr=subprocess.STDOUT, check=True,
+                       timeout=120)
     try:
         status = wait_for_queue(repo)
     finally:
