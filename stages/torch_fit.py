@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from stages.augment import DRAWS, affine_rows, is_off
 from stages.errors import stop_if_interrupted
@@ -125,11 +126,7 @@ def fit(cfg: dict, data: dict, curves_dir):
     tty = sys.stdout.isatty()
     for epoch in range(1, cfg["epochs"] + 1):
         started = time.perf_counter()
-        bar = None
-        if tty:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False) if tty else None
         loss_sum, hits = train_epoch(model, optimizer, scheduler, x, y,
                                      batches(n, cfg["batch_size"], rng), cfg, generator, bar)
         if bar:
