@@ -140,17 +140,16 @@ def save(model: nn.Module, model_dir: Path) -> None:
 def load(model_dir: Path) -> nn.Module:
     """The network a model file holds, in eval mode; one line if it is not one of ours."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     path = Path(model_dir) / MODEL_FILE
     try:
-        with safe_open(path, "pt") as f:
+        with safe_open(path, "pt") as f:  # one read: the header's name, then the tensors
             name = (f.metadata() or {}).get("model")
-        if name not in MODELS:
-            raise DataError(f"{path}: names no network of this project ({name!r}); "
-                            f"expected one of {', '.join(MODELS)}")
-        model = MODELS[name]()
-        model.load_state_dict(load_file(path))
+            if name not in MODELS:
+                raise DataError(f"{path}: names no network of this project ({name!r}); "
+                                f"expected one of {', '.join(MODELS)}")
+            model = MODELS[name]()
+            model.load_state_dict({key: f.get_tensor(key) for key in f.keys()})
     except (OSError, SafetensorError, RuntimeError, ValueError) as err:
         raise DataError(f"{path}: cannot load the model ({err})") from None
     return model.eval()
