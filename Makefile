@@ -1,7 +1,8 @@
 # The two commands of the README: `make repro` runs the pipeline, `make test` the tests.
 # Both build .venv from the lock file once and reuse it while the lock is unchanged.
 # `make torch` adds PyTorch (train.framework: torch) from its own lock; `make test` and
-# `make bench` do it too, `make repro` never does.
+# `make bench` do it too, `make repro` never does. `make c-compiler` installs a C compiler
+# (train.framework: c) when the machine has none; `make repro`, `test` and `bench` do it.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -10,7 +11,7 @@ TORCH_STAMP := $(VENV)/.installed-torch-from-lock
 # DVC runs each stage's `python -m ...` through the shell: the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro torch test test-fast bench lock clean-venv system-deps
+.PHONY: repro torch c-compiler test test-fast bench lock clean-venv system-deps
 
 $(STAMP): requirements.lock
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -26,17 +27,30 @@ $(TORCH_STAMP): $(STAMP) requirements-torch.lock
 	$(VENV)/bin/python -m pip check
 	touch $@
 
-repro: $(STAMP)
+repro: $(STAMP) c-compiler
 	dvc repro
 
 torch: $(TORCH_STAMP)
 
-test: $(TORCH_STAMP) system-deps
+test: $(TORCH_STAMP) c-compiler system-deps
 	python -m pytest
 
 # The inner loop: every test that runs no dvc, trains nothing and starts no stage process.
-test-fast: $(TORCH_STAMP) system-deps
+test-fast: $(TORCH_STAMP) c-compiler system-deps
 	python -m pytest -m "not slow"
+
+# stages/c/mnist_mlp.c is built with the first of $$CC, cc, gcc, clang (stages/c/env.py);
+# with none, Debian's gcc and the C library's headers are installed when we are root.
+c-compiler:
+	@if [ -n "$$CC" ]; then command -v "$$CC" >/dev/null || { echo "CC=$$CC: not found"; exit 1; }; \
+	elif ! command -v cc >/dev/null && ! command -v gcc >/dev/null && ! command -v clang >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq --no-install-recommends gcc libc6-dev; \
+		else \
+			echo "train.framework c needs a C compiler (sudo apt-get install gcc)"; exit 1; \
+		fi; \
+	fi
 
 # The tests drive a real headless Chromium (the error page) and a real OpenSSH server (the
 # SSH remote). Installed from Debian's packages when missing and we are root.
@@ -53,7 +67,7 @@ system-deps:
 		fi; \
 	fi
 
-bench: $(TORCH_STAMP)
+bench: $(TORCH_STAMP) c-compiler
 	python -m benchmarks.run $(BENCH_ARGS)
 
 # Re-resolve exact versions after changing dependencies in pyproject.toml.

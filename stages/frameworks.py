@@ -1,17 +1,19 @@
 """The seam between the pipeline and the frameworks that train and run its networks.
 
-A framework F (`train.framework`) is three modules, found by name:
+A framework F (`train.framework`) is a folder, stages/F/, of three modules found by name:
 
-- stages/F_env.py:   imports F, `configure(seed, intra_op_threads, inter_op_threads)`
+- stages/F/env.py:   imports F, `configure(seed, intra_op_threads, inter_op_threads)`
                      (seeds, deterministic kernels, pinned threads), `versions()`;
-- stages/F_model.py: the networks, `MODEL_FILE`, `save(model, model_dir)`,
+- stages/F/model.py: the networks, `MODEL_FILE`, `save(model, model_dir)`,
                      `load(model_dir)` and `predict(model, x, batch_size)` -> N×10;
-- stages/F_fit.py:   `fit(cfg, data, curves_dir)` -> the trained model.
+- stages/F/fit.py:   `fit(cfg, data, curves_dir)` -> the trained model;
+
+and whatever else its training runs (the C framework's program source).
 
 The train stage trains through them; evaluate gets probabilities through `predict()`
 below, which reads from the model folder's run_info.json which framework made it. So
-everything after train is framework-agnostic, and dvc.yaml lists as deps exactly the
-chosen framework's modules.
+everything after train is framework-agnostic. dvc.yaml makes the chosen framework's folder
+a dep of train (all of it runs there) and its env and model modules deps of evaluate.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ RUN_INFO = "run_info.json"
 
 
 def module(framework: str, part: str):
-    """stages/{framework}_{part}.py, imported (part: env, model or fit)."""
-    return importlib.import_module(f"stages.{framework}_{part}")
+    """stages/{framework}/{part}.py, imported (part: env, model or fit)."""
+    return importlib.import_module(f"stages.{framework}.{part}")
 
 
 def framework_of(model_dir: Path) -> str:

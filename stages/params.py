@@ -19,8 +19,9 @@ from stages.errors import ParamError
 PARAMS_FILE = "params.yaml"
 SECTIONS = ("dataset", "download", "normalize", "train", "evaluate", "render")
 CLASSES = 10  # every network ends in 10 softmax outputs
-MODEL_NAMES = ("mlp", "cnn", "cnn_large")  # the networks of stages/*_model.py
-FRAMEWORKS = ("keras", "torch")  # each one stages/F_env.py, F_model.py, F_fit.py
+MODEL_NAMES = ("mlp", "cnn", "cnn_large")  # the networks of stages/*/model.py
+FRAMEWORKS = ("keras", "torch", "c")  # each one folder: stages/F/env.py, model.py, fit.py
+C_MODELS = ("mlp",)  # what the plain-C program (stages/c/mnist_mlp.c) implements
 DEVICES = ("cpu", "cuda")
 FORMATS = ("npz", "idx")
 IDX_NAMES = (  # the four files of a source in the original idx format
@@ -219,7 +220,13 @@ def train(p: dict) -> dict:
     if framework == "keras" and device != "cpu":
         raise _bad(f"{where}.device", device, "cpu with train.framework keras (the project "
                    "installs tensorflow-cpu); for a GPU use train.framework torch")
+    if framework == "c" and device != "cpu":
+        raise _bad(f"{where}.device", device, "cpu with train.framework c (the C program "
+                   "runs on the CPU)")
     model = choice(p, where, "model", MODEL_NAMES)
+    if framework == "c" and model not in C_MODELS:
+        raise _bad(f"{where}.model", model, f"{', '.join(C_MODELS)} with train.framework c "
+                   "(the plain-C program implements the original network only)")
     return {
         "framework": framework,
         "device": device,

@@ -149,7 +149,8 @@ def status(repo: Path) -> dict:
 
 
 def edit_module(repo: Path, name: str) -> None:
-    """Append a comment to stages/<name>.py: its hash changes, its behaviour does not."""
+    """Append a comment to stages/<name>.py (name: "train", "keras/fit"...): its hash
+    changes, its behaviour does not."""
     with open(repo / "stages" / f"{name}.py", "a") as f:
         f.write("# edited by a test: a comment changes no result\n")
 

@@ -1,9 +1,9 @@
-"""Train with PyTorch instead of Keras: same stages, same data, same outputs.
+"""Train with PyTorch or plain C instead of Keras: same stages, same data, same outputs.
 
-Real `dvc exp run -S train.framework=torch` and `dvc repro` on a copy of the session's
-trained (Keras) project: the stages after train run unchanged on the torch model, a forced
-rerun gives the same bits, each framework's code is a dependency only when it is chosen,
-and going back to Keras restores its results from DVC's run-cache without training.
+Real `dvc exp run -S train.framework=torch` (or `=c`) and `dvc repro` on a copy of the
+session's trained (Keras) project: the stages after train run unchanged on the new model, a
+forced rerun gives the same bits, each framework's code is a dependency only when it is
+chosen, and going back to Keras restores its results from DVC's run-cache without training.
 """
 
 from __future__ import annotations
@@ -72,10 +72,10 @@ def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
     assert (repo / "dvc.lock").read_text() == lock
 
     # Only the chosen framework's code is a dependency.
-    edit_module(repo, "keras_fit")
-    edit_module(repo, "keras_model")
+    edit_module(repo, "keras/fit")
+    edit_module(repo, "keras/model")
     assert status(repo) == {}
-    edit_module(repo, "torch_fit")
+    edit_module(repo, "torch/fit")
     assert list(status(repo)) == ["train"]
     rerun = dvc(repo, "repro")
     # A comment retrains, and the same model bytes come out: nothing after train reruns.
@@ -89,3 +89,48 @@ def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
     assert not ran_training(back.stdout), back.stdout
     assert "Stage 'train' is cached - skipping run" in back.stdout
     assert out_hashes(repo) == keras_results
+
+
+def test_c_trains_the_original_network_behind_the_same_stages_bit_reproducibly(trained_copy):
+    repo = trained_copy
+    keras_results = out_hashes(repo)
+    recipe = yaml.safe_load((repo / "params.yaml").read_text())["train"]["mlp"]
+
+    run = dvc(repo, "exp", "run", "-S", "train.framework=c", "-S", "train.model=mlp")
+    assert stages_run(run.stdout) == ["train", "evaluate", "render-errors"], run.stdout
+    assert "train: mlp in c on " in run.stdout and "GFLOP/s on 2 threads" in run.stdout
+    epochs = [line for line in run.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == recipe["epochs"]
+    model_dir = repo / PATHS["model_dir"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["model.bin", "run_info.json"]
+    info = json.loads((model_dir / "run_info.json").read_text())
+    assert (info["framework"], info["model"], info["model_file"]) == ("c", "mlp", "model.bin")
+    assert info["cc_version"] and "-march=native" in info["cflags"] and info["program_sha256"]
+    # The program was built outside the pipeline's outputs and deps, in the ignored build/.
+    assert list((repo / "build" / "c").glob("*/mnist_mlp"))
+    assert "build" not in sh(repo, "git", "status", "--porcelain").stdout
+
+    c_results = out_hashes(repo)
+    model_file = f"{PATHS['model_dir']}/model."
+    assert ({p for p in c_results if not p.startswith(model_file)}
+            == {p for p in keras_results if not p.startswith(model_file)})
+    metrics = json.loads((repo / PATHS["metrics"]).read_text())
+    assert 0.8 < metrics["accuracy"] <= 1  # 1500 fixture images, the original recipe
+
+    # Same params, same machine, new processes: every output byte for byte, dvc.lock as is.
+    lock = (repo / "dvc.lock").read_text()
+    again = dvc(repo, "repro", "--force")
+    assert stages_run(again.stdout) == ALL_STAGES
+    assert out_hashes(repo) == c_results
+    assert (repo / "dvc.lock").read_text() == lock
+
+    # The C program's source is train's dependency, and only when C trains.
+    edit_module(repo, "torch/fit")
+    assert status(repo) == {}
+    with open(repo / "stages/c/mnist_mlp.c", "a") as f:
+        f.write("/* edited by a test: a comment changes no result */\n")
+    assert list(status(repo)) == ["train"]
+    rerun = dvc(repo, "repro")
+    assert stages_run(rerun.stdout) == ["train"] and out_hashes(repo) == c_results
+    edit_module(repo, "c/model")  # how evaluate reads the model: train and evaluate
+    assert set(status(repo)) == {"train", "evaluate"}

@@ -244,8 +244,8 @@ def test_ctrl_c_at_any_moment_stops_at_a_stopping_point_of_train(trained, tmp_pa
         # Raised by the stopping point, called from train's own code; no frame of TensorFlow,
         # Keras or dvclive is on the way: the interrupt never ran inside them.
         assert (raised_in, raiser) == ("stages/errors.py", "stop_if_interrupted"), outcome
-        assert callers[-1][0] in ("stages/train.py", "stages/keras_fit.py")
-        assert all(f in ("<string>", "stages/train.py", "stages/keras_fit.py")
+        assert callers[-1][0] in ("stages/train.py", "stages/keras/fit.py")
+        assert all(f in ("<string>", "stages/train.py", "stages/keras/fit.py")
                    for f, _ in callers), outcome
         assert outcome["kind"] == "Interrupted" and outcome["message"] == "SIGINT", outcome
         stops.add(callers[-1][1])

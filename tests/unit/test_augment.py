@@ -26,11 +26,11 @@ def rows(u, n, rotation=0.0, shift=0.0, zoom=0.0) -> np.ndarray:
 def warp(framework: str, images: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Each framework's own resampling op on the same images and maps."""
     if framework == "keras":
-        from stages.keras_fit import tf, warp
+        from stages.keras.fit import tf, warp
 
         transforms = np.concatenate([affine, np.zeros((len(affine), 2), np.float32)], 1)
         return warp(tf.constant(images), tf.constant(transforms)).numpy()
-    from stages.torch_fit import torch, warp
+    from stages.torch.fit import torch, warp
 
     return warp(torch.from_numpy(images), torch.from_numpy(affine)).numpy()
 

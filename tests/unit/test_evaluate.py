@@ -55,7 +55,7 @@ def model_dir(tmp_path_factory):
     """An untrained mlp, saved as the train stage saves it (fixed seed: fixed weights)."""
     import keras
 
-    from stages import keras_model
+    from stages.keras import model as keras_model
 
     keras.utils.set_random_seed(0)
     folder = tmp_path_factory.mktemp("model") / "model"

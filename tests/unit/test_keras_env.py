@@ -1,4 +1,4 @@
-"""stages/keras_env.py: TensorFlow imported quietly, then seeded and pinned for bit-exact runs."""
+"""stages/keras/env.py: TensorFlow imported quietly, then seeded and pinned for bit-exact runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.helpers import ROOT, run_env
 
 PROBE = textwrap.dedent("""
     import numpy as np
-    from stages.keras_env import configure, tf  # first: TensorFlow's import, quietly
+    from stages.keras.env import configure, tf  # first: TensorFlow's import, quietly
     from tensorflow.python.framework.config import is_op_determinism_enabled
 
     def draws(seed):

@@ -1,4 +1,4 @@
-"""stages/keras_fit.py: the loss, the seeded augmentation and fitting, in Keras."""
+"""stages/keras/fit.py: the loss, the seeded augmentation and fitting, in Keras."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tests.helpers import fixture_data, toy_digits, train_cfg
 
 
 def test_label_smoothing_moves_the_loss_minimum_to_the_smoothed_targets():
-    from stages.keras_fit import training_loss
+    from stages.keras.fit import training_loss
 
     labels = np.array([3, 7], np.int32)
     sure = np.full((2, 10), 1e-6, np.float32)
@@ -29,7 +29,7 @@ def test_label_smoothing_moves_the_loss_minimum_to_the_smoothed_targets():
 
 
 def test_augment_is_seeded_by_run_and_step_stays_in_range_and_is_off_at_zero():
-    from stages.keras_fit import augment, tf
+    from stages.keras.fit import augment, tf
 
     x = tf.constant((fixture_data()["x_train"][:6] / 255).astype(np.float32))
     assert augment(x, tf.constant([1, 2], tf.int64), 0.0, 0.0, 0.0) is x
@@ -46,7 +46,7 @@ def test_augment_is_seeded_by_run_and_step_stays_in_range_and_is_off_at_zero():
 def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch):
     """A few steps on separable toy data: loss falls, and the same seed gives same weights."""
     monkeypatch.chdir(tmp_path)
-    from stages.keras_fit import fit, tf
+    from stages.keras.fit import fit, tf
 
     # Threads are fixed once per process (the stage does it first thing); here only the
     # determinism switch matters, and fit() seeds itself.

@@ -191,7 +191,7 @@ def test_restore_best_needs_a_validation_split():
 
 def test_unknown_framework_and_device_list_the_allowed_names():
     assert rejects("train.framework", "jax", "train.framework") == \
-        "train.framework: got 'jax'; allowed: one of keras, torch"
+        "train.framework: got 'jax'; allowed: one of keras, torch, c"
     assert rejects("train.device", "tpu", "train.device") == \
         "train.device: got 'tpu'; allowed: one of cpu, cuda"
 
@@ -205,6 +205,21 @@ def test_a_gpu_is_for_torch_only():
     values["train"]["framework"] = "torch"
     assert params.check(values)["train"] | {} == expected_train("cnn") | {
         "framework": "torch", "device": "cuda"}
+
+
+def test_c_trains_the_original_network_on_the_cpu_only():
+    values = edited("train.framework", "c")  # the shipped model is the cnn
+    with pytest.raises(ParamError) as info:
+        params.check(values)
+    assert str(info.value) == (
+        "train.model: got 'cnn'; allowed: mlp with train.framework c (the plain-C program "
+        "implements the original network only)")
+    values["train"]["model"] = "mlp"
+    assert params.check(values)["train"] == expected_train("mlp") | {"framework": "c"}
+    values["train"]["device"] = "cuda"
+    with pytest.raises(ParamError, match=r"^train\.device: got 'cuda'; allowed: cpu with "
+                                         r"train\.framework c"):
+        params.check(values)
 
 
 def test_unknown_model_lists_the_allowed_names():

@@ -1,4 +1,4 @@
-"""stages/torch_fit.py: the seeded augmentation and fitting, in PyTorch."""
+"""stages/torch/fit.py: the seeded augmentation and fitting, in PyTorch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tests.helpers import fixture_data, toy_digits, train_cfg
 
 
 def test_augment_is_seeded_stays_in_range_and_is_off_at_zero():
-    from stages.torch_fit import augment
+    from stages.torch.fit import augment
 
     x = torch.from_numpy((fixture_data()["x_train"][:6] / 255).astype(np.float32))
 
@@ -25,8 +25,8 @@ def test_augment_is_seeded_stays_in_range_and_is_off_at_zero():
 
 
 def test_evaluate_is_the_mean_cross_entropy_and_accuracy():
-    from stages.torch_fit import evaluate
-    from stages.torch_model import build
+    from stages.torch.fit import evaluate
+    from stages.torch.model import build
 
     model = build("mlp")
     x = torch.rand(30, 28, 28)
@@ -44,9 +44,9 @@ def test_evaluate_is_the_mean_cross_entropy_and_accuracy():
 def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch, schedule):
     """A few steps on separable toy data: loss falls, the same seed gives the same bits."""
     monkeypatch.chdir(tmp_path)
-    from stages.torch_env import configure
-    from stages.torch_fit import fit
-    from stages.torch_model import predict
+    from stages.torch.env import configure
+    from stages.torch.fit import fit
+    from stages.torch.model import predict
 
     configure(0, 1, 1)
     data, x_val, y_val = toy_digits()

@@ -69,6 +69,8 @@ def test_run_info_names_the_framework_and_model_and_what_the_bits_depend_on(fram
 
         assert (info["tensorflow"], info["keras"], info["model_file"]) == (
             tf.__version__, keras.__version__, "model.keras")
+    elif framework == "c":
+        assert info["model_file"] == "model.bin" and info["cc"] and info["cc_version"]
     else:
         import torch
 
@@ -100,7 +102,8 @@ def test_cli_refuses_a_split_that_leaves_no_validation_image(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("framework, model_file", [("keras", "model.keras"),
-                                                   ("torch", "model.safetensors")])
+                                                   ("torch", "model.safetensors"),
+                                                   ("c", "model.bin")])
 def test_cli_trains_the_chosen_model_and_writes_model_curves_and_run_info(
         tmp_path, framework, model_file):
     repo = project(tmp_path, framework=framework, mlp={"val_fraction": 0.1})

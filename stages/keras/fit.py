@@ -2,7 +2,7 @@
 
 `fit(cfg, data, curves_dir)` trains the network `cfg["model"]` names with its recipe and
 returns the Keras model. The stage (stages/train.py) has already split the data, seeded
-everything and pinned the threads (stages/keras_env.py).
+everything and pinned the threads (stages/keras/env.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 
 from stages.augment import DRAWS, affine_rows, is_off
 from stages.errors import stop_if_interrupted
-from stages.keras_env import keras, tf
-from stages.keras_model import build
+from stages.keras.env import keras, tf
+from stages.keras.model import build
 from stages.training import BestEpoch, Curves, batch_order
 
 

@@ -5,7 +5,7 @@
 - cnn_large: a wider, deeper variant for users with more time or a GPU.
 
 Each is a plain Keras model ending in softmax (augmentation happens in the training step,
-see stages/keras_fit.py), so the saved file needs no code of ours to load:
+see stages/keras/fit.py), so the saved file needs no code of ours to load:
 `keras.models.load_model("data/model/model.keras")`.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from stages.dataset import IMAGE_SIDE
 from stages.errors import DataError
-from stages.keras_env import keras
+from stages.keras.env import keras
 from stages.outputs import atomic_path
 
 MODEL_FILE = "model.keras"

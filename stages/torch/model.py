@@ -1,6 +1,6 @@
 """The PyTorch networks `train.model` can name, and their model file: save, load, predict.
 
-The same three networks as stages/keras_model.py, layer for layer, written as PyTorch
+The same three networks as stages/keras/model.py, layer for layer, written as PyTorch
 users write them: `nn.Module`s whose forward() returns logits (the softmax is in the
 loss, F.cross_entropy, and in predict()). Two conventions are set to Keras' so that one
 recipe means the same training in both frameworks:
@@ -29,7 +29,7 @@ import numpy as np
 from stages.dataset import IMAGE_SIDE
 from stages.errors import DataError
 from stages.outputs import atomic_path
-from stages.torch_env import torch
+from stages.torch.env import torch
 
 nn = torch.nn
 

@@ -2,8 +2,8 @@
 
 `fit(cfg, data, curves_dir)` trains the network `cfg["model"]` names with its recipe and
 returns the module, on the CPU. The stage (stages/train.py) has already split the data,
-seeded everything and pinned the threads (stages/torch_env.py). Same recipe, same rules
-as stages/keras_fit.py: the same batches in the same order (stages/training.py), Adam
+seeded everything and pinned the threads (stages/torch/env.py). Same recipe, same rules
+as stages/keras/fit.py: the same batches in the same order (stages/training.py), Adam
 with Keras' epsilon, the same cosine decay per step, label smoothing over the 10 classes,
 and augmentation drawn from the same distribution of affine maps (stages/augment.py).
 """
@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from stages.augment import DRAWS, affine_rows, is_off
 from stages.errors import stop_if_interrupted
-from stages.torch_env import device, torch
-from stages.torch_model import build
+from stages.torch.env import device, torch
+from stages.torch.model import build
 from stages.training import BestEpoch, Curves, batches
 
 F = torch.nn.functional

@@ -1,0 +1,1 @@
+"""Keras (TensorFlow): its env, networks and model file, and its training loop."""

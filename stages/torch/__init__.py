@@ -1,0 +1,1 @@
+"""PyTorch: its env, networks and model file, and its training loop."""
