@@ -5,9 +5,11 @@
    alternating runs in one session so that machine noise hits both alike.
 2. Rendering: every mosaic, pasted one tile at a time with PIL as the original did,
    against stages.render_errors.tile (benchmarks/mosaics.py).
-3. Frameworks: each of `--models` (default: mlp) trained by the train stage in Keras and
-   in PyTorch with the shipped params, twice each, alternating: training time, images/s,
-   peak RSS, test accuracy, and whether the forced rerun gave the same model bytes.
+3. Frameworks: each of `--models` (default: mlp) trained by the train stage in Keras, in
+   PyTorch and (the mlp) in plain C with the shipped params, twice each, alternating:
+   training time, images/s, the arithmetic (dense GFLOP/s against the CPU's peak; C's
+   executed GFLOP/s, which skips zero pixels), peak RSS, test accuracy, and whether the
+   forced rerun gave the same model bytes.
    `--epochs N` shortens every recipe (for the convnets: speed and determinism in minutes;
    their accuracy over seeds comes from 4.).
 4. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
@@ -161,7 +163,7 @@ def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[
     frameworks, so machine noise hits both alike); evaluated after the first run."""
     projects = {}
     for model in models:
-        for framework in ("keras", "torch"):
+        for framework in ("keras", "torch", "c") if model == "mlp" else ("keras", "torch"):
             preset = {"train": {"framework": framework, "model": model}}
             if epochs:
                 preset["train"][model] = {"epochs": epochs}
@@ -173,6 +175,7 @@ def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[
                 child = run_child(stage_command("train"), project)
                 runs[key].append({"seconds": train_seconds(child["stdout"]),
                                   "images": trained_images(child["stdout"]),
+                                  **arithmetic(child["stdout"]),
                                   "peak_rss_mb": child["peak_rss_mb"],
                                   "digest": model_digest(project)})
                 if attempt == 0:
@@ -184,7 +187,14 @@ def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[
             cfg = yaml.safe_load((projects[model, framework] / "params.yaml").read_text())
             n_epochs = cfg["train"][model]["epochs"]
             seconds = min(first["seconds"], second["seconds"])
-            rows.append({"model": model, "framework": framework, "epochs": n_epochs,
+            per_image = dense_flops_per_image(model)
+            fastest = min((first, second), key=lambda run: run["seconds"])
+            extra = {}
+            if per_image:
+                extra["dense_gflops"] = n_epochs * first["images"] * per_image / seconds / 1e9
+            if "executed_gflop" in fastest:
+                extra["executed_gflops"] = fastest["executed_gflop"] / fastest["program_seconds"]
+            rows.append({"model": model, "framework": framework, "epochs": n_epochs, **extra,
                          "train_seconds": [first["seconds"], second["seconds"]],
                          "images_per_second": n_epochs * first["images"] / seconds,
                          "peak_rss_mb": max(first["peak_rss_mb"], second["peak_rss_mb"]),
@@ -198,15 +208,60 @@ def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[
     return rows
 
 
+def dense_flops_per_image(model: str) -> int | None:
+    """Floating-point operations one training image costs a dense implementation of the
+    mlp (a multiply-add counts 2): forward 784×128 and 128×10, backward the gradients of
+    both weight matrices and of the hidden layer (none for the input). The per-step Adam
+    update and the elementwise work (ReLU, dropout, softmax) are left out: under 3%."""
+    if model != "mlp":
+        return None
+    return 2 * (784 * 128 + 128 * 10) + 2 * (784 * 128 + 128 * 10 + 128 * 10)
+
+
+def peak_gflops() -> tuple[float, str]:
+    """The CPU's peak float32 GFLOP/s for the widest FMA it has, on all its cores, at the
+    clock /proc/cpuinfo reports (a VM's nominal clock: boost would raise it)."""
+    info = Path("/proc/cpuinfo").read_text()
+    flags = set(re.search(r"^flags\s*:(.*)$", info, re.M).group(1).split())
+    mhz = float(re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M).group(1))
+    if "avx512f" in flags:
+        isa, per_cycle = "AVX-512 FMA", 2 * 16 * 2  # two 512-bit FMA units
+    elif {"avx2", "fma"} <= flags:
+        isa, per_cycle = "AVX2 FMA", 2 * 8 * 2  # two 256-bit FMA units
+    else:
+        isa, per_cycle = "SSE", 2 * 4
+    cores = os.cpu_count()
+    peak = cores * per_cycle * mhz / 1000
+    return peak, (f"{cores} cores × {per_cycle} FLOP/cycle ({isa}) × {mhz / 1000:.2f} GHz "
+                  f"= {peak:.0f} GFLOP/s")
+
+
+def arithmetic(stdout: str) -> dict:
+    """The C program's own count: `arithmetic: X GFLOP executed (D dense) in Ts = G GFLOP/s`."""
+    found = re.search(r"arithmetic: ([\d.]+) GFLOP executed \(([\d.]+) dense\) in ([\d.]+)s",
+                      stdout)
+    return ({"executed_gflop": float(found[1]), "program_dense_gflop": float(found[2]),
+             "program_seconds": float(found[3])} if found else {})
+
+
 def frameworks_table(rows: list[dict]) -> str:
-    lines = ["| model | framework | epochs | training (s), run / rerun | images/s | peak RSS (MB) "
-             "| test accuracy (errors) | rerun bit-identical |", "|---" * 8 + "|"]
+    peak, how = peak_gflops()
+    lines = ["| model | framework | epochs | training (s), run / rerun | images/s | dense "
+             "GFLOP/s (% of peak) | peak RSS (MB) | test accuracy (errors) | rerun "
+             "bit-identical |", "|---" * 9 + "|"]
     for r in rows:
         first, second = r["train_seconds"]
+        dense = (f"{r['dense_gflops']:.1f} ({r['dense_gflops'] / peak:.1%})"
+                 if r.get("dense_gflops") else "–")
+        if r.get("executed_gflops"):
+            dense += f"; executed {r['executed_gflops']:.1f}"
         lines.append(f"| {r['model']} | {r['framework']} | {r['epochs']} | {first:.1f} / "
-                     f"{second:.1f} | {r['images_per_second']:.0f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['test_accuracy']:.2%} ({r['test_errors']}) | "
-                     f"{'yes' if r['rerun_bit_identical'] else 'NO'} |")
+                     f"{second:.1f} | {r['images_per_second']:.0f} | {dense} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['test_accuracy']:.2%} "
+                     f"({r['test_errors']}) | {'yes' if r['rerun_bit_identical'] else 'NO'} |")
+    lines.append(f"\nPeak: {how}. Dense GFLOP/s: the dense implementation's operations "
+                 "(benchmarks/run.py dense_flops_per_image) over the training time; "
+                 "executed: what the C program counted doing (it skips zero pixels).")
     return "\n".join(lines)
 
 

@@ -55,7 +55,7 @@ def threads() -> int:
     return _threads
 
 
-# What fit() built: the program's source hash and whether OpenMP was on (for run_info).
+# How fit() built the program: its flags and whether OpenMP was on (for run_info).
 built: dict = {}
 
 

@@ -47,3 +47,21 @@ def test_the_torch_lock_keeps_every_version_of_the_main_lock():
     assert {k: torch[k] for k in main} == main
     assert torch["torch"] == "2.13.0"  # the public version: any build of it, CPU or CUDA
     assert "safetensors" in torch and "torch" not in main
+
+
+@pytest.mark.parametrize("target", ["repro", "test", "bench"])
+def test_make_repro_test_and_bench_install_a_c_compiler_when_there_is_none(tmp_path, target):
+    plan = planned(tmp_path, target)
+    check = next(line for line in plan.splitlines() if "command -v cc" in line)
+    assert "command -v gcc" in check and "command -v clang" in check
+    assert "apt-get install -y -qq --no-install-recommends gcc libc6-dev" in plan
+
+
+def test_a_compiler_named_by_cc_that_is_not_there_stops_make_with_one_line(tmp_path):
+    shutil.copy2(ROOT / "Makefile", tmp_path / "Makefile")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    proc = subprocess.run(["make", "--no-print-directory", "c-compiler"], cwd=tmp_path,
+                          env=env | {"CC": "no-such-cc"}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert proc.stdout == "CC=no-such-cc: not found\n"

@@ -117,6 +117,35 @@ def test_ctrl_c_in_pytorch_training_is_one_line_and_keeps_the_previous_model(tra
     assert temporaries(repo) == []
 
 
+@pytest.mark.parametrize("signum, to_group, code", [
+    (signal.SIGINT, True, 130),    # Ctrl-C in a terminal: the stage and the program get it
+    (signal.SIGINT, False, 130),   # the stage alone: it stops the program
+    (signal.SIGTERM, False, 143),
+], ids=["ctrl-c", "sigint-to-the-stage", "sigterm-to-the-stage"])
+def test_interrupting_c_training_is_one_line_and_leaves_no_program_running(
+        trained, tmp_path, signum, to_group, code):
+    """The C program runs as a child of the stage; however the signal arrives, the stage
+    ends with its one line, keeps the previous model and leaves no program behind."""
+    repo = copy_project(trained, tmp_path / "p")
+    before = snapshot(repo, *TRAIN_OUTS)
+    set_params(repo, train={"framework": "c", "mlp": {"epochs": 10_000}})
+    proc, lines = start(repo, sys.executable, "-m", "stages.train", *TRAIN_ARGS)
+    lines.wait_for("epoch 2/10000 ")
+    programs = [c for c in psutil.Process(proc.pid).children() if c.name() == "mnist_mlp"]
+    assert len(programs) == 1
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    assert proc.wait(timeout=60) == code
+    assert proc.stderr.read() == ONE_LINE
+    assert "Traceback" not in lines.rest()
+    psutil.wait_procs(programs, timeout=10)
+    assert not programs[0].is_running()
+    assert snapshot(repo, *TRAIN_OUTS) == before
+    assert temporaries(repo) == []
+
+
 @pytest.fixture(scope="module")
 def ctrl_c_train(trained, tmp_path_factory):
     repo = copy_project(trained, tmp_path_factory.mktemp("sigint") / "p")
