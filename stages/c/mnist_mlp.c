@@ -41,12 +41,12 @@
  * bits times 2^-24. Streams and counters: INIT, the parameter's index in the model file;
  * SHUFFLE, the epoch (seeding a sequential splitmix64 generator that drives Fisher-Yates);
  * DROPOUT, draw * 128 + unit; AUGMENT, draw * 5 + k for the map's five numbers; where draw =
- * step * batch_size + the image's place in its batch. No number depends on who draws it, when.
+ * step * batch_size + the image's place in its batch. No number depends on the threads.
  *
- * Threads, and why their number changes no bit. A step is one OpenMP parallel region of four
- * phases, with a barrier between phases; each phase splits its work by what it writes:
- *   1. images: each thread lists the nonzero pixels of its share of the batch (warped first
- *      when augmenting);
+ * Threads, and why their number changes no bit. A step is one OpenMP parallel region of up to
+ * four phases, with a barrier between phases; each phase splits its work by what it writes:
+ *   1. images, when augmenting: each thread warps its share of the batch and lists the warped
+ *      images' nonzero pixels (otherwise the lists are made once, before training);
  *   2. hidden units: each thread computes its units of layer 1 (ReLU, dropout) for every image;
  *   3. images: layer 2, softmax, loss and the gradient back to layer 1 (dh), image by image;
  *      and pixels: each thread sorts its range of pixels into the batch's buckets (below);
@@ -336,7 +336,7 @@ static int write_idx(const char *path, const void *values, int n, int width, int
 /* The parameters; Adam's two moments and the gradients share this layout. W1 is stored in
    panels of PANEL hidden units, w1[q][p][k] = W1[p][q * PANEL + k]: a thread owns whole
    panels, which are contiguous, so no two threads ever touch the same cache line of W1 or of
-   its moments. (With plain rows, two threads updating the two halves of every row ran 3-5x
+   its moments. (With plain rows, two threads updating the two halves of every row ran 2-5x
    slower, the cache lines bouncing between the cores.) */
 enum { PANEL = 32, PANELS = HIDDEN / PANEL };
 typedef struct {
@@ -350,7 +350,7 @@ typedef struct {
 static float *param_at(Params *p, int i)
 {
     if (i < INPUTS * HIDDEN)
-        return &p->w1[i % HIDDEN / PANEL][i / HIDDEN][i % PANEL];
+        return &p->w1[(i % HIDDEN) / PANEL][i / HIDDEN][i % PANEL];
     if ((i -= INPUTS * HIDDEN) < HIDDEN)
         return &p->b1[i];
     if ((i -= HIDDEN) < HIDDEN * OUTPUTS)
@@ -629,13 +629,9 @@ typedef struct {
     int threads_used;
 } Trainer;
 
-/* Phase 1, image b (dataset image `index`): its nonzero pixels, warped if augmenting. */
-static void prepare_input(Trainer *t, int index, int b, uint64_t draw)
+/* Phase 1 (augmenting only), image b (dataset image `index`): its warped nonzero pixels. */
+static void warp_input(Trainer *t, int index, int b, uint64_t draw)
 {
-    if (!t->augment) {
-        t->input[b] = t->sparse[index];
-        return;
-    }
     uint16_t *pixel = t->warped_pixel + (size_t)b * (INPUTS + 1);
     float *value = t->warped_value + (size_t)b * (INPUTS + 1);
     int count = warp_nonzeros(t->pixels + (size_t)index * INPUTS, t->augment, t->augment_key,
@@ -776,11 +772,14 @@ static void update_units(Trainer *t, int batch, int c0, int c1, int thread, cons
     }
 }
 
-/* One step on the batch images[0..batch-1] (dataset indices); `step` counts from 0. */
+/* One step on the batch images[0..batch-1] (dataset indices); `step` counts from 0. Without
+   augmentation, phase 1 is copying pointers: the main thread does it, saving a barrier. */
 static void train_step(Trainer *t, const int *images, int batch, uint64_t step,
                        const AdamStep *s)
 {
     uint64_t first_draw = step * (uint64_t)t->batch_size;
+    for (int b = 0; !t->augment && b < batch; b++) /* phase 1 without augmentation */
+        t->input[b] = t->sparse[images[b]];
     OMP("omp parallel")
     {
         int thread = thread_index(), threads = thread_count(), b0, b1, c0, c1, p0, p1;
@@ -788,9 +787,11 @@ static void train_step(Trainer *t, const int *images, int batch, uint64_t step,
         share(PANELS, threads, thread, &c0, &c1);  /* hidden units, by whole panels */
         c0 *= PANEL, c1 *= PANEL;
         share(INPUTS, threads, thread, &p0, &p1);  /* pixels */
-        for (int b = b0; b < b1; b++)
-            prepare_input(t, images[b], b, first_draw + (uint64_t)b);
-        OMP("omp barrier")
+        if (t->augment) {
+            for (int b = b0; b < b1; b++)
+                warp_input(t, images[b], b, first_draw + (uint64_t)b);
+            OMP("omp barrier")
+        }
         hidden_units(t, batch, first_draw, c0, c1);
         OMP("omp barrier")
         for (int b = b0; b < b1; b++)
@@ -943,6 +944,8 @@ static void train(const TrainOptions *o)
     Trainer t = make_trainer(params, pixels, labels, n, o->batch_size, o->seed, 0.2,
                              o->label_smoothing, augmenting ? aug : NULL);
     t.adam_m = m, t.adam_v = v;
+    if (!augmenting) /* the nonzero lists are all that training reads */
+        free(pixels), t.pixels = NULL;
     int *order = allocate((size_t)n, sizeof(int)), best_epoch = 0;
     uint64_t steps_per_epoch = ((uint64_t)n + o->batch_size - 1) / o->batch_size;
     uint64_t total_steps = steps_per_epoch * o->epochs, step = 0, executed = 0, dense = 0;
