@@ -13,6 +13,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ def build() -> Path:
         # Built aside and renamed in: a half-written program is never run, and two runs
         # building at once both end with a complete one.
         partial = program.with_name(f".mnist_mlp.{os.getpid()}.tmp")
+        started = time.perf_counter()
         try:
             done = subprocess.run([cc, *flags, "-o", str(partial), str(SOURCE), *env.LIBS],
                                   capture_output=True, text=True, timeout=BUILD_TIMEOUT)
@@ -57,6 +59,8 @@ def build() -> Path:
             raise PipelineError(f"building {SOURCE.name} with {cc} failed: {err}") from None
         if done.returncode == 0:
             partial.replace(program)
+            print(f"built {SOURCE.name} in {time.perf_counter() - started:.1f}s: {cc} "
+                  f"{' '.join(flags)} ({version})", flush=True)
             return program
         partial.unlink(missing_ok=True)
         if not openmp:
