@@ -29,6 +29,7 @@ IDX_NAMES = (  # the four files of a source in the original idx format
     "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
 )
 THREADS = (1, 1024)
+MAX_WORKERS = 64  # train.workers: processes of one data-parallel training
 MAX_BATCH = 65_536
 MAX_CLASS_NAME = 24  # characters: names are drawn beside images on the error sheets
 
@@ -213,7 +214,7 @@ def train(p: dict) -> dict:
     """The shared settings plus the recipe of the model `train.model` names, flattened."""
     where = "train"
     check_keys(p, where, {"framework", "device", "model", "seed", "steps_per_execution",
-                          "intra_op_threads", "inter_op_threads", *MODEL_NAMES})
+                          "intra_op_threads", "inter_op_threads", "workers", *MODEL_NAMES})
     recipes = {name: recipe(p[name], f"{where}.{name}") for name in MODEL_NAMES}
     framework = choice(p, where, "framework", FRAMEWORKS)
     device = choice(p, where, "device", DEVICES)
@@ -227,9 +228,19 @@ def train(p: dict) -> dict:
     if framework == "c" and model not in C_MODELS:
         raise _bad(f"{where}.model", model, f"{', '.join(C_MODELS)} with train.framework c "
                    "(the plain-C program implements the original network only)")
+    workers = integer(p, where, "workers", 1, MAX_WORKERS)
+    if workers > 1 and framework != "torch":
+        raise _bad(f"{where}.workers", workers, f"1 with train.framework {framework}: "
+                   "data-parallel training runs on PyTorch's torch.distributed (Keras 3's "
+                   "multi-worker path on TensorFlow is broken: keras-team/keras#20585)")
+    batch = recipes[model]["batch_size"]
+    if batch % workers:
+        raise _bad(f"{where}.workers", workers, f"a divisor of train.{model}.batch_size "
+                   f"({batch}): every worker takes an equal share of each batch")
     return {
         "framework": framework,
         "device": device,
+        "workers": workers,
         "model": model,
         "seed": integer(p, where, "seed", 0, 2**31 - 1),
         "steps_per_execution": integer(p, where, "steps_per_execution", 1, 100_000),

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def run_info(cfg: dict, framework_versions: dict, model_file: str) -> dict:
         "model": cfg["model"],
         "model_file": model_file,
         "device": cfg["device"],
+        "workers": cfg["workers"],
         "python": platform.python_version(),
         "numpy": np.__version__,
         **framework_versions,
@@ -65,17 +67,40 @@ def run_info(cfg: dict, framework_versions: dict, model_file: str) -> dict:
     }
 
 
-def train_and_save(args) -> None:
+def worker() -> tuple[int, int, int]:
+    """(rank, world size, workers on this machine) when a torch.distributed launcher
+    started this process as one of several workers, else (0, 1, 1)."""
+    env = os.environ
+    return (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+            int(env.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def train_and_save(args, argv: list[str]) -> None:
     """The stage's work; stop_if_interrupted() marks where Ctrl-C may end it."""
     cfg = params.load()["train"]
+    rank, size, local = worker()
+    if cfg["workers"] > 1 and "RANK" not in os.environ:
+        # The stage itself: start the workers (each runs this command) and wait for them.
+        print(f"train: {cfg['model']} in {cfg['framework']} on {cfg['workers']} workers "
+              "(torch.distributed)", flush=True)
+        frameworks.module(cfg["framework"], "fit").launch(cfg, argv)
+        print(f"train: {cfg['model']} for {cfg['epochs']} epochs on {cfg['workers']} "
+              f"workers -> {args.model_dir}")
+        return
+    if size != cfg["workers"]:
+        raise DataError(f"started as one of {size} workers, but train.workers is "
+                        f"{cfg['workers']}: every machine must run the same params.yaml")
+    # The machine's threads shared between its workers (at least one each).
+    cfg["intra_op_threads"] = max(1, cfg["intra_op_threads"] // local)
     data = load_processed(args.data, only=("x_train", "y_train"))
     train_idx, val_idx = split(len(data["y_train"]), cfg["val_fraction"], cfg["seed"])
     x, y = data.pop("x_train"), data.pop("y_train")
     data = {"x_train": x[train_idx], "y_train": y[train_idx],
             "x_val": x[val_idx], "y_val": y[val_idx]}
     del x, y
-    print(f"train: {cfg['model']} in {cfg['framework']} on {len(train_idx)} images, "
-          f"{len(val_idx)} held out for validation", flush=True)
+    if rank == 0:
+        print(f"train: {cfg['model']} in {cfg['framework']} on {len(train_idx)} images, "
+              f"{len(val_idx)} held out for validation", flush=True)
     stop_if_interrupted()
 
     env = frameworks.module(cfg["framework"], "env")  # first: it imports the framework
@@ -84,6 +109,9 @@ def train_and_save(args) -> None:
     fit = frameworks.module(cfg["framework"], "fit").fit
     stop_if_interrupted()
     started = time.perf_counter()
+    if rank:  # a worker other than the first: it trains, and writes nothing
+        fit(cfg, data, None)
+        return
     # Curves and model are built aside and swapped in only when training completed, so an
     # interrupted run leaves the previous model and its own curves in place.
     with atomic_dir(args.curves) as curves:
@@ -121,7 +149,8 @@ def main(argv=None) -> None:
         parser.add_argument("--data", required=True, help="normalize's scaled arrays (.npz)")
         parser.add_argument("--model-dir", required=True, type=Path, help="the trained model")
         parser.add_argument("--curves", required=True, type=Path, help="dvclive's curves")
-        train_and_save(parser.parse_args(argv))
+        argv = sys.argv[1:] if argv is None else argv
+        train_and_save(parser.parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -6,19 +6,29 @@ seeded everything and pinned the threads (stages/torch/env.py). Same recipe, sam
 as stages/keras/fit.py: the same batches in the same order (stages/training.py), Adam
 with Keras' epsilon, the same cosine decay per step, label smoothing over the 10 classes,
 and augmentation drawn from the same distribution of affine maps (stages/augment.py).
+
+With `train.workers` N > 1 the same loop runs data-parallel in N processes
+(DistributedDataParallel over torch.distributed; gloo on the CPU, nccl on GPUs), started by
+torch.distributed's own launcher (launch() below, or torchrun on other machines). The
+recipe keeps its meaning: every step is one global batch of `batch_size` images in the same
+order as with one process; each worker takes an equal contiguous share of it and DDP
+averages the gradients, so Adam takes the same steps with the same learning rate. Only rank
+0 evaluates, reports and returns the model.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from stages.augment import DRAWS, affine_rows, is_off
-from stages.errors import stop_if_interrupted
+from stages.errors import PipelineError, stop_if_interrupted
 from stages.torch.env import device, torch
 from stages.torch.model import build
 from stages.training import BestEpoch, Curves, batches
@@ -51,19 +61,37 @@ def augment(images, generator, rotation: float, shift: float, zoom: float):
     return warp(images, torch.stack(rows, 1))
 
 
-def train_epoch(model, optimizer, scheduler, x, y, order, cfg, generator, bar=None):
-    """One pass over the batches of `order`; returns the summed plain cross-entropy of the
-    training batches and the number of hits (both with augmentation and dropout on)."""
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless a torch.distributed launcher
+    started it as one of several workers (it sets RANK and WORLD_SIZE)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def share(idx: np.ndarray, rank: int, size: int) -> np.ndarray:
+    """This worker's contiguous part of a global batch (parts differ by at most one image:
+    the last, shorter batch of an epoch need not divide evenly)."""
+    return np.array_split(idx, size)[rank]
+
+
+def train_epoch(model, optimizer, scheduler, x, y, order, cfg, generator, bar=None,
+                rank: int = 0, size: int = 1):
+    """One pass over the batches of `order`; returns the summed plain cross-entropy of this
+    worker's training images and its number of hits (both with augmentation and dropout
+    on)."""
     model.train()
     loss_sum = torch.zeros((), device=x.device)
     hits = torch.zeros((), device=x.device, dtype=torch.int64)
-    for idx in order:
-        idx = torch.from_numpy(idx).to(x.device)
+    for batch in order:
+        idx = torch.from_numpy(share(batch, rank, size)).to(x.device)
         data = augment(x[idx], generator, cfg["rotation"], cfg["shift"], cfg["zoom"])
         target = y[idx]
         optimizer.zero_grad()
         output = model(data)
         loss = F.cross_entropy(output, target, label_smoothing=cfg["label_smoothing"])
+        if size > 1:
+            # DDP averages the workers' gradients; weighting each worker's mean by its share
+            # makes that average the gradient of the global batch's mean loss.
+            loss = loss * (len(idx) * size / len(batch))
         loss.backward()
         optimizer.step()
         if scheduler:
@@ -71,7 +99,7 @@ def train_epoch(model, optimizer, scheduler, x, y, order, cfg, generator, bar=No
         with torch.no_grad():
             # Logged: plain cross-entropy, the quantity the validation loss is (the smoothed
             # objective has a floor above 0 and would show a gap that is not there).
-            plain = F.cross_entropy(output, target) if cfg["label_smoothing"] else loss
+            plain = F.cross_entropy(output, target)
             loss_sum += plain * len(target)
             hits += (output.argmax(1) == target).sum()
         if bar:
@@ -96,17 +124,25 @@ def evaluate(model, x, y, batch_size: int = 1000) -> dict:
 
 
 def fit(cfg: dict, data: dict, curves_dir):
-    """Train for cfg["epochs"], logging curves with dvclive into curves_dir; returns the
-    trained module on the CPU.
+    """Train for cfg["epochs"], logging curves with dvclive into curves_dir (rank 0; the
+    others pass None); returns the trained module on the CPU.
 
     data holds x_train, y_train and x_val, y_val (possibly empty); PyTorch shares the
     arrays' memory (no copy on the CPU). Under deferred_interrupts, Ctrl-C stops it
     between two batches.
     """
     where = device(cfg["device"])
+    rank, size = world()
     torch.manual_seed(cfg["seed"])  # initial weights and dropout
     # channels_last: oneDNN's convolutions run a third faster on it than on NCHW.
     model = build(cfg["model"]).to(where, memory_format=torch.channels_last)
+    net = model
+    if size > 1:
+        torch.distributed.init_process_group("nccl" if where.type == "cuda" else "gloo")
+        # Every worker starts from rank 0's weights (DDP broadcasts them) and draws its own
+        # dropout masks and augmentation (rank 0 the same ones as a single process).
+        torch.manual_seed(cfg["seed"] + 1_000_003 * rank)
+        net = torch.nn.parallel.DistributedDataParallel(model)
     x = torch.from_numpy(data.pop("x_train")).to(where)
     y = torch.from_numpy(data.pop("y_train").astype(np.int64)).to(where)
     x_val = torch.from_numpy(data.pop("x_val")).to(where)
@@ -114,23 +150,32 @@ def fit(cfg: dict, data: dict, curves_dir):
     n = len(y)
     steps_per_epoch = -(-n // cfg["batch_size"])
     # fused: one kernel for every parameter's update (PyTorch's default loops over them).
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["learning_rate"],
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg["learning_rate"],
                                  eps=KERAS_ADAM_EPSILON, fused=True)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=cfg["epochs"] * steps_per_epoch)
         if cfg["lr_schedule"] == "cosine" else None)
     rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule in every framework
-    generator = torch.Generator().manual_seed(cfg["seed"])  # augmentation draws
-    best = BestEpoch(cfg["restore_best"])
-    curves = Curves(curves_dir, cfg["epochs"])
-    tty = sys.stdout.isatty()
+    # augmentation draws
+    generator = torch.Generator().manual_seed(cfg["seed"] + 1_000_003 * rank)
+    best = BestEpoch(cfg["restore_best"] and rank == 0)
+    curves = Curves(curves_dir, cfg["epochs"]) if rank == 0 else None
+    tty = sys.stdout.isatty() and rank == 0
     for epoch in range(1, cfg["epochs"] + 1):
         started = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False) if tty else None
-        loss_sum, hits = train_epoch(model, optimizer, scheduler, x, y,
-                                     batches(n, cfg["batch_size"], rng), cfg, generator, bar)
+        loss_sum, hits = train_epoch(net, optimizer, scheduler, x, y,
+                                     batches(n, cfg["batch_size"], rng), cfg, generator, bar,
+                                     rank, size)
         if bar:
             bar.close()
+        if size > 1:  # the epoch's numbers over every worker's images
+            totals = torch.tensor([loss_sum, float(hits)], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            loss_sum, hits = float(totals[0]), int(totals[1])
+        if rank:
+            stop_if_interrupted()
+            continue
         logs = {"train/loss": loss_sum / n}
         if len(y_val):
             # The validation split steers training; the test set is never seen here.
@@ -139,6 +184,95 @@ def fit(cfg: dict, data: dict, curves_dir):
             best.offer(epoch, val["accuracy"], lambda: copy.deepcopy(model.state_dict()))
         curves.epoch(epoch, time.perf_counter() - started, logs, hits / n)
         stop_if_interrupted()
+    if size > 1:
+        torch.distributed.barrier()  # no worker leaves while another still needs it
+        torch.distributed.destroy_process_group()
+    if rank:
+        return model.cpu()  # the same weights as rank 0's; the stage saves rank 0's only
     curves.close(validated=bool(len(y_val)))
     best.restore(cfg["epochs"], model.load_state_dict)
     return model.cpu()
+
+
+# --- more than one worker ----------------------------------------------------------------
+
+NODES = "MNIST_NODES"            # machines taking part (default 1: this one)
+ADDRESS = "MNIST_MASTER_ADDR"    # this machine's address the others reach it at
+PORT = "MNIST_MASTER_PORT"       # the port they rendezvous on (default: any free one)
+RENDEZVOUS_TIMEOUT = 600         # seconds to wait for every machine to join
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def failure_line(failures: dict, workers: int, log_dir: Path) -> str:
+    """One line for the worker whose failure ended the run: killed by a signal first (the
+    others then fail for want of it), else the earliest; with its own `error:` line."""
+    rank, failure = min(failures.items(), key=lambda kv: (kv[1].exitcode >= 0,
+                                                          kv[1].timestamp, kv[0]))
+    if failure.exitcode < 0:
+        return f"worker {rank} of {workers} was killed by {failure.signal_name()}"
+    said = ""
+    for log in log_dir.rglob(f"{failure.local_rank}/stderr.log"):
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        said = lines[-1].removeprefix("error: ") if lines else ""
+    return f"worker {rank} of {workers} exited with {failure.exitcode}" + (
+        f": {said}" if said else "")
+
+
+def launch(cfg: dict, argv: list[str]) -> None:
+    """Run this stage's command as `train.workers` data-parallel workers with
+    torch.distributed's launcher (torchrun's engine), and wait for them.
+
+    On one machine (the default) they meet on 127.0.0.1 only. With MNIST_NODES=M, this
+    machine is node 0 and hosts the rendezvous at MNIST_MASTER_ADDR:MNIST_MASTER_PORT; each
+    other machine joins with torchrun (README "More than one machine"). Worker 0 (here)
+    writes the outputs; a worker that fails ends the run in one line naming it.
+    """
+    import logging
+    import signal
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from stages.errors import Interrupted
+
+    workers, nodes = cfg["workers"], int(os.environ.get(NODES, "1"))
+    if nodes < 1 or workers % nodes:
+        raise PipelineError(f"{NODES}={nodes}: train.workers ({workers}) must split evenly "
+                            "over the machines")
+    address = os.environ.get(ADDRESS, "127.0.0.1")
+    if nodes == 1 and address == "127.0.0.1":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets: loopback
+    port = int(os.environ.get(PORT, 0)) or free_port()
+    # The launcher's log lines ("Received 2 death signal...") are not for the stage's
+    # stderr: its one line says what happened. Each of its loggers sets its own level.
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="mnist-workers-") as log_dir:
+        config = LaunchConfig(
+            min_nodes=nodes, max_nodes=nodes, nproc_per_node=workers // nodes,
+            rdzv_backend="static", rdzv_endpoint=f"{address}:{port}",
+            rdzv_configs={"rank": 0, "timeout": RENDEZVOUS_TIMEOUT}, max_restarts=0,
+            run_id="mnist-train", local_addr=address, monitor_interval=0.1,
+            signals_to_handle="SIGTERM,SIGINT",
+            logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ERR))
+        try:
+            elastic_launch(config, sys.executable)("-m", "stages.train", *argv)
+        except SignalException as err:
+            raise Interrupted(err.sigval) from None
+        except ChildFailedError as err:
+            codes = {f.exitcode for f in err.failures.values()}
+            if codes <= {130, 143, -signal.SIGINT, -signal.SIGTERM}:  # Ctrl-C reached them
+                raise Interrupted(signal.SIGINT if codes & {130, -signal.SIGINT}
+                                  else signal.SIGTERM) from None
+            raise PipelineError(failure_line(err.failures, workers, Path(log_dir))) from None

@@ -26,7 +26,7 @@ from tests.helpers import (
 
 SHIPPED = shipped_params()
 DELETE = object()
-SHARED_TRAIN_KEYS = ("framework", "device", "model", "seed", "steps_per_execution",
+SHARED_TRAIN_KEYS = ("framework", "device", "workers", "model", "seed", "steps_per_execution",
                      "intra_op_threads", "inter_op_threads")
 IDX_HASHES = {name: f"{i:x}" * 64 for i, name in enumerate(params.IDX_NAMES, start=10)}
 
@@ -530,3 +530,19 @@ def test_checking_params_in_every_stage_module_imports_no_tensorflow():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_more_than_one_worker_is_for_torch_and_must_divide_the_batch():
+    assert SHIPPED["train"]["workers"] == 1
+    assert rejects("train.workers", 2, r"^train\.workers") == (
+        "train.workers: got 2; allowed: 1 with train.framework keras: data-parallel training "
+        "runs on PyTorch's torch.distributed (Keras 3's multi-worker path on TensorFlow is "
+        "broken: keras-team/keras#20585)")
+    values = edited("train.workers", 2)
+    values["train"]["framework"] = "torch"
+    assert params.check(values)["train"]["workers"] == 2
+    values["train"]["workers"] = 3  # the cnn's batch is 128
+    with pytest.raises(ParamError, match=r"^train\.workers: got 3; allowed: a divisor of "
+                                         r"train\.cnn\.batch_size \(128\)"):
+        params.check(values)
+    assert rejects("train.workers", 0, r"^train\.workers: got 0; allowed: an integer from 1")
