@@ -263,7 +263,8 @@ def launch(cfg: dict, argv: list[str]) -> None:
             min_nodes=nodes, max_nodes=nodes, nproc_per_node=workers // nodes,
             rdzv_backend="static", rdzv_endpoint=f"{address}:{port}",
             rdzv_configs={"rank": 0, "timeout": RENDEZVOUS_TIMEOUT}, max_restarts=0,
-            run_id="mnist-train", local_addr=address, monitor_interval=0.1,
+            # torchrun's default run id: the other machines' plain torchrun line matches.
+            run_id="none", local_addr=address, monitor_interval=0.1,
             signals_to_handle="SIGTERM,SIGINT",
             logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ERR))
         try:

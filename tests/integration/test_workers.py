@@ -158,3 +158,32 @@ def test_share_splits_a_batch_into_contiguous_parts_that_cover_it():
     assert [len(p) for p in parts] == [4, 4, 3]
     assert np.array_equal(np.concatenate(parts), batch)
     assert np.array_equal(share(batch, 0, 1), batch)
+
+
+def test_a_second_machine_joins_with_the_readme_torchrun_line(trained_copy, tmp_path):
+    """Two "machines" on 127.0.0.1: the stage as node 0 (MNIST_NODES=2), and a second
+    checkout joining as node 1 with the torchrun command the README gives."""
+    from tests.helpers import copy_project
+
+    repo = trained_copy
+    set_params(repo, train=TWO_WORKERS)
+    other = copy_project(repo, tmp_path / "other")  # same commit, same processed data
+    untouched = out_hashes(other)
+    port = str(free_port())
+    machine = {"MNIST_NODES": "2", "MNIST_MASTER_ADDR": "127.0.0.1", "MNIST_MASTER_PORT": port}
+    args = ("--data", PATHS["processed"], "--model-dir", PATHS["model_dir"], "--curves",
+            PATHS["curves"])
+    stage, lines = start(repo, sys.executable, "-m", "stages.train", *args,
+                         env=run_env() | machine)
+    join = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1",
+         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+         "-m", "stages.train", *args],
+        cwd=other, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert stage.wait(timeout=120) == 0, stage.stderr.read()
+    assert join.returncode == 0, join.stderr[-2000:]
+    assert "epoch 3/3 " in lines.rest()
+    info = json.loads((repo / PATHS["model_dir"] / "run_info.json").read_text())
+    assert info["workers"] == 2 and info["intra_op_threads"] == 2  # one worker per machine
+    # Only node 0's rank 0 wrote: the joining checkout's outputs are as they were.
+    assert out_hashes(other) == untouched
