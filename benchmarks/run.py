@@ -11,13 +11,15 @@
    executed GFLOP/s, which skips zero pixels), peak RSS, test accuracy, and whether the
    forced rerun gave the same model bytes.
    `--epochs N` shortens every recipe (for the convnets: speed and determinism in minutes;
-   their accuracy over seeds comes from 4.).
-4. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
+   their accuracy over seeds comes from 5.).
+4. Workers: each of `--models` trained in PyTorch by 1 and by 2 data-parallel workers
+   (`train.workers`), the same columns: the images/s of both on this machine.
+5. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
    otherwise) trained by `--framework` and evaluated by the stages once per `--seeds`, for
    test errors and time: how much of a result is the seed.
 
 Usage: python -m benchmarks.run [--data PATH] [--repeats N]
-       [--only train|mosaics|frameworks|cnn] [--models mlp cnn] [--epochs N]
+       [--only train|mosaics|frameworks|workers|cnn] [--models mlp cnn] [--epochs N]
        [--model cnn|cnn_large] [--framework keras|torch] [--seeds 1 2 3]
 """
 
@@ -161,13 +163,29 @@ def model_digest(project: Path) -> str:
 def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[dict]:
     """Each model trained by each framework with the shipped params, twice (alternating
     frameworks, so machine noise hits both alike); evaluated after the first run."""
-    projects = {}
+    variants = {}
     for model in models:
         for framework in ("keras", "torch", "c") if model == "mlp" else ("keras", "torch"):
-            preset = {"train": {"framework": framework, "model": model}}
-            if epochs:
-                preset["train"][model] = {"epochs": epochs}
-            projects[model, framework] = prepare_project(data, preset)
+            variants[model, framework, 1] = {"framework": framework, "model": model}
+    return bench_variants(data, variants, epochs)
+
+
+def bench_workers(data: Path, models: list[str], epochs: int | None) -> list[dict]:
+    """Each model trained in PyTorch by 1 and by 2 data-parallel workers, as above."""
+    return bench_variants(data, {(model, "torch", workers): {
+        "framework": "torch", "model": model, "workers": workers}
+        for model in models for workers in (1, 2)}, epochs)
+
+
+def bench_variants(data: Path, variants: dict, epochs: int | None) -> list[dict]:
+    """Each variant ((model, framework, workers) -> train params) trained by the train
+    stage twice, alternating; evaluated after the first run."""
+    projects = {}
+    for key, train in variants.items():
+        preset = {"train": dict(train)}
+        if epochs:
+            preset["train"][train["model"]] = {"epochs": epochs}
+        projects[key] = prepare_project(data, preset)
     runs = {key: [] for key in projects}
     try:
         for attempt in range(2):
@@ -183,8 +201,9 @@ def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[
                     runs[key][0]["metrics"] = json.loads(
                         (project / paths()["metrics"]).read_text())
         rows = []
-        for (model, framework), (first, second) in runs.items():
-            cfg = yaml.safe_load((projects[model, framework] / "params.yaml").read_text())
+        for (model, framework, workers), (first, second) in runs.items():
+            cfg = yaml.safe_load((projects[model, framework, workers] / "params.yaml")
+                                 .read_text())
             n_epochs = cfg["train"][model]["epochs"]
             seconds = min(first["seconds"], second["seconds"])
             per_image = dense_flops_per_image(model)
@@ -194,7 +213,8 @@ def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[
                 extra["dense_gflops"] = n_epochs * first["images"] * per_image / seconds / 1e9
             if "executed_gflop" in fastest:
                 extra["executed_gflops"] = fastest["executed_gflop"] / fastest["program_seconds"]
-            rows.append({"model": model, "framework": framework, "epochs": n_epochs, **extra,
+            rows.append({"model": model, "framework": framework, "workers": workers,
+                         "epochs": n_epochs, **extra,
                          "train_seconds": [first["seconds"], second["seconds"]],
                          "images_per_second": n_epochs * first["images"] / seconds,
                          "peak_rss_mb": max(first["peak_rss_mb"], second["peak_rss_mb"]),
@@ -246,16 +266,17 @@ def arithmetic(stdout: str) -> dict:
 
 def frameworks_table(rows: list[dict]) -> str:
     peak, how = peak_gflops()
-    lines = ["| model | framework | epochs | training (s), run / rerun | images/s | dense "
-             "GFLOP/s (% of peak) | peak RSS (MB) | test accuracy (errors) | rerun "
-             "bit-identical |", "|---" * 9 + "|"]
+    lines = ["| model | framework | workers | epochs | training (s), run / rerun | images/s | "
+             "dense GFLOP/s (% of peak) | peak RSS (MB) | test accuracy (errors) | rerun "
+             "bit-identical |", "|---" * 10 + "|"]
     for r in rows:
         first, second = r["train_seconds"]
         dense = (f"{r['dense_gflops']:.1f} ({r['dense_gflops'] / peak:.1%})"
                  if r.get("dense_gflops") else "–")
         if r.get("executed_gflops"):
             dense += f"; executed {r['executed_gflops']:.1f}"
-        lines.append(f"| {r['model']} | {r['framework']} | {r['epochs']} | {first:.1f} / "
+        lines.append(f"| {r['model']} | {r['framework']} | {r['workers']} | {r['epochs']} | "
+                     f"{first:.1f} / "
                      f"{second:.1f} | {r['images_per_second']:.0f} | {dense} | "
                      f"{r['peak_rss_mb']:.0f} | {r['test_accuracy']:.2%} "
                      f"({r['test_errors']}) | {'yes' if r['rerun_bit_identical'] else 'NO'} |")
@@ -284,7 +305,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="full MNIST in the Keras .npz layout")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--only", choices=("train", "mosaics", "frameworks", "cnn"))
+    parser.add_argument("--only", choices=("train", "mosaics", "frameworks", "workers", "cnn"))
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn", "cnn_large"),
                         default=["mlp"], help="what --only frameworks trains")
     parser.add_argument("--epochs", type=int, help="shorten every recipe (frameworks)")
@@ -321,6 +342,10 @@ def main() -> None:
         print(f"\nframeworks: {', '.join(args.models)} with the shipped params, each trained "
               "twice by the train stage (evaluated after the first)")
         print(frameworks_table(bench_frameworks(args.data, args.models, args.epochs)))
+    if args.only in (None, "workers"):
+        print(f"\nworkers: {', '.join(args.models)} in PyTorch, 1 and 2 data-parallel workers "
+              "(train.workers), shipped params otherwise, each trained twice")
+        print(frameworks_table(bench_workers(args.data, args.models, args.epochs)))
     if args.only == "cnn":
         print(f"\n{args.model} in {args.framework}, default params, seeds {args.seeds} "
               "(train + evaluate stages)")
