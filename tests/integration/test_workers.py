@@ -19,8 +19,17 @@ import psutil
 import pytest
 
 from stages.torch.fit import free_port, share
-from tests.helpers import (ROOT, dvc, dvc_vars, out_hashes, run_env, set_params, start,
-                           stages_run)
+from tests.helpers import (
+    ROOT,
+    copy_project,
+    dvc,
+    dvc_vars,
+    out_hashes,
+    run_env,
+    set_params,
+    stages_run,
+    start,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -163,8 +172,6 @@ def test_share_splits_a_batch_into_contiguous_parts_that_cover_it():
 def test_a_second_machine_joins_with_the_readme_torchrun_line(trained_copy, tmp_path):
     """Two "machines" on 127.0.0.1: the stage as node 0 (MNIST_NODES=2), and a second
     checkout joining as node 1 with the torchrun command the README gives."""
-    from tests.helpers import copy_project
-
     repo = trained_copy
     set_params(repo, train=TWO_WORKERS)
     other = copy_project(repo, tmp_path / "other")  # same commit, same processed data
