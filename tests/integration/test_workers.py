@@ -71,10 +71,9 @@ def workers_of(stage: psutil.Process) -> dict[int, psutil.Process]:
     return found
 
 
-def test_a_worker_killed_mid_training_ends_the_stage_in_one_line(trained_copy):
-    repo = trained_copy
-    model = repo / PATHS["model_dir"]
-    before = {p.name: p.read_bytes() for p in model.iterdir()}
+def start_long_training(repo):
+    """The train stage on 2 workers, far longer than any test waits, once both train:
+    (the stage's process, its workers by rank)."""
     set_params(repo, train=TWO_WORKERS | {"mlp": {"epochs": 10_000, "batch_size": 64}})
     proc, lines = start(repo, sys.executable, "-m", "stages.train", "--data",
                         PATHS["processed"], "--model-dir", PATHS["model_dir"], "--curves",
@@ -82,6 +81,14 @@ def test_a_worker_killed_mid_training_ends_the_stage_in_one_line(trained_copy):
     lines.wait_for("epoch 2/10000 ", timeout=300)
     workers = workers_of(psutil.Process(proc.pid))
     assert sorted(workers) == [0, 1]
+    return proc, workers
+
+
+def test_a_worker_killed_mid_training_ends_the_stage_in_one_line(trained_copy):
+    repo = trained_copy
+    model = repo / PATHS["model_dir"]
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    proc, workers = start_long_training(repo)
     workers[1].kill()
     assert proc.wait(timeout=120) == 1
     assert proc.stderr.read() == "error: worker 1 of 2 was killed by SIGKILL\n"
@@ -97,12 +104,7 @@ def test_a_worker_killed_mid_training_ends_the_stage_in_one_line(trained_copy):
 
 def test_sigint_to_the_stage_stops_every_worker_with_one_line(trained_copy):
     repo = trained_copy
-    set_params(repo, train=TWO_WORKERS | {"mlp": {"epochs": 10_000, "batch_size": 64}})
-    proc, lines = start(repo, sys.executable, "-m", "stages.train", "--data",
-                        PATHS["processed"], "--model-dir", PATHS["model_dir"], "--curves",
-                        PATHS["curves"])
-    lines.wait_for("epoch 2/10000 ", timeout=300)
-    workers = workers_of(psutil.Process(proc.pid))
+    proc, workers = start_long_training(repo)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
     assert proc.stderr.read() == "error: interrupted; no output was replaced\n"
