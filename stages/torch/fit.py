@@ -211,10 +211,19 @@ def free_port() -> int:
 
 
 def failure_line(failures: dict, workers: int, log_dir: Path) -> str:
-    """One line for the worker whose failure ended the run: killed by a signal first (the
-    others then fail for want of it), else the earliest; with its own `error:` line."""
-    rank, failure = min(failures.items(), key=lambda kv: (kv[1].exitcode >= 0,
-                                                          kv[1].timestamp, kv[0]))
+    """One line for the worker whose failure ended the run: one killed by a signal first
+    (the others then fail for want of it), then one that failed on its own (with its own
+    `error:` line), last one the launcher stopped (SIGTERM) once another had failed; the
+    earliest of a kind (the launcher's timestamps are whole seconds)."""
+    import signal
+
+    def cause(item):
+        rank, failure = item
+        kind = (2 if failure.exitcode == -signal.SIGTERM else
+                0 if failure.exitcode < 0 else 1)
+        return kind, failure.timestamp, rank
+
+    rank, failure = min(failures.items(), key=cause)
     if failure.exitcode < 0:
         return f"worker {rank} of {workers} was killed by {failure.signal_name()}"
     said = ""

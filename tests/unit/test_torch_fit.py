@@ -65,3 +65,26 @@ def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch, schedu
     assert len(val) == 1 + 8
     other = fit(cfg | {"seed": cfg["seed"] + 1}, dict(data), tmp_path / "curves3")
     assert not torch.equal(other.state_dict()["fc1.weight"], one["fc1.weight"])
+
+
+def test_the_failure_named_is_the_cause_not_the_workers_the_launcher_stopped(tmp_path):
+    import signal
+    from types import SimpleNamespace
+
+    from stages.torch.fit import failure_line
+
+    def failure(exitcode, timestamp, local_rank):
+        name = signal.Signals(-exitcode).name if exitcode < 0 else "<N/A>"
+        return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, local_rank=local_rank,
+                               signal_name=lambda: name)
+
+    # Rank 1 killed; the launcher then stopped rank 0 with SIGTERM in the same second.
+    killed = {0: failure(-signal.SIGTERM, 5, 0), 1: failure(-signal.SIGKILL, 5, 1)}
+    assert failure_line(killed, 2, tmp_path) == "worker 1 of 2 was killed by SIGKILL"
+    # Rank 1 failed on its own: its last stderr line is quoted.
+    log = tmp_path / "none/attempt_0/1/stderr.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("warming up\nerror: data/processed/mnist.npz: not found\n")
+    failed = {0: failure(-signal.SIGTERM, 3, 0), 1: failure(1, 4, 1)}
+    assert failure_line(failed, 2, tmp_path) == (
+        "worker 1 of 2 exited with 1: data/processed/mnist.npz: not found")
