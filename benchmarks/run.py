@@ -264,7 +264,7 @@ def arithmetic(stdout: str) -> dict:
              "program_seconds": float(found[3])} if found else {})
 
 
-def frameworks_table(rows: list[dict]) -> str:
+def runs_table(rows: list[dict]) -> str:
     peak, how = peak_gflops()
     lines = ["| model | framework | workers | epochs | training (s), run / rerun | images/s | "
              "dense GFLOP/s (% of peak) | peak RSS (MB) | test accuracy (errors) | rerun "
@@ -341,11 +341,11 @@ def main() -> None:
     if args.only in (None, "frameworks"):
         print(f"\nframeworks: {', '.join(args.models)} with the shipped params, each trained "
               "twice by the train stage (evaluated after the first)")
-        print(frameworks_table(bench_frameworks(args.data, args.models, args.epochs)))
+        print(runs_table(bench_frameworks(args.data, args.models, args.epochs)))
     if args.only in (None, "workers"):
         print(f"\nworkers: {', '.join(args.models)} in PyTorch, 1 and 2 data-parallel workers "
               "(train.workers), shipped params otherwise, each trained twice")
-        print(frameworks_table(bench_workers(args.data, args.models, args.epochs)))
+        print(runs_table(bench_workers(args.data, args.models, args.epochs)))
     if args.only == "cnn":
         print(f"\n{args.model} in {args.framework}, default params, seeds {args.seeds} "
               "(train + evaluate stages)")

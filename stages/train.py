@@ -26,6 +26,7 @@ from stages import frameworks, params
 from stages.dataset import load_processed
 from stages.errors import DataError, deferred_interrupts, run, stop_if_interrupted
 from stages.outputs import atomic_dir
+from stages.training import world
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,18 +68,10 @@ def run_info(cfg: dict, framework_versions: dict, model_file: str) -> dict:
     }
 
 
-def worker() -> tuple[int, int, int]:
-    """(rank, world size, workers on this machine) when a torch.distributed launcher
-    started this process as one of several workers, else (0, 1, 1)."""
-    env = os.environ
-    return (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-            int(env.get("LOCAL_WORLD_SIZE", 1)))
-
-
 def train_and_save(args, argv: list[str]) -> None:
     """The stage's work; stop_if_interrupted() marks where Ctrl-C may end it."""
     cfg = params.load()["train"]
-    rank, size, local = worker()
+    rank, size, local = world()
     if cfg["workers"] > 1 and "RANK" not in os.environ:
         # The stage itself: start the workers (each runs this command) and wait for them.
         print(f"train: {cfg['model']} in {cfg['framework']} on {cfg['workers']} workers "

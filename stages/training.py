@@ -8,9 +8,19 @@ curves (what `dvc plots` and `dvc metrics` show).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world size, workers on this machine) when a torch.distributed launcher
+    started this process as one of several workers (it sets RANK, WORLD_SIZE and
+    LOCAL_WORLD_SIZE), else (0, 1, 1)."""
+    env = os.environ
+    return (int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+            int(env.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def batch_order(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

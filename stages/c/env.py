@@ -55,11 +55,14 @@ def threads() -> int:
     return _threads
 
 
-# How fit() built the program: its flags and whether OpenMP was on (for run_info).
+# How fit() built the program: compiler, version, flags, OpenMP or not (for run_info).
 built: dict = {}
 
 
 def versions() -> dict:
-    """What a C run's bits depend on besides the params: for run_info.json."""
+    """What a C run's bits depend on besides the params: for run_info.json (the compiler
+    fit() built with, or the one it would use)."""
+    if built:
+        return dict(built)
     cc = compiler()
-    return {"cc": cc, "cc_version": compiler_version(cc), **built}
+    return {"cc": cc, "cc_version": compiler_version(cc)}

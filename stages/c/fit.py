@@ -44,7 +44,7 @@ def build() -> Path:
         program = BUILD_DIR / key / "mnist_mlp"
         # Recorded: the compiler and flags. Not the source's hash: the source is a dep, and
         # an edit that changes no result (a comment) must leave the model folder as it was.
-        env.built.update(cflags=" ".join(flags), openmp=openmp)
+        env.built.update(cc=cc, cc_version=version, cflags=" ".join(flags), openmp=openmp)
         if program.is_file():
             return program
         program.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from stages.augment import DRAWS, affine_rows, is_off
 from stages.errors import PipelineError, stop_if_interrupted
 from stages.torch.env import device, torch
 from stages.torch.model import build
-from stages.training import BestEpoch, Curves, batches
+from stages.training import BestEpoch, Curves, batches, world
 
 F = torch.nn.functional
 KERAS_ADAM_EPSILON = 1e-7  # PyTorch's default is 1e-8
@@ -59,12 +59,6 @@ def augment(images, generator, rotation: float, shift: float, zoom: float):
     u = (torch.rand((DRAWS, len(images)), generator=generator) * 2 - 1).to(images.device)
     rows = affine_rows(u, images.shape[-1], rotation, shift, zoom, torch.cos, torch.sin)
     return warp(images, torch.stack(rows, 1))
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless a torch.distributed launcher
-    started it as one of several workers (it sets RANK and WORLD_SIZE)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def share(idx: np.ndarray, rank: int, size: int) -> np.ndarray:
@@ -99,7 +93,8 @@ def train_epoch(model, optimizer, scheduler, x, y, order, cfg, generator, bar=No
         with torch.no_grad():
             # Logged: plain cross-entropy, the quantity the validation loss is (the smoothed
             # objective has a floor above 0 and would show a gap that is not there).
-            plain = F.cross_entropy(output, target)
+            plain = (loss if not cfg["label_smoothing"] and size == 1
+                     else F.cross_entropy(output, target))
             loss_sum += plain * len(target)
             hits += (output.argmax(1) == target).sum()
         if bar:
@@ -132,7 +127,7 @@ def fit(cfg: dict, data: dict, curves_dir):
     between two batches.
     """
     where = device(cfg["device"])
-    rank, size = world()
+    rank, size, _ = world()
     torch.manual_seed(cfg["seed"])  # initial weights and dropout
     # channels_last: oneDNN's convolutions run a third faster on it than on NCHW.
     model = build(cfg["model"]).to(where, memory_format=torch.channels_last)
