@@ -32,6 +32,16 @@ PATHS = dvc_vars()
 ALL_STAGES = ["download", "normalize", "train", "evaluate", "render-errors"]
 
 
+def forced_rerun_gives_the_same_bits(repo, results: dict) -> None:
+    """Same params, same machine, new processes: every output byte for byte, dvc.lock as
+    it was."""
+    lock = (repo / "dvc.lock").read_text()
+    again = dvc(repo, "repro", "--force")
+    assert stages_run(again.stdout) == ALL_STAGES
+    assert out_hashes(repo) == results
+    assert (repo / "dvc.lock").read_text() == lock
+
+
 def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
     repo = trained_copy
     keras_results = out_hashes(repo)
@@ -64,12 +74,7 @@ def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
     assert 0 < metrics["accuracy"] <= 1
     assert (repo / PATHS["page"]).read_text().count("<img") > 0
 
-    # Same params, same machine, new processes: every output byte for byte, dvc.lock as is.
-    lock = (repo / "dvc.lock").read_text()
-    again = dvc(repo, "repro", "--force")
-    assert stages_run(again.stdout) == ALL_STAGES
-    assert out_hashes(repo) == torch_results
-    assert (repo / "dvc.lock").read_text() == lock
+    forced_rerun_gives_the_same_bits(repo, torch_results)
 
     # Only the chosen framework's code is a dependency.
     edit_module(repo, "keras/fit")
@@ -117,12 +122,7 @@ def test_c_trains_the_original_network_behind_the_same_stages_bit_reproducibly(t
     metrics = json.loads((repo / PATHS["metrics"]).read_text())
     assert 0.8 < metrics["accuracy"] <= 1  # 1500 fixture images, the original recipe
 
-    # Same params, same machine, new processes: every output byte for byte, dvc.lock as is.
-    lock = (repo / "dvc.lock").read_text()
-    again = dvc(repo, "repro", "--force")
-    assert stages_run(again.stdout) == ALL_STAGES
-    assert out_hashes(repo) == c_results
-    assert (repo / "dvc.lock").read_text() == lock
+    forced_rerun_gives_the_same_bits(repo, c_results)
 
     # The C program's source is train's dependency, and only when C trains.
     edit_module(repo, "torch/fit")
