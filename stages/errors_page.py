@@ -57,18 +57,18 @@ def img(pixels: np.ndarray, alt: str) -> str:
             f'alt="{html.escape(alt)}">')
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+def table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join("<tr>" + "".join(cells) + "</tr>\n" for cells in rows)
     attr = f' class="{cls}"' if cls else ""
     return f"<table{attr}>\n<tr>{head}</tr>\n{body}</table>\n"
 
 
-def _td(value, cls: str = "", style: str = "") -> str:
+def td(value, cls: str = "", style: str = "") -> str:
     attrs = (f' class="{cls}"' if cls else "") + (f' style="{style}"' if style else "")
     return f"<td{attrs}>{value}</td>"
 
@@ -76,10 +76,10 @@ def _td(value, cls: str = "", style: str = "") -> str:
 def _neighbour_cell(x_train, indices, l2, label: str) -> str:
     shown = [i for i in indices if i >= 0]
     if not shown:
-        return _td(f"no training images of class {html.escape(label)}", "l small")
+        return td(f"no training images of class {html.escape(label)}", "l small")
     alt = f"nearest training images of class {label}: " + ", ".join(f"#{i}" for i in shown)
     text = " ".join(f"#{i}&nbsp;({d:.2f})" for i, d in zip(indices, l2) if i >= 0)
-    return _td(f'{img(strip(x_train, indices), alt)}<br><span class="small">{text}</span>', "l")
+    return td(f'{img(strip(x_train, indices), alt)}<br><span class="small">{text}</span>', "l")
 
 
 def render(records: list[dict], rates: list[dict], pairs: list[dict], matrix: np.ndarray,
@@ -108,8 +108,8 @@ def render(records: list[dict], rates: list[dict], pairs: list[dict], matrix: np
         f"<style>{STYLE}</style>\n</head>\n<body>\n",
         "<h1>Misclassified test images</h1>\n",
         f"<p><b>{errors}</b> of {samples} test images are misclassified "
-        f"({_pct(errors / samples if samples else 0.0)} error, "
-        f"{_pct(1 - errors / samples if samples else 0.0)} accuracy). "
+        f"({pct(errors / samples if samples else 0.0)} error, "
+        f"{pct(1 - errors / samples if samples else 0.0)} accuracy). "
         "Confidence is the model's probability for the class it predicted.</p>\n",
         "<nav>" + " ".join(
             [f'<a href="#{a}">{t}</a>' for a, t in (
@@ -122,11 +122,11 @@ def render(records: list[dict], rates: list[dict], pairs: list[dict], matrix: np
     # Per-class error rates, with a bar scaled to the worst class.
     worst = max((r["error_rate"] for r in rates), default=0.0) or 1.0
     out.append('<h2 id="rates">Error rate by true class</h2>\n')
-    out.append(_table(
+    out.append(table(
         ["class", "test images", "errors", "error rate", ""],
-        [[_td(f'<a href="#class-{r["label"]}">{esc[r["label"]]}</a>'), _td(r["samples"]),
-          _td(r["errors"]), _td(_pct(r["error_rate"])),
-          _td(f'<span class="bar" style="width:{120 * r["error_rate"] / worst:.1f}px"></span>',
+        [[td(f'<a href="#class-{r["label"]}">{esc[r["label"]]}</a>'), td(r["samples"]),
+          td(r["errors"]), td(pct(r["error_rate"])),
+          td(f'<span class="bar" style="width:{120 * r["error_rate"] / worst:.1f}px"></span>',
               "l")] for r in rates]))
 
     # Confusion matrix: rows true class, columns predicted; mistakes shaded by count.
@@ -139,36 +139,36 @@ def render(records: list[dict], rates: list[dict], pairs: list[dict], matrix: np
         for p in classes:
             n = int(matrix[t, p])
             if t == p:
-                cells.append(_td(n, "diag"))
+                cells.append(td(n, "diag"))
             elif n:
                 alpha = 0.15 + 0.85 * n / peak
-                cells.append(_td(f'<a href="#class-{t}">{n}</a>', "",
+                cells.append(td(f'<a href="#class-{t}">{n}</a>', "",
                                  f"background:rgba(192,57,43,{alpha:.2f})"))
             else:
-                cells.append(_td(""))
+                cells.append(td(""))
         rows.append(cells)
     out.append('<h2 id="confusion">Confusion matrix</h2>\n'
                '<p class="small">Rows: true class; columns: predicted class. Diagonal: '
                "correct; shaded cells: mistakes, darker = more.</p>\n")
-    out.append(_table(["true \\ predicted"] + [esc[p] for p in classes], rows, "cm"))
+    out.append(table(["true \\ predicted"] + [esc[p] for p in classes], rows, "cm"))
 
     out.append(f'<h2 id="pairs">Most frequent confusions (top {top_pairs})</h2>\n')
     if pairs:
-        out.append(_table(
+        out.append(table(
             ["true", "predicted as", "count", "share of errors"],
-            [[_td(f'<a href="#class-{p["true"]}">{esc[p["true"]]}</a>'),
-              _td(esc[p["predicted"]]),
-              _td(p["count"]), _td(_pct(p["share"]))] for p in pairs]))
+            [[td(f'<a href="#class-{p["true"]}">{esc[p["true"]]}</a>'),
+              td(esc[p["predicted"]]),
+              td(p["count"]), td(pct(p["share"]))] for p in pairs]))
     else:
         out.append("<p>No errors.</p>\n")
 
     out.append(f'<h2 id="confident">Most confident errors (top {top_confident})</h2>\n')
     if confident:
-        out.append(_table(
+        out.append(table(
             ["rank", "image", "test index", "true", "predicted", "confidence", "p(true)"],
-            [[_td(r["rank"]), _td(query(r["index"])),
-              _td(f'<a href="#e{r["index"]}">{r["index"]}</a>'), _td(esc[r["true"]]),
-              _td(esc[r["predicted"]]), _td(f"{r['confidence']:.3f}"), _td(f"{r['p_true']:.3f}")]
+            [[td(r["rank"]), td(query(r["index"])),
+              td(f'<a href="#e{r["index"]}">{r["index"]}</a>'), td(esc[r["true"]]),
+              td(esc[r["predicted"]]), td(f"{r['confidence']:.3f}"), td(f"{r['p_true']:.3f}")]
              for r in confident]))
     else:
         out.append("<p>No errors.</p>\n")
@@ -192,25 +192,25 @@ def render(records: list[dict], rates: list[dict], pairs: list[dict], matrix: np
         mine = [r for r in records if r["true"] == c]
         rate = rates[c]
         out.append(f'<section id="class-{c}">\n<h2>True class {esc[c]}: {rate["errors"]} of '
-                   f'{rate["samples"]} wrong ({_pct(rate["error_rate"])})</h2>\n')
+                   f'{rate["samples"]} wrong ({pct(rate["error_rate"])})</h2>\n')
         if not mine:
             out.append("<p>No errors.</p>\n</section>\n")
             continue
         rows = []
         for r in mine:
             nearer = r["nearer"]
-            nearer_cell = (_td(nearer, "l nearer-predicted") if nearer == "predicted"
-                           else _td(nearer, "l"))
+            nearer_cell = (td(nearer, "l nearer-predicted") if nearer == "predicted"
+                           else td(nearer, "l"))
             rows.append([
                 f'<td id="e{r["index"]}">{query(r["index"])}</td>',
-                _td(f'#{r["index"]}<br>{esc[r["true"]]} &rarr; {esc[r["predicted"]]}<br>'
+                td(f'#{r["index"]}<br>{esc[r["true"]]} &rarr; {esc[r["predicted"]]}<br>'
                     f'conf {r["confidence"]:.3f}', "l"),
                 _neighbour_cell(x_train, r["true_neighbours"], r["true_l2"], names[r["true"]]),
                 _neighbour_cell(x_train, r["pred_neighbours"], r["pred_l2"],
                                 names[r["predicted"]]),
                 nearer_cell,
             ])
-        out.append(_table(["image", "index, true &rarr; predicted, confidence",
+        out.append(table(["image", "index, true &rarr; predicted, confidence",
                            f"nearest {esc[c]} (training)", "nearest of the predicted class",
                            "nearer"], rows))
         out.append("</section>\n")

@@ -14,7 +14,7 @@ from tests.helpers import ROOT
 
 
 def planned(tmp_path, target: str) -> str:
-    for name in ("Makefile", "requirements.lock", "requirements-torch.lock"):
+    for name in ("Makefile", "pyproject.toml", "requirements.lock", "requirements-torch.lock"):
         shutil.copy2(ROOT / name, tmp_path / name)
     # As a user's shell runs it, not as a sub-make of `make test` (which would add
     # "Entering directory" lines and the parent's flags).
@@ -30,6 +30,15 @@ def test_make_repro_installs_the_main_lock_only(tmp_path):
     assert "pip install --quiet -r requirements.lock" in plan
     assert "torch" not in plan
     assert plan.rstrip().splitlines()[-1] == "dvc repro"
+
+
+def test_the_venv_gets_the_project_and_its_commands_installed_offline(tmp_path):
+    plan = planned(tmp_path, "repro")
+    # After the lock (which pins setuptools, so the build needs no index), before the check.
+    install = "pip install --quiet --no-deps --no-build-isolation -e ."
+    assert plan.index("-r requirements.lock") < plan.index(install) < plan.index("pip check")
+    pins = (ROOT / "requirements.lock").read_text()
+    assert "\nsetuptools==" in pins
 
 
 @pytest.mark.parametrize("target", ["torch", "test", "bench"])
