@@ -74,8 +74,8 @@ def _missing_data(path: str, rev: str):
         yield
     except (FileNotFoundError, DataIndexDirError):
         raise DataError(f"{path} at {rev}: its data is in neither the DVC cache nor the "
-                        "remote (`dvc push --all-commits` where it was made, or `dvc repro` "
-                        "at that revision)") from None
+                        "remote (`dvc push` where that revision was made, or `dvc repro` "
+                        "there)") from None
     except (DvcException, OSError) as err:
         raise DataError(f"{path} at {rev}: {_reason(err)}") from None
 
