@@ -96,18 +96,17 @@ def main(argv=None) -> int:
                                 "`dvc pull train`, or pass --model-dir / --rev)")
         results = classify(args.images, model_dir, names)
 
-    for file, _, _, error in results:
+    for file, result, digit, error in results:  # in the order given
         if error:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        elif not args.json:
+            print(line(file, result))
+            if args.show:
+                print(draw(digit * 255))
+            sys.stdout.flush()
     if args.json:
         print(json.dumps([{"file": file, **(result or {"error": error})}
                           for file, result, _, error in results], indent=2))
-    else:
-        for file, result, digit, _ in results:
-            if result:
-                print(line(file, result))
-                if args.show:
-                    print(draw(digit * 255))
     return 1 if any(error for *_, error in results) else 0
 
 
