@@ -182,6 +182,23 @@ def out_hashes(repo: Path) -> dict[str, str]:
             for p in files}
 
 
+def reseeded_on_a_remote(src: Path, dest: Path, seed: int) -> tuple[Path, Path]:
+    """A copy of the trained project src at dest with a local default remote (dest's
+    sibling "remote"): HEAD~1 holds src's results, HEAD the results of `seed` (retrained
+    through evaluate), each commit's pushed when it was made: `dvc push --all-commits`
+    pushes only HEAD's outputs in DVC 3 (treeverse/dvc#10617). The repo and the remote."""
+    repo = copy_project(src, dest)
+    remote = dest.parent / "remote"
+    dvc(repo, "remote", "add", "-d", "store", str(remote))
+    sh(repo, "git", "commit", "-qam", "a remote")
+    dvc(repo, "push")
+    set_params(repo, train={"seed": seed})
+    dvc(repo, "repro", "evaluate")
+    sh(repo, "git", "commit", "-qam", f"seed {seed}")
+    dvc(repo, "push")
+    return repo, remote
+
+
 def small_mnist(n_train: int = 12, n_test: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
     """A tiny random dataset in Keras' MNIST layout (uint8 images, labels 0..9)."""
     rng = np.random.default_rng(seed)

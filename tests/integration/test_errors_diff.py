@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import copy_project, dvc, set_params, sh
+from tests.helpers import copy_project, dvc, reseeded_on_a_remote, set_params, sh
 from tests.unit.test_errors_page import load_in_chromium
 
 pytestmark = pytest.mark.slow
@@ -89,17 +89,7 @@ def test_the_page_is_self_contained_and_renders_in_chromium(changed, tmp_path):
 
 def test_two_commits_compared_from_the_remote_after_the_cache_is_gone(reader_project,
                                                                      changed, tmp_path):
-    repo = copy_project(reader_project, tmp_path / "project")
-    remote = tmp_path / "remote"
-    dvc(repo, "remote", "add", "-d", "store", str(remote))
-    sh(repo, "git", "commit", "-qam", "a remote")
-    # Each commit pushes its own results: `dvc push --all-commits` pushes only HEAD's in
-    # DVC 3 (treeverse/dvc#10617).
-    dvc(repo, "push")
-    set_params(repo, train={"seed": 11})
-    dvc(repo, "repro", "evaluate")
-    sh(repo, "git", "commit", "-qam", "seed 11")
-    dvc(repo, "push")
+    repo, _ = reseeded_on_a_remote(reader_project, tmp_path / "project", seed=11)
     sh(repo, "rm", "-rf", ".dvc/cache", "data")
     after = json.loads(errors_diff(repo, "HEAD~1", "HEAD", "--json", "--page",
                                    tmp_path / "b.html").stdout)

@@ -24,7 +24,7 @@ from tests.helpers import (
     fixture_data,
     make_project,
     png_bomb,
-    set_params,
+    reseeded_on_a_remote,
     sh,
 )
 
@@ -163,19 +163,9 @@ def probabilities(run) -> list[dict]:
 
 def test_rev_reads_another_commits_model_from_the_cache_then_the_remote(reader_project,
                                                                        drawings, tmp_path):
-    repo = copy_project(reader_project, tmp_path / "project")
-    remote = tmp_path / "remote"
-    dvc(repo, "remote", "add", "-d", "store", str(remote))
-    sh(repo, "git", "commit", "-qam", "a remote")
-    # Pushed at each commit, as the README says: `dvc push --all-commits` pushes only the
-    # outputs of HEAD in DVC 3 (treeverse/dvc#10617).
-    dvc(repo, "push")
     files = list(drawings.values())
-    before = probabilities(predict(repo, "--json", *files))
-    set_params(repo, train={"seed": 7})
-    dvc(repo, "repro", "evaluate")
-    sh(repo, "git", "commit", "-qam", "seed 7")
-    dvc(repo, "push")
+    before = probabilities(predict(reader_project, "--json", *files))
+    repo, remote = reseeded_on_a_remote(reader_project, tmp_path / "project", seed=7)
     after = probabilities(predict(repo, "--json", *files))
     assert after != before  # another seed, another model
     assert probabilities(predict(repo, "--json", "--rev", "HEAD~1", *files)) == before
