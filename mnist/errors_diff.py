@@ -138,8 +138,8 @@ def evaluated_data(rev: str | None) -> tuple[dict, str]:
     return paths, data[0]
 
 
-def predictions(rev: str | None, scratch: Path, samples: int) -> np.ndarray:
-    paths, _ = evaluated_data(rev)
+def predictions(paths: dict, rev: str | None, scratch: Path, samples: int) -> np.ndarray:
+    """The revision's test probabilities (evaluate's output), checked: samples×10, finite."""
     p = revisions.read_npz(paths["predictions"], rev, ("probabilities",), scratch)[
         "probabilities"]
     if p.ndim != 2 or p.shape != (samples, 10) or not np.isfinite(p).all():
@@ -160,7 +160,7 @@ def main(argv=None) -> None:
     old_label, new_label = revisions.label(args.old), revisions.label(args.new)
 
     new_paths, new_data = evaluated_data(args.new)
-    _, old_data = evaluated_data(args.old)
+    old_paths, old_data = evaluated_data(args.old)
     if old_data != new_data:
         raise DataError(f"{old_label} and {new_label} evaluated different test data "
                         f"({old_data} vs {new_data}): their errors cannot be compared")
@@ -169,8 +169,8 @@ def main(argv=None) -> None:
                                  ("x_train", "y_train", "x_test", "y_test"), Path(scratch),
                                  only=("x_test", "y_test"))
         y = raw["y_test"].astype(np.int64)
-        old = predictions(args.old, Path(scratch), len(y))
-        new = predictions(args.new, Path(scratch), len(y))
+        old = predictions(old_paths, args.old, Path(scratch), len(y))
+        new = predictions(new_paths, args.new, Path(scratch), len(y))
     names = revisions.classes(args.new)
     groups = compare(y, old, new)
 
