@@ -47,8 +47,8 @@ def test_summary_and_table_count_what_the_groups_hold():
     groups = compare(*sides())
     assert summary(groups, "HEAD", "workspace", 6).splitlines() == [
         "HEAD: 4 errors, workspace: 3 errors (of 6 test images)",
-        "fixed 2, newly wrong 1, still wrong 2 (1 of them now predicted as another wrong "
-        "class)"]
+        ("fixed 2, newly wrong 1, still wrong 2 (1 of them now predicted as another wrong "
+        "class)")]
     lines = text_table(groups, DIGITS, "HEAD", "workspace").splitlines()
     assert lines[0].split() == ["index", "true", "HEAD", "workspace"]
     assert [line.split()[0] for line in lines[1:]] == ["fixed", "fixed", "newly", "still",
