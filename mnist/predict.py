@@ -48,22 +48,32 @@ def line(file: str, result: dict) -> str:
             f"runner-up {result['runner_up']} ({100 * result['runner_up_probability']:.1f}%)")
 
 
-def classify(files: list[str], model_dir: Path, names: list[str]):
-    """(file, result or None, digit or None, error or None) per file, in order."""
-    digits, failures = {}, {}
-    for file in files:
-        try:
-            digits[file] = load_digit(file)
-        except ImageError as err:
-            failures[file] = str(err)
-    probabilities = {}
-    if digits:
-        batch = np.stack(list(digits.values()))
-        # One thread: a few images need no more, and the prediction does not depend on it.
-        out = frameworks.predict(model_dir, batch, BATCH, 1, 1)
-        probabilities = dict(zip(digits, out))
-    return [(file, ranked(probabilities[file], names) if file in probabilities else None,
-             digits.get(file), failures.get(file)) for file in files]
+def load_model(model_dir: Path):
+    """The model in model_dir, whichever framework made it (its run_info.json says), as a
+    function from N×28×28 digits to N×10 probabilities."""
+    framework = frameworks.framework_of(model_dir)
+    # One thread: a few images need no more, and the prediction does not depend on it.
+    frameworks.module(framework, "env").configure(0, 1, 1)
+    network = frameworks.module(framework, "model")
+    model = network.load(model_dir)
+    return lambda digits: network.predict(model, digits, BATCH)
+
+
+def classify(files: list[str], model, names: list[str]):
+    """(file, result or None, digit or None, error or None) per file, in order, BATCH files
+    at a time: memory stays bounded however many files there are."""
+    for start in range(0, len(files), BATCH):
+        digits, failures = {}, {}
+        for file in files[start:start + BATCH]:
+            try:
+                digits[file] = load_digit(file)
+            except ImageError as err:
+                failures[file] = str(err)
+        probabilities = dict(zip(digits, model(np.stack(list(digits.values()))))) \
+            if digits else {}
+        for file in files[start:start + BATCH]:
+            yield (file, ranked(probabilities[file], names) if file in probabilities else None,
+                   digits.get(file), failures.get(file))
 
 
 def names_for(rev: str | None) -> list[str]:
@@ -94,20 +104,23 @@ def main(argv=None) -> int:
             if not model_dir.is_dir():
                 raise DataError(f"{model_dir}: no model folder (run `make repro`, "
                                 "`dvc pull train`, or pass --model-dir / --rev)")
-        results = classify(args.images, model_dir, names)
+        model = load_model(model_dir)
 
-    for file, result, digit, error in results:  # in the order given
+    failed, listed = False, []
+    for file, result, digit, error in classify(args.images, model, names):  # in order
+        failed = failed or bool(error)
         if error:
             print(f"error: {error}", file=sys.stderr, flush=True)
-        elif not args.json:
+        if args.json:
+            listed.append({"file": file, **(result or {"error": error})})
+        elif result:
             print(line(file, result))
             if args.show:
                 print(draw(digit * 255))
             sys.stdout.flush()
     if args.json:
-        print(json.dumps([{"file": file, **(result or {"error": error})}
-                          for file, result, _, error in results], indent=2))
-    return 1 if any(error for *_, error in results) else 0
+        print(json.dumps(listed, indent=2))
+    return 1 if failed else 0
 
 
 def entry_point() -> None:

@@ -106,6 +106,24 @@ def test_bad_files_get_one_line_each_and_the_others_are_still_read(reader_projec
     assert "not an image" in listed[0]["error"] and listed[1]["prediction"] == "7"
 
 
+def test_many_files_are_read_in_batches_and_answered_in_order(reader_project, tmp_path):
+    """500 MNIST test images and two bad files, past two batch boundaries (BATCH 256)."""
+    data = fixture_data()
+    files = []
+    for i, image in enumerate(data["x_test"]):
+        files.append(tmp_path / f"{i:03d}.png")
+        Image.fromarray(image).save(files[-1])
+    files[255:255] = [tmp_path / "missing-1.png"]
+    files[300:300] = [tmp_path / "missing-2.png"]
+    run = predict(reader_project, *files, check=False)
+    assert run.returncode == 1 and len(run.stderr.splitlines()) == 2
+    lines = run.stdout.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [
+        str(f) for f in files if "missing" not in f.name]
+    answers = np.array([int(line.split(": ")[1].split()[0]) for line in lines])
+    assert np.mean(answers == data["y_test"]) > 0.85  # the reader's test accuracy: 91.6%
+
+
 def test_no_model_is_one_line(tmp_path, drawings):
     run = predict(tmp_path, drawings["7"], check=False)
     assert run.returncode == 1 and run.stdout == ""
