@@ -14,12 +14,15 @@
    their accuracy over seeds comes from 5.).
 4. Workers: each of `--models` trained in PyTorch by 1 and by 2 data-parallel workers
    (`train.workers`), the same columns: the images/s of both on this machine.
-5. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
+5. mnist-predict's preprocessing (benchmarks/predict.py): time and peak memory per image
+   file from 28×28 to 8000×8000, PNG and JPEG; JPEG read at reduced scale against a full
+   decode.
+6. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
    otherwise) trained by `--framework` and evaluated by the stages once per `--seeds`, for
    test errors and time: how much of a result is the seed.
 
 Usage: python -m benchmarks.run [--data PATH] [--repeats N]
-       [--only train|mosaics|frameworks|workers|cnn] [--models mlp cnn] [--epochs N]
+       [--only train|mosaics|frameworks|workers|predict|cnn] [--models mlp cnn] [--epochs N]
        [--model cnn|cnn_large] [--framework keras|torch] [--seeds 1 2 3]
 """
 
@@ -305,7 +308,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="full MNIST in the Keras .npz layout")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--only", choices=("train", "mosaics", "frameworks", "workers", "cnn"))
+    parser.add_argument("--only", choices=("train", "mosaics", "frameworks", "workers",
+                                           "predict", "cnn"))
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn", "cnn_large"),
                         default=["mlp"], help="what --only frameworks trains")
     parser.add_argument("--epochs", type=int, help="shorten every recipe (frameworks)")
@@ -346,6 +350,11 @@ def main() -> None:
         print(f"\nworkers: {', '.join(args.models)} in PyTorch, 1 and 2 data-parallel workers "
               "(train.workers), shipped params otherwise, each trained twice")
         print(runs_table(bench_workers(args.data, args.models, args.epochs)))
+    if args.only in (None, "predict"):
+        from benchmarks import predict
+
+        print("\nmnist-predict's preprocessing, per image file (benchmarks/predict.py)")
+        print(json.dumps(predict.run(args.data), indent=2))
     if args.only == "cnn":
         print(f"\n{args.model} in {args.framework}, default params, seeds {args.seeds} "
               "(train + evaluate stages)")
