@@ -27,7 +27,7 @@ preserving their aspect ratio", which gave grey levels by anti-aliasing, then "c
 
 An MNIST image goes through nearly unchanged (tests/unit/test_preprocess.py). What it
 cannot undo: several digits or a shadow in the frame (all of it counts as ink), strong
-uneven lighting, a stroke much thinner than MNIST's (about 1/8 of the digit's height).
+uneven lighting.
 """
 
 from __future__ import annotations
