@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.errors import DataError
+from stages.errors import DataError, one_line
 from stages.npz import load_npz
 
 WORKSPACE = "workspace"
@@ -48,8 +48,7 @@ def _remotes(repo: str) -> dict | None:
 
 
 def _reason(err: Exception) -> str:
-    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or \
-        type(err).__name__
+    return one_line(err) or type(err).__name__
 
 
 def _tracked(path: str, rev: str, repo: str):
