@@ -17,12 +17,16 @@
 5. mnist-predict's preprocessing (benchmarks/predict.py): time and peak memory per image
    file from 28×28 to 8000×8000, PNG and JPEG; JPEG read at reduced scale against a full
    decode.
-6. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
+6. Only when asked (`--only frontier`, hours): the accuracy/cost frontier: each of
+   `--models` (e.g. mlp cnn cnn_large) trained and evaluated once per `--seeds`: test
+   errors (mean, spread), training time, images/s, and the time at which the validation
+   accuracy first reached 99.0% and 99.5%.
+7. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
    otherwise) trained by `--framework` and evaluated by the stages once per `--seeds`, for
    test errors and time: how much of a result is the seed.
 
 Usage: python -m benchmarks.run [--data PATH] [--repeats N]
-       [--only train|mosaics|frameworks|workers|predict|cnn] [--models mlp cnn] [--epochs N]
+       [--only train|mosaics|frameworks|workers|predict|frontier|cnn] [--models mlp cnn] [--epochs N]
        [--model cnn|cnn_large] [--framework keras|torch] [--seeds 1 2 3]
 """
 
@@ -153,6 +157,87 @@ def bench_cnn(data: Path, model: str, seeds: list[int], framework: str = "keras"
     finally:
         shutil.rmtree(project, ignore_errors=True)
     return runs
+
+
+def epoch_log(stdout: str) -> list[tuple[float, float | None]]:
+    """(seconds, validation accuracy or None) of each epoch, from the train stage's lines
+    `epoch 3/24 41.2s ... eval/accuracy=0.9931 ...`."""
+    log = []
+    for line in stdout.splitlines():
+        found = re.match(r"epoch \d+/\d+ ([\d.]+)s", line)
+        if found:
+            val = re.search(r"eval/accuracy=([\d.]+)", line)
+            log.append((float(found[1]), float(val[1]) if val else None))
+    return log
+
+
+def time_to(log: list[tuple[float, float | None]], accuracy: float) -> float | None:
+    """Training seconds until the first epoch whose validation accuracy reached
+    `accuracy` (None: never, or no validation split)."""
+    elapsed = 0.0
+    for seconds, val in log:
+        elapsed += seconds
+        if val is not None and val >= accuracy:
+            return elapsed
+    return None
+
+
+def bench_frontier(data: Path, models: list[str], seeds: list[int],
+                   epochs: int | None) -> list[dict]:
+    """Each preset trained and evaluated by the stages once per seed (Keras, shipped params
+    but the seed; `epochs` shortens them): test errors, time, images/s, and when the
+    validation accuracy first reached 99.0% and 99.5%."""
+    runs = []
+    for model in models:
+        preset = {"train": {"model": model, **({model: {"epochs": epochs}} if epochs else {})}}
+        project = prepare_project(data, preset)
+        try:
+            for seed in seeds:
+                params = yaml.safe_load((project / "params.yaml").read_text())
+                params["train"]["seed"] = seed
+                (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+                child = run_child(stage_command("train"), project)
+                log = epoch_log(child["stdout"])
+                run_child(stage_command("evaluate"), project)
+                metrics = json.loads((project / paths()["metrics"]).read_text())
+                seconds = train_seconds(child["stdout"])
+                runs.append({"model": model, "seed": seed, "epochs": len(log),
+                             "train_seconds": seconds, "images_per_second":
+                             len(log) * trained_images(child["stdout"]) / seconds,
+                             "to_99_0": time_to(log, 0.990), "to_99_5": time_to(log, 0.995),
+                             "test_errors": metrics["errors"],
+                             "test_accuracy": metrics["accuracy"]})
+                print(json.dumps(runs[-1]), flush=True)
+        finally:
+            shutil.rmtree(project, ignore_errors=True)
+    return runs
+
+
+def frontier_table(runs: list[dict]) -> str:
+    """One row per preset: test errors over the seeds (mean, spread), the median time."""
+    def median(values):
+        values = [v for v in values if v is not None]
+        return f"{statistics.median(values):.0f}" if values else "–"
+
+    lines = [("| preset | epochs | seeds | test errors: mean (min–max) | mean accuracy | "
+              "training (s), median | images/s | val 99.0% at (s) | val 99.5% at (s) |"),
+             "|---" * 9 + "|"]
+    for model in dict.fromkeys(r["model"] for r in runs):
+        mine = [r for r in runs if r["model"] == model]
+        errors = [r["test_errors"] for r in mine]
+        reached = [sum(r[key] is not None for r in mine) for key in ("to_99_0", "to_99_5")]
+        lines.append(
+            f"| {model} | {mine[0]['epochs']} | {', '.join(str(r['seed']) for r in mine)} | "
+            f"{statistics.mean(errors):.1f} ({min(errors)}–{max(errors)}) | "
+            f"{statistics.mean(r['test_accuracy'] for r in mine):.2%} | "
+            f"{median(r['train_seconds'] for r in mine)} | "
+            f"{median(r['images_per_second'] for r in mine)} | "
+            f"{median(r['to_99_0'] for r in mine)} ({reached[0]}/{len(mine)}) | "
+            f"{median(r['to_99_5'] for r in mine)} ({reached[1]}/{len(mine)}) |")
+    lines.append("\nval X% at: the training time until the validation split's accuracy first "
+                 "reached X (median over the seeds that reached it; how many did, in "
+                 "brackets). The mlp recipe holds out no validation split.")
+    return "\n".join(lines)
 
 
 def model_digest(project: Path) -> str:
@@ -309,9 +394,9 @@ def main() -> None:
                         help="full MNIST in the Keras .npz layout")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=("train", "mosaics", "frameworks", "workers",
-                                           "predict", "cnn"))
+                                           "predict", "cnn", "frontier"))
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn", "cnn_large"),
-                        default=["mlp"], help="what --only frameworks trains")
+                        default=["mlp"], help="what --only frameworks/workers/frontier train")
     parser.add_argument("--epochs", type=int, help="shorten every recipe (frameworks)")
     parser.add_argument("--model", choices=("cnn", "cnn_large"), default="cnn")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
@@ -355,6 +440,11 @@ def main() -> None:
 
         print("\nmnist-predict's preprocessing, per image file (benchmarks/predict.py)")
         print(json.dumps(predict.run(args.data), indent=2))
+    if args.only == "frontier":
+        print(f"\nfrontier: {', '.join(args.models)} in Keras, shipped params, seeds "
+              f"{args.seeds} (train + evaluate stages)")
+        print(frontier_table(bench_frontier(args.data, args.models, args.seeds,
+                                            args.epochs)))
     if args.only == "cnn":
         print(f"\n{args.model} in {args.framework}, default params, seeds {args.seeds} "
               "(train + evaluate stages)")
