@@ -133,22 +133,28 @@ def bench_train(data: Path, repeats: int) -> dict:
     return result
 
 
+def train_and_evaluate(project: Path, seed: int) -> tuple[dict, dict]:
+    """The project's train stage run with `seed`, then evaluate: the train child (output,
+    time, peak RSS) and the test metrics."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["seed"] = seed
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    child = run_child(stage_command("train"), project)
+    run_child(stage_command("evaluate"), project)
+    return child, json.loads((project / paths()["metrics"]).read_text())
+
+
 def bench_cnn(data: Path, model: str, seeds: list[int], framework: str = "keras") -> list[dict]:
     """Train and evaluate `model` with the default params once per seed, via the stages."""
     project = prepare_project(data, {"train": {"model": model, "framework": framework}})
     runs = []
     try:
         for seed in seeds:
-            params = yaml.safe_load((project / "params.yaml").read_text())
-            params["train"]["seed"] = seed
-            (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            child = run_child(stage_command("train"), project)
+            child, metrics = train_and_evaluate(project, seed)
             seconds = train_seconds(child["stdout"])
             last_epoch = [line for line in child["stdout"].splitlines()
                           if line.startswith("epoch ")][-1]
             val = re.search(r"eval/accuracy=([\d.]+)", last_epoch)
-            run_child(stage_command("evaluate"), project)
-            metrics = json.loads((project / paths()["metrics"]).read_text())
             runs.append({"seed": seed, "train_seconds": seconds,
                          "val_accuracy": float(val.group(1)) if val else None,
                          "test_accuracy": metrics["accuracy"], "test_errors": metrics["errors"],
@@ -193,13 +199,8 @@ def bench_frontier(data: Path, models: list[str], seeds: list[int],
         project = prepare_project(data, preset)
         try:
             for seed in seeds:
-                params = yaml.safe_load((project / "params.yaml").read_text())
-                params["train"]["seed"] = seed
-                (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-                child = run_child(stage_command("train"), project)
+                child, metrics = train_and_evaluate(project, seed)
                 log = epoch_log(child["stdout"])
-                run_child(stage_command("evaluate"), project)
-                metrics = json.loads((project / paths()["metrics"]).read_text())
                 seconds = train_seconds(child["stdout"])
                 runs.append({"model": model, "seed": seed, "epochs": len(log),
                              "train_seconds": seconds, "images_per_second":
