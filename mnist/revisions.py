@@ -8,6 +8,7 @@ when the cache lacks them; files git tracks come from git.
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,9 @@ def label(rev: str | None) -> str:
     return rev if rev else WORKSPACE
 
 
+# One DVC view per revision for the whole command: opening one reads the repository, its
+# config and the revision's index, and a command reads several files of each revision.
+@functools.cache
 def _filesystem(rev: str | None, repo: str = "."):
     from dvc.api import DVCFileSystem
     from dvc.exceptions import DvcException
@@ -33,6 +37,7 @@ def _filesystem(rev: str | None, repo: str = "."):
         raise DataError(f"{label(rev)}: {_reason(err)}") from None
 
 
+@functools.cache
 def _remotes(repo: str) -> dict | None:
     """The workspace's remotes (.dvc/config and config.local), for reading other revisions:
     an older commit may predate the remote, or name one that moved."""
