@@ -181,7 +181,8 @@ def normalize(p: dict) -> dict:
 
 
 RECIPE_KEYS = ("epochs", "batch_size", "learning_rate", "lr_schedule", "val_fraction",
-               "rotation", "shift", "zoom", "label_smoothing", "restore_best")
+               "rotation", "shift", "zoom", "label_smoothing", "restore_best", "ema",
+               "elastic", "elastic_sigma")
 
 
 def recipe(p: dict, where: str) -> dict:
@@ -196,8 +197,12 @@ def recipe(p: dict, where: str) -> dict:
         "rotation": number(p, where, "rotation", 0.0, 180.0),
         "shift": number(p, where, "shift", 0.0, 0.5),
         "zoom": number(p, where, "zoom", 0.0, 0.5, hi_open=True),
+        "elastic": number(p, where, "elastic", 0.0, 100.0),
+        "elastic_sigma": number(p, where, "elastic_sigma", 0.5, 20.0),
         "label_smoothing": number(p, where, "label_smoothing", 0.0, 0.5),
         "restore_best": boolean(p, where, "restore_best"),
+        # 0 is off; a decay of 1 would never move from the initial weights.
+        "ema": number(p, where, "ema", 0.0, 1.0, hi_open=True),
     }
     if out["restore_best"] and not out["val_fraction"]:
         raise _bad(f"{where}.restore_best", True,
@@ -228,6 +233,11 @@ def train(p: dict) -> dict:
     if framework == "c" and model not in C_MODELS:
         raise _bad(f"{where}.model", model, f"{', '.join(C_MODELS)} with train.framework c "
                    "(the plain-C program implements the original network only)")
+    for key, missing in (("ema", "keeps no average of its weights"),
+                         ("elastic", "has no elastic distortion")):
+        if framework == "c" and recipes[model][key]:
+            raise _bad(f"{where}.{model}.{key}", recipes[model][key], "0 with train.framework "
+                       f"c (the plain-C program {missing})")
     workers = integer(p, where, "workers", 1, MAX_WORKERS)
     if workers > 1 and framework != "torch":
         raise _bad(f"{where}.workers", workers, f"1 with train.framework {framework}: "

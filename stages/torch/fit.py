@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from stages.augment import DRAWS, affine_rows, is_off
+from stages.augment import DRAWS, affine_rows, displacements, gaussian, is_off
 from stages.errors import PipelineError, stop_if_interrupted
 from stages.torch.env import device, torch
 from stages.torch.model import build
@@ -37,9 +37,10 @@ F = torch.nn.functional
 KERAS_ADAM_EPSILON = 1e-7  # PyTorch's default is 1e-8
 
 
-def warp(images, rows):
+def warp(images, rows, dx=None, dy=None):
     """Resample each image [n, side, side] through its affine map, one row (a0, a1, a2,
-    b0, b1, b2) per image in pixel units: bilinear, black outside the image."""
+    b0, b1, b2) per image in pixel units, then moved by the field (dx, dy) [n, side, side]
+    in pixels if given: bilinear, black outside the image."""
     n, side = images.shape[0], images.shape[-1]
     a0, a1, a2, b0, b1, b2 = rows.unbind(1)
     # The same map in grid_sample's units: -1 and 1 are the centres of the edge pixels.
@@ -47,18 +48,27 @@ def warp(images, rows):
     theta = torch.stack([torch.stack([a0, a1, a0 + a1 + a2 / c - 1], 1),
                          torch.stack([b0, b1, b0 + b1 + b2 / c - 1], 1)], 1)
     grid = F.affine_grid(theta, [n, 1, side, side], align_corners=True)
+    if dx is not None:
+        grid = grid + torch.stack([dx, dy], -1) / c
     return F.grid_sample(images.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros",
                          align_corners=True).squeeze(1)
 
 
-def augment(images, generator, rotation: float, shift: float, zoom: float):
-    """Images [n, side, side] in [0, 1] -> each randomly rotated, zoomed and shifted, with
-    draws from `generator` (a CPU generator of its own, seeded by the run's seed)."""
-    if is_off(rotation, shift, zoom):
+def augment(images, generator, rotation: float, shift: float, zoom: float,
+            elastic: float = 0.0, elastic_sigma: float = 4.0):
+    """Images [n, side, side] in [0, 1] -> each randomly rotated, zoomed, shifted and
+    (elastic > 0) elastically distorted, with draws from `generator` (a CPU generator of
+    its own, seeded by the run's seed)."""
+    if is_off(rotation, shift, zoom, elastic):
         return images
-    u = (torch.rand((DRAWS, len(images)), generator=generator) * 2 - 1).to(images.device)
-    rows = affine_rows(u, images.shape[-1], rotation, shift, zoom, torch.cos, torch.sin)
-    return warp(images, torch.stack(rows, 1))
+    n, side = images.shape[0], images.shape[-1]
+    u = (torch.rand((DRAWS, n), generator=generator) * 2 - 1).to(images.device)
+    rows = torch.stack(affine_rows(u, side, rotation, shift, zoom, torch.cos, torch.sin), 1)
+    if not elastic:
+        return warp(images, rows)
+    noise = (torch.rand((2, n, side, side), generator=generator) * 2 - 1).to(images.device)
+    blur = torch.from_numpy(gaussian(side, elastic_sigma)).to(images.device)
+    return warp(images, rows, *displacements(noise, blur, elastic))
 
 
 def share(idx: np.ndarray, rank: int, size: int) -> np.ndarray:
@@ -68,7 +78,7 @@ def share(idx: np.ndarray, rank: int, size: int) -> np.ndarray:
 
 
 def train_epoch(model, optimizer, scheduler, x, y, order, cfg, generator, bar=None,
-                rank: int = 0, size: int = 1):
+                rank: int = 0, size: int = 1, average=None):
     """One pass over the batches of `order`; returns the summed plain cross-entropy of this
     worker's training images and its number of hits (both with augmentation and dropout
     on)."""
@@ -77,7 +87,8 @@ def train_epoch(model, optimizer, scheduler, x, y, order, cfg, generator, bar=No
     hits = torch.zeros((), device=x.device, dtype=torch.int64)
     for batch in order:
         idx = torch.from_numpy(share(batch, rank, size)).to(x.device)
-        data = augment(x[idx], generator, cfg["rotation"], cfg["shift"], cfg["zoom"])
+        data = augment(x[idx], generator, cfg["rotation"], cfg["shift"], cfg["zoom"],
+                       cfg["elastic"], cfg["elastic_sigma"])
         target = y[idx]
         optimizer.zero_grad()
         output = model(data)
@@ -90,6 +101,8 @@ def train_epoch(model, optimizer, scheduler, x, y, order, cfg, generator, bar=No
         optimizer.step()
         if scheduler:
             scheduler.step()
+        if average:
+            average.update_parameters(model)
         with torch.no_grad():
             # Logged: plain cross-entropy, the quantity the validation loss is (the smoothed
             # objective has a floor above 0 and would show a gap that is not there).
@@ -153,6 +166,12 @@ def fit(cfg: dict, data: dict, curves_dir):
     rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule in every framework
     # augmentation draws
     generator = torch.Generator().manual_seed(cfg["seed"] + 1_000_003 * rank)
+    # `ema`: PyTorch's own weight average, updated after every step; BatchNorm's running
+    # statistics are averaged alongside (use_buffers), so the average is a complete model.
+    average = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg["ema"]),
+        use_buffers=True) if cfg["ema"] else None)
+    result = average.module if average else model  # what is validated and returned
     best = BestEpoch(cfg["restore_best"] and rank == 0)
     curves = Curves(curves_dir, cfg["epochs"]) if rank == 0 else None
     tty = sys.stdout.isatty() and rank == 0
@@ -161,7 +180,7 @@ def fit(cfg: dict, data: dict, curves_dir):
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False) if tty else None
         loss_sum, hits = train_epoch(net, optimizer, scheduler, x, y,
                                      batches(n, cfg["batch_size"], rng), cfg, generator, bar,
-                                     rank, size)
+                                     rank, size, average)
         if bar:
             bar.close()
         if size > 1:  # the epoch's numbers over every worker's images
@@ -174,19 +193,19 @@ def fit(cfg: dict, data: dict, curves_dir):
         logs = {"train/loss": loss_sum / n}
         if len(y_val):
             # The validation split steers training; the test set is never seen here.
-            val = evaluate(model, x_val, y_val)
+            val = evaluate(result, x_val, y_val)
             logs |= {"eval/loss": val["loss"], "eval/accuracy": val["accuracy"]}
-            best.offer(epoch, val["accuracy"], lambda: copy.deepcopy(model.state_dict()))
+            best.offer(epoch, val["accuracy"], lambda: copy.deepcopy(result.state_dict()))
         curves.epoch(epoch, time.perf_counter() - started, logs, hits / n)
         stop_if_interrupted()
     if size > 1:
         torch.distributed.barrier()  # no worker leaves while another still needs it
         torch.distributed.destroy_process_group()
     if rank:
-        return model.cpu()  # the same weights as rank 0's; the stage saves rank 0's only
+        return result.cpu()  # the same weights as rank 0's; the stage saves rank 0's only
     curves.close(validated=bool(len(y_val)))
-    best.restore(cfg["epochs"], model.load_state_dict)
-    return model.cpu()
+    best.restore(cfg["epochs"], result.load_state_dict)
+    return result.cpu()
 
 
 # --- more than one worker ----------------------------------------------------------------

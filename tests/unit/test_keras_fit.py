@@ -66,3 +66,46 @@ def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch):
     assert len(losses) == 8 and losses[-1] < losses[0]
     val = (tmp_path / "curves/plots/metrics/eval/accuracy.tsv").read_text().splitlines()
     assert len(val) == 1 + 8
+
+
+def test_the_average_starts_at_the_weights_then_moves_by_one_minus_the_decay():
+    from stages.keras.fit import Average
+    from stages.keras.model import build
+
+    model = build("cnn")
+    start = model.get_weights()
+    average = Average(model, 0.75)
+    average.update(True)
+    model.set_weights([w + 4.0 for w in start])
+    average.update(False)  # 0.75 start + 0.25 (start + 4)
+    with average.swapped_in():
+        # Every weight, BatchNorm's moving statistics included.
+        assert len(model.get_weights()) == len(start) > len(model.trainable_variables)
+        assert all(np.allclose(a, w + 1.0) for a, w in zip(model.get_weights(), start))
+    assert all(np.array_equal(a, w + 4.0) for a, w in zip(model.get_weights(), start))
+    average.put_in()
+    assert all(np.allclose(a, w + 1.0) for a, w in zip(model.get_weights(), start))
+
+
+def _last_validation(curves) -> float:
+    lines = (curves / "plots/metrics/eval/accuracy.tsv").read_text().splitlines()
+    return float(lines[-1].split("\t")[1])
+
+
+@pytest.mark.slow
+def test_with_ema_the_average_is_validated_and_returned(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from stages.keras.fit import fit, tf
+
+    tf.config.experimental.enable_op_determinism()
+    data, x_val, y_val = toy_digits()
+    cfg = train_cfg(epochs=3, learning_rate=0.01, batch_size=8, val_fraction=0.2, ema=0.9)
+    cfg["steps_per_execution"] = 4
+    averaged = fit(cfg, dict(data), tmp_path / "ema")
+    again = fit(cfg, dict(data), tmp_path / "ema2")
+    trained = fit(cfg | {"ema": 0.0}, dict(data), tmp_path / "plain")
+    accuracy = (averaged.predict(x_val, verbose=0).argmax(1) == y_val).mean()
+    assert accuracy == pytest.approx(_last_validation(tmp_path / "ema"))
+    assert all(np.array_equal(a, b) for a, b in zip(averaged.get_weights(), again.get_weights()))
+    # Same seed, same steps: only the average makes the difference.
+    assert not np.array_equal(averaged.get_weights()[0], trained.get_weights()[0])

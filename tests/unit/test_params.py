@@ -151,6 +151,8 @@ def test_wrong_type(path, value, allowed):
     ("train.cnn.label_smoothing", 0.6), ("train.cnn.label_smoothing", -0.1),
     ("train.cnn.zoom", 0.5), ("train.cnn.zoom", 0.51),
     ("train.cnn.val_fraction", 0.6), ("train.cnn.val_fraction", -0.1),
+    ("train.cnn.ema", 1.0), ("train.cnn.ema", -0.5), ("train.cnn.elastic", -1.0),
+    ("train.cnn.elastic", 101.0), ("train.cnn.elastic_sigma", 0.0),
     ("render.per_row", 0), ("render.errors_per_row", -5),
     ("render.neighbours_k", 0), ("render.neighbours_k", 21),
     ("render.top_confident", 0), ("render.top_pairs", 0), ("render.top_pairs", 91),
@@ -167,6 +169,8 @@ def test_out_of_range(path, value):
     ("train.cnn.val_fraction", 0.5, float), ("train.cnn.val_fraction", 0, float),
     ("train.cnn.zoom", 0.499, float), ("train.cnn.learning_rate", 10, float),
     ("train.cnn.label_smoothing", 0.5, float), ("render.top_pairs", 90, int),
+    ("train.cnn.ema", 0.9999, float), ("train.cnn.ema", 0, float),
+    ("train.cnn.elastic", 100, float), ("train.cnn.elastic_sigma", 20, float),
     ("train.inter_op_threads", 1024, int), ("download.backoff", 0, float),
 ])
 def test_limits_are_inclusive_where_documented(path, value, kind):
@@ -220,6 +224,21 @@ def test_c_trains_the_original_network_on_the_cpu_only():
     with pytest.raises(ParamError, match=r"^train\.device: got 'cuda'; allowed: cpu with "
                                          r"train\.framework c"):
         params.check(values)
+
+
+@pytest.mark.parametrize("key, value, missing", [
+    ("ema", 0.999, "keeps no average of its weights"),
+    ("elastic", 34.0, "has no elastic distortion"),
+])
+def test_c_refuses_what_its_program_does_not_do(key, value, missing):
+    values = edited(f"train.mlp.{key}", value)
+    values["train"] |= {"framework": "c", "model": "mlp"}
+    with pytest.raises(ParamError) as info:
+        params.check(values)
+    assert str(info.value) == (f"train.mlp.{key}: got {value!r}; allowed: 0 with "
+                               f"train.framework c (the plain-C program {missing})")
+    values["train"]["framework"] = "torch"
+    assert params.check(values)["train"][key] == value
 
 
 def test_unknown_model_lists_the_allowed_names():

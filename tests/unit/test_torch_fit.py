@@ -88,3 +88,25 @@ def test_the_failure_named_is_the_cause_not_the_workers_the_launcher_stopped(tmp
     failed = {0: failure(-signal.SIGTERM, 3, 0), 1: failure(1, 4, 1)}
     assert failure_line(failed, 2, tmp_path) == (
         "worker 1 of 2 exited with 1: data/processed/mnist.npz: not found")
+
+
+@pytest.mark.slow
+def test_with_ema_the_average_is_validated_and_returned(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from stages.torch.env import configure
+    from stages.torch.fit import fit
+    from stages.torch.model import predict
+
+    configure(0, 1, 1)
+    data, x_val, y_val = toy_digits()
+    cfg = train_cfg("torch", epochs=3, learning_rate=0.01, batch_size=8, val_fraction=0.2,
+                    ema=0.9)
+    averaged = fit(cfg, dict(data), tmp_path / "ema")
+    again = fit(cfg, dict(data), tmp_path / "ema2")
+    trained = fit(cfg | {"ema": 0.0}, dict(data), tmp_path / "plain")
+    accuracy = (predict(averaged, x_val, 100).argmax(1) == y_val).mean()
+    lines = (tmp_path / "ema/plots/metrics/eval/accuracy.tsv").read_text().splitlines()
+    assert accuracy == pytest.approx(float(lines[-1].split("\t")[1]))
+    one, two = averaged.state_dict(), again.state_dict()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert not torch.equal(one["fc1.weight"], trained.state_dict()["fc1.weight"])
