@@ -28,6 +28,7 @@
 Usage: python -m benchmarks.run [--data PATH] [--repeats N]
        [--only train|mosaics|frameworks|workers|predict|frontier|cnn] [--models mlp cnn] [--epochs N]
        [--model cnn|cnn_large] [--framework keras|torch] [--seeds 1 2 3]
+       [--set KEY=VALUE ...]   (--only frontier: a variant of each preset's recipe)
 """
 
 from __future__ import annotations
@@ -188,21 +189,40 @@ def time_to(log: list[tuple[float, float | None]], accuracy: float) -> float | N
     return None
 
 
+def recipe_changes(pairs: list[str]) -> dict:
+    """`--set ema=0.999 elastic=0` -> {"ema": 0.999, "elastic": 0} (values read as YAML)."""
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set {pair!r}: expected KEY=VALUE, e.g. ema=0.999")
+        changes[key] = yaml.safe_load(value)
+    return changes
+
+
+def variant(model: str, changes: dict) -> str:
+    """A frontier row's name: the preset, and the recipe keys changed from its params."""
+    return model + (f" ({', '.join(f'{k}={v}' for k, v in changes.items())})"
+                    if changes else "")
+
+
 def bench_frontier(data: Path, models: list[str], seeds: list[int],
-                   epochs: int | None) -> list[dict]:
+                   epochs: int | None, changes: dict | None = None) -> list[dict]:
     """Each preset trained and evaluated by the stages once per seed (Keras, shipped params
-    but the seed; `epochs` shortens them): test errors, time, images/s, and when the
-    validation accuracy first reached 99.0% and 99.5%."""
+    but the seed and `changes` to its recipe; `epochs` shortens them): test errors, time,
+    images/s, and when the validation accuracy first reached 99.0% and 99.5%."""
     runs = []
+    changes = dict(changes or {})
     for model in models:
-        preset = {"train": {"model": model, **({model: {"epochs": epochs}} if epochs else {})}}
-        project = prepare_project(data, preset)
+        recipe = changes | ({"epochs": epochs} if epochs else {})
+        project = prepare_project(data, {"train": {"model": model, model: recipe}})
         try:
             for seed in seeds:
                 child, metrics = train_and_evaluate(project, seed)
                 log = epoch_log(child["stdout"])
                 seconds = train_seconds(child["stdout"])
-                runs.append({"model": model, "seed": seed, "epochs": len(log),
+                runs.append({"model": variant(model, changes), "seed": seed,
+                             "epochs": len(log),
                              "train_seconds": seconds, "images_per_second":
                              len(log) * trained_images(child["stdout"]) / seconds,
                              "to_99_0": time_to(log, 0.990), "to_99_5": time_to(log, 0.995),
@@ -403,6 +423,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--framework", choices=("keras", "torch"), default="keras",
                         help="who trains --only cnn")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="--only frontier: change each preset's recipe (e.g. ema=0)")
     args = parser.parse_args()
     if not args.data.is_file():
         sys.exit(f"error: {args.data} not found; pass --data PATH to a full mnist.npz")
@@ -442,10 +464,12 @@ def main() -> None:
         print("\nmnist-predict's preprocessing, per image file (benchmarks/predict.py)")
         print(json.dumps(predict.run(args.data), indent=2))
     if args.only == "frontier":
-        print(f"\nfrontier: {', '.join(args.models)} in Keras, shipped params, seeds "
-              f"{args.seeds} (train + evaluate stages)")
+        changes = recipe_changes(args.set)
+        print(f"\nfrontier: {', '.join(args.models)} in Keras, shipped params"
+              f"{' but ' + str(changes) if changes else ''}, seeds {args.seeds} "
+              "(train + evaluate stages)")
         print(frontier_table(bench_frontier(args.data, args.models, args.seeds,
-                                            args.epochs)))
+                                            args.epochs, changes)))
     if args.only == "cnn":
         print(f"\n{args.model} in {args.framework}, default params, seeds {args.seeds} "
               "(train + evaluate stages)")

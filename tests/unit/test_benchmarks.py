@@ -3,7 +3,9 @@ time to a validation accuracy, and one table row per preset."""
 
 from __future__ import annotations
 
-from benchmarks.run import epoch_log, frontier_table, time_to
+import pytest
+
+from benchmarks.run import epoch_log, frontier_table, recipe_changes, time_to, variant
 
 STDOUT = """train: cnn in keras on 57000 images, 3000 held out for validation
 epoch 1/3 63.1s train/loss=0.2867 eval/loss=0.3092 eval/accuracy=0.9713 train/accuracy=0.9417
@@ -36,3 +38,12 @@ def test_the_frontier_has_one_row_per_preset_with_mean_spread_and_medians():
     assert rows[2] == ("| cnn | 3 | 42, 1 | 33.0 (30–36) | 99.67% | 190 | 900 | 120 (1/2) "
                        "| – (0/2) |")
     assert len([r for r in rows if r.startswith("| cnn")]) == 1
+
+
+def test_a_recipe_variant_is_read_as_yaml_and_names_its_row():
+    changes = recipe_changes(["ema=0.999", "elastic=0", "lr_schedule=cosine"])
+    assert changes == {"ema": 0.999, "elastic": 0, "lr_schedule": "cosine"}
+    assert variant("cnn", changes) == "cnn (ema=0.999, elastic=0, lr_schedule=cosine)"
+    assert variant("cnn", {}) == "cnn"
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        recipe_changes(["ema"])
