@@ -11,7 +11,7 @@ TORCH_STAMP := $(VENV)/.installed-torch-from-lock
 # DVC runs each stage's `python -m ...` through the shell: the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro torch c-compiler test test-fast bench lock clean-venv system-deps
+.PHONY: repro torch c-compiler test test-fast lint bench lock clean-venv system-deps
 
 # The venv: the lock's exact versions, then the project itself, editable and without deps
 # (the lock has them all, setuptools included), for its commands mnist-predict and
@@ -40,10 +40,15 @@ test: $(TORCH_STAMP) c-compiler system-deps
 	python -m pytest
 
 # The inner loop: every test that runs no dvc, trains nothing and starts no stage process.
-test-fast: $(TORCH_STAMP) c-compiler system-deps
+# No system packages beyond a C compiler (the C program's unit tests build it).
+test-fast: $(TORCH_STAMP) c-compiler
 	python -m pytest -m "not slow"
 
-# stages/c/mnist_mlp.c is built with the first of $$CC, cc, gcc, clang (stages/c/env.py);
+# ruff, with the rules in pyproject.toml ([tool.ruff.lint]); .ci/run runs it before the tests.
+lint: $(STAMP)
+	ruff check .
+
+# stages/frameworks/c/mnist_mlp.c is built with the first of $$CC, cc, gcc, clang (stages/frameworks/c/env.py);
 # with none, Debian's gcc and the C library's headers are installed when we are root.
 c-compiler:
 	@if [ -n "$$CC" ]; then command -v "$$CC" >/dev/null || { echo "CC=$$CC: not found"; exit 1; }; \

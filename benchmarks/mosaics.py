@@ -6,7 +6,7 @@ drawn two ways and compared pixel for pixel:
   tile   stages.render_errors.tile (numpy reshapes), as stages.render_errors.mosaics calls it.
 Both get the same images; writing the BMP files is the same for both and timed apart.
 
-Neighbour search (stages.neighbours, exact squared L2 in pixel space): the stage's own
+Neighbour search (stages.analysis.neighbours, exact squared L2 in pixel space): the stage's own
 work (k nearest training images of the true and of the predicted digit for every
 misclassified test image), and a stress case: all 10000 test images, each against the
 training images of its true digit and of its runner-up digit (~2 × 6000 per query).
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.dataset import IMAGE_SIDE, load_mnist
-from stages.npz import load_npz
-from stages.outputs import save_image
 from benchmarks.pipeline import paths
-from stages.neighbours import nearest_by_class
+from stages.analysis.neighbours import nearest_by_class
+from stages.data.mnist import IMAGE_SIDE, load_mnist
+from stages.data.npz import load_npz
 from stages.render_errors import mosaics
+from stages.runtime.outputs import save_image
 
 PER_ROW, ERRORS_PER_ROW, K = 50, 10, 3
 TARGET_SPEEDUP = 10.0

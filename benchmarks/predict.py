@@ -1,10 +1,10 @@
-"""mnist-predict's preprocessing (mnist/preprocess.py): time and memory per image, by size.
+"""mnist-predict's preprocessing (mnist_cli/preprocess.py): time and memory per image, by size.
 
 - MNIST's own test images saved as PNG files (28×28): images/s through load_digit.
 - One drawn digit on pages from 1200×900 to 8000×8000 (the largest accepted, 64 Mpx), as
   PNG and as JPEG: the median time of load_digit over 3 reads, and the peak RSS of a child
   process that reads it once (the decoded image dominates: 1 byte a pixel for grey).
-- Side by side for a 12 Mpx colour JPEG (a phone's photo): mnist/preprocess.read_gray,
+- Side by side for a 12 Mpx colour JPEG (a phone's photo): mnist_cli/preprocess.read_gray,
   which lets libjpeg decode at 1/2..1/8 scale (PIL's draft mode), against the same read
   decoding the full image first.
 """
@@ -25,8 +25,9 @@ PEAK = """
 with open("/proc/self/status") as status:
     print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024)
 """
-READ_ONCE = "import sys\nfrom mnist.preprocess import load_digit\nload_digit(sys.argv[1])\n" + PEAK
-BASELINE = "import mnist.preprocess, PIL.Image\n" + PEAK
+READ_ONCE = ("import sys\nfrom mnist_cli.preprocess import load_digit\n"
+             "load_digit(sys.argv[1])\n" + PEAK)
+BASELINE = "import mnist_cli.preprocess, PIL.Image\n" + PEAK
 SIZES = ((1200, 900), (4000, 3000), (8000, 6000), (8000, 8000))
 
 
@@ -57,7 +58,7 @@ def peak_mb(code: str, *args) -> float:
 def run(data: Path) -> dict:
     from PIL import Image
 
-    from mnist.preprocess import WORK_SIDE, load_digit, read_gray
+    from mnist_cli.preprocess import WORK_SIDE, load_digit, read_gray
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="mnist-bench-predict-") as tmp:
@@ -78,7 +79,7 @@ def run(data: Path) -> dict:
                 (image.convert("RGB") if ext == ".jpg" else image).save(path, **options)
                 key = f"{size[0]}x{size[1]}{ext}"
                 results[key] = {"mb_on_disk": round(path.stat().st_size / 1e6, 1),
-                                "ms": round(1000 * seconds(lambda: load_digit(path))),
+                                "ms": round(1000 * seconds(lambda p=path: load_digit(p))),
                                 "peak_rss_mb": round(peak_mb(READ_ONCE, path))}
             del image
         jpeg = tmp / "page-4000x3000.jpg"

@@ -13,7 +13,7 @@
    `--epochs N` shortens every recipe (for the convnets: speed and determinism in minutes;
    their accuracy over seeds comes from 5.).
 4. Workers: each of `--models` trained in PyTorch by 1 and by 2 data-parallel workers
-   (`train.workers`), the same columns: the images/s of both on this machine.
+   (`train.torch.workers`), the same columns: the images/s of both on this machine.
 5. mnist-predict's preprocessing (benchmarks/predict.py): time and peak memory per image
    file from 28×28 to 8000×8000, PNG and JPEG; JPEG read at reduced scale against a full
    decode.
@@ -26,7 +26,8 @@
    test errors and time: how much of a result is the seed.
 
 Usage: python -m benchmarks.run [--data PATH] [--repeats N]
-       [--only train|mosaics|frameworks|workers|predict|frontier|cnn] [--models mlp cnn] [--epochs N]
+       [--only train|mosaics|frameworks|workers|predict|frontier|cnn]
+       [--models mlp cnn] [--epochs N]
        [--model cnn|cnn_large] [--framework keras|torch] [--seeds 1 2 3]
        [--set KEY=VALUE ...]   (--only frontier: a variant of each preset's recipe)
 """
@@ -56,7 +57,9 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist.npz"
 
 # The original network and settings: the shipped mlp recipe, on one thread per pool (for a
 # network this small TensorFlow spends more time handing ops between threads than on them).
-MLP_PRESET = {"train": {"model": "mlp", "intra_op_threads": 1, "inter_op_threads": 1}}
+ONE_THREAD = {"intra_op_threads": 1, "inter_op_threads": 1}
+MLP_PRESET = {"train": {"model": "mlp", "keras": ONE_THREAD, "torch": ONE_THREAD},
+              "speed": {"c_threads": 1}}
 
 
 def deep_update(base: dict, changes: dict) -> None:
@@ -282,7 +285,7 @@ def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[
 def bench_workers(data: Path, models: list[str], epochs: int | None) -> list[dict]:
     """Each model trained in PyTorch by 1 and by 2 data-parallel workers, as above."""
     return bench_variants(data, {(model, "torch", workers): {
-        "framework": "torch", "model": model, "workers": workers}
+        "framework": "torch", "model": model, "torch": {"workers": workers}}
         for model in models for workers in (1, 2)}, epochs)
 
 
@@ -456,7 +459,7 @@ def main() -> None:
         print(runs_table(bench_frameworks(args.data, args.models, args.epochs)))
     if args.only in (None, "workers"):
         print(f"\nworkers: {', '.join(args.models)} in PyTorch, 1 and 2 data-parallel workers "
-              "(train.workers), shipped params otherwise, each trained twice")
+              "(train.torch.workers), shipped params otherwise, each trained twice")
         print(runs_table(bench_workers(args.data, args.models, args.epochs)))
     if args.only in (None, "predict"):
         from benchmarks import predict

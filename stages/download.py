@@ -22,10 +22,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from stages import idx, params
-from stages.dataset import IMAGE_SIDE, MNIST_KEYS, load_mnist, validate_mnist
-from stages.errors import DataError, PipelineError, run
-from stages.outputs import atomic_path, disk_errors, save_npz
+from stages.data import idx
+from stages.data.mnist import IMAGE_SIDE, MNIST_KEYS, load_mnist, validate_mnist
+from stages.runtime import params
+from stages.runtime.failures import DataError, PipelineError, run
+from stages.runtime.outputs import atomic_path, disk_errors, save_npz
 
 CHUNK = 1 << 16
 # The most one fetched file may hold: a source that sends more (a server that streams

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import frameworks, params, scoring
-from stages.console import draw
-from stages.dataset import load_processed
-from stages.errors import run
-from stages.outputs import round_floats, save_npz, write_csv, write_json
+from stages import frameworks
+from stages.analysis import scoring
+from stages.data.console import draw
+from stages.data.mnist import load_processed
+from stages.runtime import params
+from stages.runtime.failures import run
+from stages.runtime.outputs import round_floats, save_npz, write_csv, write_json
 
 
 def misclassified(y_true: np.ndarray, probabilities: np.ndarray) -> list[tuple]:
@@ -49,11 +51,12 @@ def main(argv=None) -> None:
     parser.add_argument("--misclassified", required=True, help="misclassified images (.csv)")
     args = parser.parse_args(argv)
     everything = params.load()
-    cfg, names, train = everything["evaluate"], everything["dataset"]["classes"], everything["train"]
+    cfg, train = everything["evaluate"], everything["train"]
+    names = everything["dataset"]["classes"]
     data = load_processed(args.data, only=("x_test", "y_test"))
 
     x, y = data["x_test"], data["y_test"].astype(np.int64)
-    # Whichever framework trained it: the model folder says which (stages/frameworks.py).
+    # Whichever framework trained it: the model folder says which (stages/frameworks/__init__.py).
     probabilities = frameworks.predict(args.model_dir, x, cfg["batch_size"],
                                        train["intra_op_threads"], train["inter_op_threads"])
     y_pred = probabilities.argmax(axis=1)

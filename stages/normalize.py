@@ -12,11 +12,11 @@ import argparse
 
 import numpy as np
 
-from stages import params
-from stages.console import draw
-from stages.dataset import MNIST_KEYS, SPLITS, check_finite, load_mnist
-from stages.errors import ParamError, run
-from stages.outputs import round_floats, save_image, save_npz, write_json
+from stages.data.console import draw
+from stages.data.mnist import MNIST_KEYS, SPLITS, check_finite, load_mnist
+from stages.runtime import params
+from stages.runtime.failures import ParamError, run
+from stages.runtime.outputs import round_floats, save_image, save_npz, write_json
 
 
 def summary(data: dict[str, np.ndarray], index: int, classes: list[str]) -> str:

@@ -10,7 +10,7 @@ Then the error analysis, which explains the mistakes rather than only counting t
   sheet_{c}.png          every error of true class c, most confident first, annotated
                          (index, true->predicted, confidence) beside its
                          `render.neighbours_k` nearest training images of the true and of
-                         the predicted class (stages/neighbours.py);
+                         the predicted class (stages/analysis/neighbours.py);
   confident_errors.csv   the `render.top_confident` surest mistakes;
   error_neighbours.csv   every error with its neighbours and distances;
   errors.html            one self-contained page with all of the above, and evaluate's
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import error_tables as tables
-from stages import params, scoring
-from stages.dataset import IMAGE_SIDE, check_finite, load_mnist
-from stages.npz import load_npz
-from stages.errors import DataError, run
-from stages.outputs import atomic_dir, save_image, write_csv, write_text
+from stages.analysis import scoring, tables
+from stages.data.mnist import IMAGE_SIDE, check_finite, load_mnist
+from stages.data.npz import load_npz
+from stages.runtime import params
+from stages.runtime.failures import DataError, run
+from stages.runtime.outputs import atomic_dir, save_image, write_csv, write_text
 
 
 def tile(images: np.ndarray, per_row: int) -> np.ndarray:
@@ -73,7 +73,7 @@ def mosaics(data: dict[str, np.ndarray], predicted: np.ndarray, cfg: dict,
 def analyse(data: dict[str, np.ndarray], probabilities: np.ndarray, k: int) -> list[dict]:
     """Every error (grouped by true class, most confident first) with its k nearest
     training images of the true and of the predicted class."""
-    from stages.neighbours import nearest_by_class
+    from stages.analysis.neighbours import nearest_by_class
 
     records = tables.error_records(data["y_test"], probabilities)
     order = np.array([r["index"] for r in records], dtype=np.int64)
@@ -126,8 +126,8 @@ def main(argv=None) -> None:
     images = mosaics(data, y_pred, cfg, len(names))
     records = analyse(data, probabilities, k)
 
-    from stages.error_sheets import error_sheets
-    from stages.errors_page import render
+    from stages.analysis.page import render
+    from stages.analysis.sheets import error_sheets
 
     sheets = error_sheets(records, data["x_test"], data["x_train"], k, names)
     matrix = scoring.confusion(y_true, y_pred, len(names))

@@ -5,7 +5,7 @@ The recipe (`train.<model>` in params.yaml) says how: epochs, batch size, learni
 and schedule, augmentation, label smoothing, and the share of the training set held out
 for validation, split here with the run's seed. Only that split steers training (best
 epoch); the test set is never seen here. The framework (Keras or PyTorch) trains it
-through the modules stages/frameworks.py names; every source of randomness is seeded and
+through the modules stages/frameworks/__init__.py names; every source of randomness is seeded and
 its kernels run deterministically on a pinned number of threads, so the same params on
 the same machine give the same bits.
 """
@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import frameworks, params
-from stages.dataset import load_processed
-from stages.errors import DataError, deferred_interrupts, run, stop_if_interrupted
-from stages.outputs import atomic_dir
-from stages.training import world
+from stages import frameworks
+from stages.data.mnist import load_processed
+from stages.runtime import params
+from stages.runtime.failures import DataError, deferred_interrupts, run, stop_if_interrupted
+from stages.runtime.outputs import atomic_dir
+from stages.training.distributed import world
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +51,7 @@ def cpu_model() -> str:
 
 def run_info(cfg: dict, framework_versions: dict, model_file: str) -> dict:
     """What the model is and what its bits depend on, so a differing rerun can be explained."""
-    return {
+    info = {
         "framework": cfg["framework"],
         "model": cfg["model"],
         "model_file": model_file,
@@ -62,10 +63,12 @@ def run_info(cfg: dict, framework_versions: dict, model_file: str) -> dict:
         "platform": platform.platform(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "intra_op_threads": cfg["intra_op_threads"],
-        "inter_op_threads": cfg["inter_op_threads"],
         "seed": cfg["seed"],
     }
+    if cfg["framework"] != "c":  # the C program's bits do not depend on its thread count
+        info |= {"intra_op_threads": cfg["intra_op_threads"],
+                 "inter_op_threads": cfg["inter_op_threads"]}
+    return info
 
 
 def train_and_save(args, argv: list[str]) -> None:
@@ -76,12 +79,12 @@ def train_and_save(args, argv: list[str]) -> None:
         # The stage itself: start the workers (each runs this command) and wait for them.
         print(f"train: {cfg['model']} in {cfg['framework']} on {cfg['workers']} workers "
               "(torch.distributed)", flush=True)
-        frameworks.module(cfg["framework"], "fit").launch(cfg, argv)
+        frameworks.module(cfg["framework"], "launcher").launch(cfg, argv)
         print(f"train: {cfg['model']} for {cfg['epochs']} epochs on {cfg['workers']} "
               f"workers -> {args.model_dir}")
         return
     if size != cfg["workers"]:
-        raise DataError(f"started as one of {size} workers, but train.workers is "
+        raise DataError(f"started as one of {size} workers, but train.torch.workers is "
                         f"{cfg['workers']}: every machine must run the same params.yaml")
     # The machine's threads shared between its workers (at least one each).
     cfg["intra_op_threads"] = max(1, cfg["intra_op_threads"] // local)
@@ -129,13 +132,12 @@ def main(argv=None) -> None:
     next stop_if_interrupted() in its own code: an interrupt never lands inside TensorFlow
     or PyTorch (where it used to surface as a TypeError traceback). It ends the run with
     `error: interrupted; no output was replaced`, exit 130 (143 for SIGTERM). Worst-case
-    delay: the longest stretch between two stopping points, i.e. importing the framework
-    (~4 s for TensorFlow on 2 cores), Keras' first chunk (which also traces the graph: a
-    few seconds), one chunk of steps_per_execution batches in Keras (~1.5 s for the
-    default cnn, longer under load) or one batch in PyTorch, one epoch's validation pass,
-    or saving. A second Ctrl-C stops at once, with the same line (see
-    errors.deferred_interrupts). Before main() (Python's start and this module's imports,
-    a fraction of a second, no framework) Python's default Ctrl-C still applies.
+    delay: the longest stretch between two stopping points, i.e. importing the framework,
+    Keras' first chunk (which also traces the graph), one chunk of
+    speed.keras_steps_per_execution batches in Keras or one batch in PyTorch, one epoch's
+    validation pass, or saving. A second Ctrl-C stops at once, with the same line (see
+    failures.deferred_interrupts). Before main() (Python's start and this module's
+    imports, no framework) Python's default Ctrl-C still applies.
     """
     with deferred_interrupts():
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

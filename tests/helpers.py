@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import html
+import json
 import math
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 # One reading of dvc.yaml for benchmarks and tests: its vars (every path) and stage commands.
@@ -81,12 +85,12 @@ def shipped_params() -> dict:
 def train_cfg(framework: str = "keras", **recipe) -> dict:
     """train's checked settings as the stage gets them: the shipped shared keys on one
     thread per pool, the mlp with `recipe` changed."""
-    from stages import params
+    from stages.runtime import params
 
-    section = merge(shipped_params()["train"], {"framework": framework, "model": "mlp",
-                                                "mlp": recipe, "intra_op_threads": 1,
-                                                "inter_op_threads": 1})
-    return params.train(section)
+    shipped, one = shipped_params(), {"intra_op_threads": 1, "inter_op_threads": 1}
+    section = merge(shipped["train"], {"framework": framework, "model": "mlp", "mlp": recipe,
+                                       "keras": one, "torch": one})
+    return params.train(section, params.speed(shipped["speed"] | {"c_threads": 1}))
 
 
 def toy_digits(n: int = 200, seed: int = 0):
@@ -150,8 +154,8 @@ def status(repo: Path) -> dict:
 
 
 def edit_module(repo: Path, name: str) -> None:
-    """Append a comment to stages/<name>.py (name: "train", "keras/fit"...): its hash
-    changes, its behaviour does not."""
+    """Append a comment to stages/<name>.py (name: "train", "frameworks/keras/fit"...): its
+    hash changes, its behaviour does not."""
     with open(repo / "stages" / f"{name}.py", "a") as f:
         f.write("# edited by a test: a comment changes no result\n")
 
@@ -214,7 +218,7 @@ def gz_idx(array: np.ndarray) -> bytes:
     """A gzip-compressed idx file holding array, as MNIST's originals are served."""
     import gzip
 
-    from stages import idx
+    from stages.data import idx
 
     return gzip.compress(idx.encode(array), mtime=0)
 
@@ -296,7 +300,7 @@ PROBE = """
 import json, resource, sys, time
 started = time.perf_counter()
 args = sys.argv[1:]
-from stages.errors import PipelineError
+from stages.runtime.failures import PipelineError
 try:
 {code}
     outcome = {{"result": repr(result)}}
@@ -505,3 +509,100 @@ def png_bomb(path: Path, side: int = 20_000) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
                      + chunk(b"IEND", b""))
     return path
+
+
+# --- a page in a real headless Chromium (the error page, mnist-errors-diff's page) ---------
+#
+# A test copy of the page gets a small harness script at the top of <head> (the page itself
+# has no script). It records JavaScript errors, failed resource loads, Content-Security-
+# Policy violations and console errors, and on the load event writes a JSON verdict (images
+# found, images not rendered: naturalWidth 0) into the DOM, which `chromium --dump-dom`
+# prints. Chromium's own log (--enable-logging=stderr) is read too: any CONSOLE line from
+# the page fails the test. Chromium is Debian's `chromium` package (`make system-deps`);
+# without it these tests fail, never skip.
+
+HARNESS = """<script>
+(function () {
+  var problems = [];
+  window.addEventListener('error', function (e) {
+    var t = e.target;
+    if (t && t !== window && t.tagName) {
+      problems.push('failed to load <' + t.tagName.toLowerCase() + '> ' +
+                    String(t.src || t.href || '').slice(0, 80));
+    } else {
+      problems.push('error: ' + e.message);
+    }
+  }, true);
+  window.addEventListener('unhandledrejection', function (e) {
+    problems.push('unhandled rejection: ' + e.reason);
+  });
+  document.addEventListener('securitypolicyviolation', function (e) {
+    problems.push('CSP violation: ' + e.violatedDirective + ' ' + e.blockedURI);
+  });
+  ['error', 'warn'].forEach(function (level) {
+    var original = console[level];
+    console[level] = function () {
+      problems.push('console.' + level + ': ' + Array.prototype.join.call(arguments, ' '));
+      return original.apply(console, arguments);
+    };
+  });
+  window.addEventListener('load', function () {
+    var images = Array.prototype.slice.call(document.images);
+    var broken = images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+    var out = document.createElement('pre');
+    out.id = 'harness-result';
+    out.textContent = JSON.stringify({
+      images: images.length,
+      broken: broken.map(function (i) { return i.alt || String(i.src).slice(0, 60); }),
+      problems: problems
+    });
+    document.body.appendChild(out);
+  });
+})();
+</script>
+"""
+
+
+def find_chromium() -> str | None:
+    for name in (os.environ.get("CHROMIUM", ""), "chromium", "chromium-browser"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def need_chromium() -> str:
+    path = find_chromium()
+    if path is None:
+        pytest.fail("chromium not found: `make test` installs Debian's chromium package")
+    return path
+
+
+def harnessed(page: str) -> str:
+    """The test copy: the harness first in <head>, and the CSP allowing inline script."""
+    from stages.analysis.page import CSP
+
+    csp = f'content="{CSP}"'
+    assert page.count(csp) == 1 and page.count("<head>") == 1
+    page = page.replace(csp, f'content="{CSP}; script-src \'unsafe-inline\'"')
+    return page.replace("<head>", "<head>\n" + HARNESS, 1)
+
+
+def load_in_chromium(page: str, tmp_path: Path) -> dict:
+    """Open a harnessed copy of `page` from a file: URL; the harness verdict plus the
+    CONSOLE lines of Chromium's log."""
+    chromium = need_chromium()
+    copy = tmp_path / "page-under-test.html"
+    copy.write_text(harnessed(page), encoding="utf-8")
+    env = dict(os.environ, HOME=str(tmp_path))
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-extensions", "--no-first-run", "--no-default-browser-check",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+         "--dump-dom", copy.as_uri()],
+        capture_output=True, text=True, timeout=180, env=env)
+    found = re.search(r'<pre id="harness-result">(.*?)</pre>', proc.stdout, re.S)
+    assert found, f"no harness result (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    result = json.loads(html.unescape(found.group(1)))
+    result["console"] = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    return result

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import copy_project, dvc, reseeded_on_a_remote, set_params, sh
-from tests.unit.test_errors_page import load_in_chromium
+from tests.helpers import copy_project, dvc, load_in_chromium, reseeded_on_a_remote, set_params, sh
 
 pytestmark = pytest.mark.slow
 

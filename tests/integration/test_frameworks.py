@@ -77,10 +77,10 @@ def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
     forced_rerun_gives_the_same_bits(repo, torch_results)
 
     # Only the chosen framework's code is a dependency.
-    edit_module(repo, "keras/fit")
-    edit_module(repo, "keras/model")
+    edit_module(repo, "frameworks/keras/fit")
+    edit_module(repo, "frameworks/keras/model")
     assert status(repo) == {}
-    edit_module(repo, "torch/fit")
+    edit_module(repo, "frameworks/torch/fit")
     assert list(status(repo)) == ["train"]
     rerun = dvc(repo, "repro")
     # A comment retrains, and the same model bytes come out: nothing after train reruns.
@@ -125,12 +125,12 @@ def test_c_trains_the_original_network_behind_the_same_stages_bit_reproducibly(t
     forced_rerun_gives_the_same_bits(repo, c_results)
 
     # The C program's source is train's dependency, and only when C trains.
-    edit_module(repo, "torch/fit")
+    edit_module(repo, "frameworks/torch/fit")
     assert status(repo) == {}
-    with open(repo / "stages/c/mnist_mlp.c", "a") as f:
+    with open(repo / "stages/frameworks/c/mnist_mlp.c", "a") as f:
         f.write("/* edited by a test: a comment changes no result */\n")
     assert list(status(repo)) == ["train"]
     rerun = dvc(repo, "repro")
     assert stages_run(rerun.stdout) == ["train"] and out_hashes(repo) == c_results
-    edit_module(repo, "c/model")  # how evaluate reads the model: train and evaluate
+    edit_module(repo, "frameworks/c/model")  # how evaluate reads the model: train and evaluate
     assert set(status(repo)) == {"train", "evaluate"}

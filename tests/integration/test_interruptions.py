@@ -25,11 +25,22 @@ import psutil
 import pytest
 
 from stages import download as dl
-from stages import params
-from stages.errors import INTERRUPTED, WriteError
-from stages.outputs import atomic_dir, save_npz
-from tests.helpers import (FIXTURE, FIXTURE_SHA256, ROOT, busy_cores, copy_project, dvc,
-                           dvc_vars, run_env, set_params, sh, start)
+from stages.runtime import params
+from stages.runtime.failures import INTERRUPTED, WriteError
+from stages.runtime.outputs import atomic_dir, save_npz
+from tests.helpers import (
+    FIXTURE,
+    FIXTURE_SHA256,
+    ROOT,
+    busy_cores,
+    copy_project,
+    dvc,
+    dvc_vars,
+    run_env,
+    set_params,
+    sh,
+    start,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -251,8 +262,8 @@ def test_ctrl_c_at_any_moment_stops_at_a_stopping_point_of_train(trained, tmp_pa
     repo = copy_project(trained, tmp_path / "p")
     before = snapshot(repo, *TRAIN_OUTS)
     # The default cnn (augmentation, validation split): the most TensorFlow code to trace.
-    set_params(repo, train={"model": "cnn", "steps_per_execution": 4,
-                            "cnn": {"epochs": 1000, "batch_size": 64}})
+    set_params(repo, train={"model": "cnn", "cnn": {"epochs": 1000, "batch_size": 64}},
+               speed={"keras_steps_per_execution": 4})
     outcomes, latencies = [], []
     with busy_cores():
         proc, lines = start(repo, sys.executable, "-c", TRIALS, str(len(DELAYS)), *TRAIN_ARGS)
@@ -272,9 +283,9 @@ def test_ctrl_c_at_any_moment_stops_at_a_stopping_point_of_train(trained, tmp_pa
                                          for f, name in outcome.get("frames", [["?", "?"]])]
         # Raised by the stopping point, called from train's own code; no frame of TensorFlow,
         # Keras or dvclive is on the way: the interrupt never ran inside them.
-        assert (raised_in, raiser) == ("stages/errors.py", "stop_if_interrupted"), outcome
-        assert callers[-1][0] in ("stages/train.py", "stages/keras/fit.py")
-        assert all(f in ("<string>", "stages/train.py", "stages/keras/fit.py")
+        assert (raised_in, raiser) == ("stages/runtime/failures.py", "stop_if_interrupted"), outcome
+        assert callers[-1][0] in ("stages/train.py", "stages/frameworks/keras/fit.py")
+        assert all(f in ("<string>", "stages/train.py", "stages/frameworks/keras/fit.py")
                    for f, _ in callers), outcome
         assert outcome["kind"] == "Interrupted" and outcome["message"] == "SIGINT", outcome
         stops.add(callers[-1][1])
@@ -378,8 +389,8 @@ def test_sigkill_during_dvc_repro_and_a_concurrent_repro(trained, tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from stages.errors import run
-    from stages.outputs import atomic_dir, atomic_path
+    from stages.runtime.failures import run
+    from stages.runtime.outputs import atomic_dir, atomic_path
 
     def main():
         kind, target = sys.argv[1], Path(sys.argv[2])

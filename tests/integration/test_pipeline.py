@@ -286,8 +286,8 @@ def test_second_repro_reruns_nothing_and_a_render_param_reruns_only_render_error
 
 
 @pytest.mark.parametrize("module, stages", [
-    ("errors_page", ["render-errors"]),           # imported by render-errors only
-    ("scoring", ["evaluate", "render-errors"]),   # evaluate writes the tables it defines
+    ("analysis/page", ["render-errors"]),                # imported by render-errors only
+    ("analysis/scoring", ["evaluate", "render-errors"]),  # evaluate writes its tables
 ])
 def test_editing_a_module_reruns_only_the_stages_that_import_it(trained_copy, module, stages):
     repo = trained_copy
@@ -299,8 +299,31 @@ def test_editing_a_module_reruns_only_the_stages_that_import_it(trained_copy, mo
     assert out_hashes(repo) == before  # a comment changes no result, byte for byte
 
 
+def test_a_speed_knob_reruns_nothing_and_a_forced_rerun_with_it_writes_the_same_bits(
+        trained_copy):
+    """speed.* is no stage's dependency because it cannot change a result: Keras' chunk
+    length (here 3 batches per call against the shipped 100) trains the same bits."""
+    repo = trained_copy
+    before = out_hashes(repo)
+    set_params(repo, speed={"keras_steps_per_execution": 3, "c_threads": 1})
+    assert status(repo) == {}
+    rerun = dvc(repo, "repro", "--force", "train")
+    assert ran_training(rerun.stdout)
+    assert out_hashes(repo) == before
+
+
+def test_a_thread_count_reruns_the_chosen_framework_only(trained_copy):
+    """Thread counts change Keras' and PyTorch's last bits: the chosen framework's are
+    params of train and evaluate; another framework's are not."""
+    repo = trained_copy
+    set_params(repo, train={"torch": {"intra_op_threads": 1}})
+    assert status(repo) == {}
+    set_params(repo, train={"keras": {"intra_op_threads": 1}})
+    assert sorted(status(repo)) == ["evaluate", "train"]
+
+
 def test_editing_params_module_reruns_every_stage_with_identical_bits(trained_copy):
-    """stages/params.py is every stage's dependency (each checks the whole params.yaml),
+    """stages/runtime/params.py is every stage's dependency (each checks the whole params.yaml),
     so editing it reruns everything: expected, and documented here.
 
     That full rerun doubles as the determinism check: same params, same machine, new
@@ -309,7 +332,7 @@ def test_editing_params_module_reruns_every_stage_with_identical_bits(trained_co
     repo = trained_copy
     before = out_hashes(repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    edit_module(repo, "params")
+    edit_module(repo, "runtime/params")
     assert sorted(status(repo)) == sorted(ALL_STAGES)
     rerun = dvc(repo, "repro")
     assert stages_run(rerun.stdout) == ALL_STAGES and ran_training(rerun.stdout)

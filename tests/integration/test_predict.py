@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist.preprocess import load_digit
-from stages.console import PALETTE, draw
-from stages.npz import load_npz
+from mnist_cli.preprocess import load_digit
+from stages.data.console import PALETTE, draw
+from stages.data.npz import load_npz
 from tests.helpers import (
     TINY_TRAIN,
     copy_project,

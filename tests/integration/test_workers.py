@@ -1,4 +1,4 @@
-"""`train.workers: 2`: data-parallel PyTorch training in real worker processes on 127.0.0.1.
+"""`train.torch.workers: 2`: data-parallel PyTorch training in real worker processes on 127.0.0.1.
 
 Real `dvc repro`, real torch.distributed (gloo) workers started by its own launcher, real
 signals: the run completes with every output, a forced rerun gives the same bits, the
@@ -18,7 +18,8 @@ import numpy as np
 import psutil
 import pytest
 
-from stages.torch.fit import free_port, share
+from stages.frameworks.torch.fit import share
+from stages.frameworks.torch.launcher import free_port
 from tests.helpers import (
     ROOT,
     copy_project,
@@ -34,7 +35,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 PATHS = dvc_vars()
-TWO_WORKERS = {"framework": "torch", "workers": 2, "model": "mlp",
+TWO_WORKERS = {"framework": "torch", "torch": {"workers": 2}, "model": "mlp",
                "mlp": {"epochs": 3, "batch_size": 64, "val_fraction": 0.1}}
 
 
@@ -116,7 +117,7 @@ def test_sigint_to_the_stage_stops_every_worker_with_one_line(trained_copy):
 RANKS = textwrap.dedent("""
     import json, os, sys
     import numpy as np
-    from stages.torch import env, fit
+    from stages.frameworks.torch import env, fit
     from tests.helpers import toy_digits, train_cfg
 
     rank = int(os.environ["RANK"])

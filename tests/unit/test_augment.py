@@ -1,12 +1,12 @@
-"""stages/augment.py: the geometry of the seeded rotations, shifts and zooms, as each
-framework's resampling (keras_fit.warp, torch_fit.warp) applies it."""
+"""stages/training/augment.py: the geometry of the seeded rotations, shifts and zooms, as each
+framework's resampling (the warp() of keras/resample.py and torch/resample.py) applies it."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from stages.augment import affine_rows, is_off
+from stages.training.augment import affine_rows, is_off
 from tests.helpers import fixture_data
 
 FRAMEWORKS = ("keras", "torch")
@@ -26,11 +26,11 @@ def rows(u, n, rotation=0.0, shift=0.0, zoom=0.0) -> np.ndarray:
 def warp(framework: str, images: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Each framework's own resampling op on the same images and maps."""
     if framework == "keras":
-        from stages.keras.fit import tf, warp
+        from stages.frameworks.keras.resample import tf, warp
 
         transforms = np.concatenate([affine, np.zeros((len(affine), 2), np.float32)], 1)
         return warp(tf.constant(images), tf.constant(transforms)).numpy()
-    from stages.torch.fit import torch, warp
+    from stages.frameworks.torch.resample import torch, warp
 
     return warp(torch.from_numpy(images), torch.from_numpy(affine)).numpy()
 
@@ -83,7 +83,7 @@ def test_augmentation_is_off_only_when_all_three_are_zero():
 
 
 def test_the_blur_keeps_a_constant_away_from_the_edges_and_smooths_noise():
-    from stages.augment import gaussian
+    from stages.training.augment import gaussian
 
     blur = gaussian(28, 4.0)
     assert np.array_equal(blur, blur.T)
@@ -97,7 +97,7 @@ def test_the_blur_keeps_a_constant_away_from_the_edges_and_smooths_noise():
 
 
 def test_displacements_scale_with_alpha_and_vanish_at_zero():
-    from stages.augment import displacements, gaussian
+    from stages.training.augment import displacements, gaussian
 
     u = np.random.default_rng(1).uniform(-1, 1, (2, 3, 28, 28)).astype(np.float32)
     blur = gaussian(28, 4.0)
@@ -112,11 +112,11 @@ def test_displacements_scale_with_alpha_and_vanish_at_zero():
 def elastic(framework: str, images: np.ndarray, seed: int, alpha: float) -> np.ndarray:
     """Each framework's augment with elastic distortion only."""
     if framework == "keras":
-        from stages.keras.fit import augment, tf
+        from stages.frameworks.keras.resample import augment, tf
 
         return augment(tf.constant(images), tf.constant([seed, 0], tf.int64), 0.0, 0.0, 0.0,
                        alpha, 4.0).numpy()
-    from stages.torch.fit import augment, torch
+    from stages.frameworks.torch.resample import augment, torch
 
     return augment(torch.from_numpy(images), torch.Generator().manual_seed(seed), 0.0, 0.0,
                    0.0, alpha, 4.0).numpy()
@@ -144,9 +144,9 @@ def test_both_frameworks_draw_elastic_distortions_of_the_same_size():
 
 
 def test_keras_sampling_at_an_affine_grid_is_its_affine_warp():
-    """The elastic path's bilinear sampler (stages.keras.fit.sample) reads the image exactly
-    as TensorFlow's own op does for an affine map."""
-    from stages.keras.fit import sample, tf
+    """The elastic path's bilinear sampler (stages.frameworks.keras.resample.sample) reads the
+    image exactly as TensorFlow's own op does for an affine map."""
+    from stages.frameworks.keras.resample import sample, tf
 
     x = _digits()
     u = np.random.default_rng(2).uniform(-1, 1, (5, 6)).astype(np.float32)

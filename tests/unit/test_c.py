@@ -1,7 +1,8 @@
-"""stages/c: the plain-C program (mnist_mlp.c) against references, as llm.c's test_gpt2.c.
+"""stages/frameworks/c: the plain-C program (mnist_mlp.c) against references, as llm.c's
+test_gpt2.c.
 
-The program is built here with the project's own flags (stages/c/fit.py) and run as a real
-process. Its backward pass is checked against a NumPy reference that finite differences
+The program is built here with the project's own flags (stages/frameworks/c/fit.py) and run
+as a real process. Its backward pass is checked against a NumPy reference that finite differences
 check in turn; its forward pass against Keras on the same weights; its training for
 determinism (same seed: same bytes, whatever the thread count), and its inputs for the
 one-line refusals every stage gives.
@@ -15,10 +16,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from stages import idx
-from stages.c import env, fit, model
-from stages.errors import DataError, PipelineError
+from stages.data import idx
+from stages.frameworks.c import env, fit, model
 from stages.normalize import normalize
+from stages.runtime.failures import DataError, PipelineError
 from tests.helpers import fixture_data, train_cfg
 
 HIDDEN, RATE = 128, 0.2
@@ -162,7 +163,7 @@ def test_the_backward_pass_agrees_with_numpy_and_finite_differences(program, dig
 
 
 def test_the_forward_pass_matches_keras_on_the_same_weights(program, digits, tmp_path):
-    from stages.keras import model as keras_model
+    from stages.frameworks.keras import model as keras_model
 
     keras_net = keras_model.build("mlp")
     rng = np.random.default_rng(2)

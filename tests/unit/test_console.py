@@ -1,4 +1,4 @@
-"""stages/console.py: the original script's text drawing of a digit."""
+"""stages/data/console.py: the original script's text drawing of a digit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from stages.console import PALETTE, draw
+from stages.data.console import PALETTE, draw
 
 
 def test_draw_palette_levels():

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages import idx, params
 from stages import download as dl
-from stages.outputs import save_npz
+from stages.data import idx
+from stages.runtime import params
+from stages.runtime.outputs import save_npz
 from tests.helpers import (
     FIXTURE,
     FIXTURE_SHA256,

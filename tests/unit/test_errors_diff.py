@@ -1,4 +1,4 @@
-"""mnist/errors_diff.py's pure parts: the three groups, their order, the table and the page.
+"""mnist_cli/errors_diff.py's pure parts: the three groups, their order, the table and the page.
 
 The command itself, between real revisions, is tests/integration/test_errors_diff.py.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mnist.errors_diff import compare, page, summary, text_table
+from mnist_cli.errors_diff import compare, page, summary, text_table
 from tests.helpers import NAMED_CLASSES, probabilities_for
 
 DIGITS = [str(d) for d in range(10)]

@@ -9,10 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from stages import evaluate, scoring
-from stages.console import draw
+from stages import evaluate
+from stages.analysis import scoring
+from stages.data.console import draw
 from stages.normalize import normalize
-from stages.outputs import round_floats, save_npz
+from stages.runtime.outputs import round_floats, save_npz
 from tests.helpers import (
     NAMED_CLASSES,
     copy_pipeline,
@@ -55,7 +56,7 @@ def model_dir(tmp_path_factory):
     """An untrained mlp, saved as the train stage saves it (fixed seed: fixed weights)."""
     import keras
 
-    from stages.keras import model as keras_model
+    from stages.frameworks.keras import model as keras_model
 
     keras.utils.set_random_seed(0)
     folder = tmp_path_factory.mktemp("model") / "model"

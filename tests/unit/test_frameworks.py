@@ -1,4 +1,4 @@
-"""stages/frameworks.py: one seam for every framework, and the frameworks agree.
+"""stages/frameworks/__init__.py: one seam for every framework, and the frameworks agree.
 
 The parity tests load one Keras network's weights into its PyTorch twin and compare the
 probabilities: the same architecture, layer for layer, to float tolerance.
@@ -13,9 +13,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from stages import frameworks, params
-from stages.errors import DataError
+from stages import frameworks
 from stages.normalize import normalize
+from stages.runtime import params
+from stages.runtime.failures import DataError
 from tests.helpers import ROOT, fixture_data, sh
 
 
@@ -130,8 +131,8 @@ def keras_weights_into_torch(keras_net, torch_net) -> None:
 
 @pytest.mark.parametrize("name", params.MODEL_NAMES)
 def test_keras_and_torch_networks_have_the_same_weights(name):
-    from stages.keras import model as keras_model
-    from stages.torch import model as torch_model
+    from stages.frameworks.keras import model as keras_model
+    from stages.frameworks.torch import model as torch_model
 
     keras_net, torch_net = keras_model.build(name), torch_model.build(name)
     assert sum(int(np.prod(w.shape)) for w in keras_net.trainable_weights) == sum(
@@ -142,8 +143,8 @@ def test_keras_and_torch_networks_have_the_same_weights(name):
 
 @pytest.mark.parametrize("name", params.MODEL_NAMES)
 def test_the_same_weights_give_the_same_probabilities_in_both_frameworks(name):
-    from stages.keras import model as keras_model
-    from stages.torch import model as torch_model
+    from stages.frameworks.keras import model as keras_model
+    from stages.frameworks.torch import model as torch_model
 
     keras_net = keras_model.build(name)
     rng = np.random.default_rng(1)

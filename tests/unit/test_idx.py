@@ -1,4 +1,4 @@
-"""stages/idx.py: the idx format of the original MNIST files, read and (for tests) written."""
+"""stages/data/idx.py: the idx format of the original MNIST files, read and (for tests) written."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from stages import idx
-from stages.dataset import load_mnist
-from stages.errors import DataError
+from stages.data import idx
+from stages.data.mnist import load_mnist
+from stages.runtime.failures import DataError
 from tests.helpers import (
     BOMB_BYTES,
     FINAL_BLOCK,
@@ -193,7 +193,7 @@ def test_idx_header_claiming_four_billion_items_is_refused_from_the_header(tmp_p
                                                                             size):
     path = tmp_path / "claims.gz"
     path.write_bytes(gzip.compress(idx_header(*dims) + bytes(1000)))
-    outcome = probe("from pathlib import Path\nfrom stages import idx\n"
+    outcome = probe("from pathlib import Path\nfrom stages.data import idx\n"
                     "result = idx.parse_gz(Path(args[0]).read_bytes(), args[0], "
                     f"{len(dims)}, {dims[1:]!r})", path)
     shape = "×".join(map(str, dims))
@@ -215,7 +215,7 @@ def test_gzip_bomb_is_inflated_no_further_than_its_header_declares_plus_the_cap(
     path = bombs / "train-images-idx3-ubyte.gz"
     path.write_bytes(gzip_member(idx_header(*FULL_TRAIN), BOMB_BYTES))
     assert path.stat().st_size < 4 * MIB
-    outcome = probe("from pathlib import Path\nfrom stages import idx\n"
+    outcome = probe("from pathlib import Path\nfrom stages.data import idx\n"
                     "result = idx.parse_gz(Path(args[0]).read_bytes(), args[0], 3, (28, 28))",
                     path)
     refused_in_bounds(outcome, "DataError", path,

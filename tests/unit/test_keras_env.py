@@ -1,4 +1,5 @@
-"""stages/keras/env.py: TensorFlow imported quietly, then seeded and pinned for bit-exact runs."""
+"""stages/frameworks/keras/env.py: TensorFlow imported quietly, then seeded and pinned for
+bit-exact runs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.helpers import ROOT, run_env
 
 PROBE = textwrap.dedent("""
     import numpy as np
-    from stages.keras.env import configure, tf  # first: TensorFlow's import, quietly
+    from stages.frameworks.keras.env import configure, tf  # first: TensorFlow's import, quietly
     from tensorflow.python.framework.config import is_op_determinism_enabled
 
     def draws(seed):

@@ -1,4 +1,4 @@
-"""stages/keras/fit.py: the loss, the seeded augmentation and fitting, in Keras."""
+"""stages/frameworks/keras/fit.py: the loss, the seeded augmentation and fitting, in Keras."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tests.helpers import fixture_data, toy_digits, train_cfg
 
 
 def test_label_smoothing_moves_the_loss_minimum_to_the_smoothed_targets():
-    from stages.keras.fit import training_loss
+    from stages.frameworks.keras.fit import training_loss
 
     labels = np.array([3, 7], np.int32)
     sure = np.full((2, 10), 1e-6, np.float32)
@@ -29,7 +29,7 @@ def test_label_smoothing_moves_the_loss_minimum_to_the_smoothed_targets():
 
 
 def test_augment_is_seeded_by_run_and_step_stays_in_range_and_is_off_at_zero():
-    from stages.keras.fit import augment, tf
+    from stages.frameworks.keras.resample import augment, tf
 
     x = tf.constant((fixture_data()["x_train"][:6] / 255).astype(np.float32))
     assert augment(x, tf.constant([1, 2], tf.int64), 0.0, 0.0, 0.0) is x
@@ -46,7 +46,7 @@ def test_augment_is_seeded_by_run_and_step_stays_in_range_and_is_off_at_zero():
 def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch):
     """A few steps on separable toy data: loss falls, and the same seed gives same weights."""
     monkeypatch.chdir(tmp_path)
-    from stages.keras.fit import fit, tf
+    from stages.frameworks.keras.fit import fit, tf
 
     # Threads are fixed once per process (the stage does it first thing); here only the
     # determinism switch matters, and fit() seeds itself.
@@ -58,9 +58,13 @@ def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch):
     first = fit(cfg, dict(data), tmp_path / "curves")
     acc = (first.predict(x_val, verbose=0).argmax(1) == y_val).mean()
     assert acc > 0.9
-    second = fit(cfg, dict(data), tmp_path / "curves2")
+    # Another chunk length (speed.keras_steps_per_execution): the same bits, curves included.
+    second = fit(cfg | {"steps_per_execution": 3}, dict(data), tmp_path / "curves2")
     for a, b in zip(first.get_weights(), second.get_weights()):
         assert np.array_equal(a, b)
+    for curve in ("train/loss.tsv", "eval/loss.tsv", "eval/accuracy.tsv"):
+        assert ((tmp_path / "curves/plots/metrics" / curve).read_bytes()
+                == (tmp_path / "curves2/plots/metrics" / curve).read_bytes())
     lines = (tmp_path / "curves/plots/metrics/train/loss.tsv").read_text().splitlines()
     losses = [float(line.split("\t")[1]) for line in lines[1:]]
     assert len(losses) == 8 and losses[-1] < losses[0]
@@ -69,8 +73,8 @@ def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch):
 
 
 def test_the_average_starts_at_the_weights_then_moves_by_one_minus_the_decay():
-    from stages.keras.fit import Average
-    from stages.keras.model import build
+    from stages.frameworks.keras.average import Average
+    from stages.frameworks.keras.model import build
 
     model = build("cnn")
     start = model.get_weights()
@@ -95,7 +99,7 @@ def _last_validation(curves) -> float:
 @pytest.mark.slow
 def test_with_ema_the_average_is_validated_and_returned(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    from stages.keras.fit import fit, tf
+    from stages.frameworks.keras.fit import fit, tf
 
     tf.config.experimental.enable_op_determinism()
     data, x_val, y_val = toy_digits()

@@ -1,4 +1,5 @@
-"""stages/keras/model.py: the Keras networks train.model can name, and their model file."""
+"""stages/frameworks/keras/model.py: the Keras networks train.model can name, and their model
+file."""
 
 from __future__ import annotations
 
@@ -8,18 +9,18 @@ import zipfile
 import numpy as np
 import pytest
 
-from stages import params
-from stages.errors import DataError
+from stages.runtime import params
+from stages.runtime.failures import DataError
 
 
 def test_every_name_params_accepts_is_a_network():
-    from stages.keras import model as models
+    from stages.frameworks.keras import model as models
 
     assert tuple(models.MODELS) == params.MODEL_NAMES
 
 
 def test_mlp_is_the_original_network():
-    from stages.keras import model as models
+    from stages.frameworks.keras import model as models
 
     model = models.build("mlp")
     kinds = [type(layer).__name__ for layer in model.layers]
@@ -33,7 +34,7 @@ def test_mlp_is_the_original_network():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", params.MODEL_NAMES)
 def test_models_map_images_to_ten_probabilities(name):
-    from stages.keras import model as models
+    from stages.frameworks.keras import model as models
 
     model = models.build(name)
     assert model.name == name
@@ -47,7 +48,7 @@ def test_models_map_images_to_ten_probabilities(name):
 
 
 def test_renumbered_shared_ids_keep_their_links():
-    from stages.keras.model import _renumber_shared_ids
+    from stages.frameworks.keras.model import _renumber_shared_ids
 
     config = {"a": {"shared_object_id": 987}, "b": [{"shared_object_id": 123},
                                                     {"shared_object_id": 987}]}
@@ -58,7 +59,7 @@ def test_renumbered_shared_ids_keep_their_links():
 def test_save_stable_is_byte_stable_and_loads_back_the_same_model(tmp_path):
     import keras
 
-    from stages.keras import model as keras_model
+    from stages.frameworks.keras import model as keras_model
 
     model = keras_model.build("mlp")
     x = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
@@ -75,7 +76,7 @@ def test_save_stable_is_byte_stable_and_loads_back_the_same_model(tmp_path):
 
 
 def test_save_load_and_predict_through_the_model_folder(tmp_path):
-    from stages.keras import model as keras_model
+    from stages.frameworks.keras import model as keras_model
 
     model = keras_model.build("mlp")
     keras_model.save(model, tmp_path)
@@ -89,7 +90,7 @@ def test_save_load_and_predict_through_the_model_folder(tmp_path):
 @pytest.mark.parametrize("content", [None, b"not a zip", b"PK\x03\x04" + bytes(50)],
                          ids=["missing", "garbage", "broken-zip"])
 def test_load_refuses_a_model_it_cannot_read(tmp_path, content):
-    from stages.keras import model as keras_model
+    from stages.frameworks.keras import model as keras_model
 
     if content is not None:
         (tmp_path / "model.keras").write_bytes(content)

@@ -1,11 +1,12 @@
-"""stages/neighbours.py: exact nearest training images of a class, whatever the chunking."""
+"""stages/analysis/neighbours.py: exact nearest training images of a class, whatever the
+chunking."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from stages.neighbours import nearest_by_class, squared_distances
+from stages.analysis.neighbours import nearest_by_class, squared_distances
 from tests.helpers import fixture_data
 
 

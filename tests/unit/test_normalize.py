@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from stages import normalize
-from stages.console import draw
-from stages.dataset import MNIST_KEYS, load_processed
-from stages.errors import DataError
+from stages.data.console import draw
+from stages.data.mnist import MNIST_KEYS, load_processed
+from stages.runtime.failures import DataError
 from tests.helpers import (
     FIXTURE,
     NAMED_CLASSES,

@@ -1,4 +1,4 @@
-"""stages/npz.py: the .npz reader never unpickles, checks every size a file declares before
+"""stages/data/npz.py: the .npz reader never unpickles, checks every size a file declares before
 reading any data, and turns every malformed file into one clear DataError."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stages.errors import DataError
-from stages.npz import MAX_NPZ_BYTES, PLAIN_KINDS, load_npz
+from stages.data.npz import MAX_NPZ_BYTES, PLAIN_KINDS, load_npz
+from stages.runtime.failures import DataError
 from tests.helpers import (
     BOMB_BYTES,
     FINAL_BLOCK,
@@ -284,7 +284,7 @@ def test_npy_header_claiming_ten_million_images_is_refused_from_its_header(tmp_p
         zf.writestr("x_train.npy", npy_header((10_000_000, 28, 28)) + bytes(100))
         for key in ("y_train", "x_test", "y_test"):
             zf.writestr(f"{key}.npy", npy(np.zeros(1, np.uint8)))
-    outcome = probe("from stages.npz import load_npz\nresult = load_npz(args[0], args[1:])",
+    outcome = probe("from stages.data.npz import load_npz\nresult = load_npz(args[0], args[1:])",
                     path, *KEYS)
     refused_in_bounds(outcome, "DataError", path,
                       r": x_train\.npy claims 10000000×28×28 uint8 = 7\.3 GiB, over the "
@@ -318,7 +318,7 @@ def test_members_declaring_more_than_the_cap_in_total_are_refused_from_the_direc
     members = [dict(name=f"{key}.npy", data=b"", method=0, crc=0, file_size=300 * MIB,
                     compress_size=300 * MIB) for key in ("x_train", "x_test")]
     path = write_zip(tmp_path / "total.npz", members)
-    outcome = probe("from stages.npz import load_npz\n"
+    outcome = probe("from stages.data.npz import load_npz\n"
                     "result = load_npz(args[0], ('x_train', 'x_test'))", path)
     refused_in_bounds(outcome, "DataError", path,
                       r": members declare 600\.0 MiB uncompressed in total, over the 512\.0 "
@@ -332,7 +332,7 @@ def test_zip_bomb_understating_its_size_is_refused_before_inflating(bombs):
     path = write_zip(bombs / "understated.npz", [dict(
         name="x_train.npy", data=data, method=8, crc=zlib.crc32(head + bytes(784_000)),
         file_size=len(head) + 784_000)])
-    outcome = probe("from stages.npz import load_npz\n"
+    outcome = probe("from stages.data.npz import load_npz\n"
                     "result = load_npz(args[0], ('x_train',))", path)
     refused_in_bounds(outcome, "DataError", path,
                       rf": member x_train\.npy holds {len(data)} compressed bytes but declares "
@@ -355,7 +355,7 @@ def test_zip_bomb_with_a_plausible_size_is_never_inflated_past_it(bombs, plausib
     CRC-32 of all 2 GiB then disagrees with the 47 MB read: a damaged archive."""
     member = {k: v for k, v in plausible_bomb.items() if k != "head"}
     path = write_zip(bombs / "plausible.npz", [member])
-    outcome = probe("from stages.npz import load_npz\n"
+    outcome = probe("from stages.data.npz import load_npz\n"
                     "result = load_npz(args[0], ('x_train',))", path)
     refused_in_bounds(outcome, "DataError", path,
                       r": damaged or truncated zip archive \(Bad CRC-32 for file "
@@ -369,7 +369,7 @@ def test_zip_bomb_whose_crc_matches_its_declared_part_yields_only_that_part(
     member = {k: v for k, v in plausible_bomb.items() if k != "head"}
     member["crc"] = crc_of(plausible_bomb["head"], FULL_IMAGES)
     path = write_zip(bombs / "prefix.npz", [member])
-    outcome = probe("from stages.npz import load_npz\n"
+    outcome = probe("from stages.data.npz import load_npz\n"
                     "x = load_npz(args[0], ('x_train',))['x_train']\n"
                     "result = (x.shape, str(x.dtype), int(x.max()))", path)
     assert outcome.get("result") == repr(((60000, 28, 28), "uint8", 0)), outcome
@@ -424,7 +424,7 @@ def test_zip_directory_of_thousands_of_members_is_refused_before_it_is_parsed(tm
     with zipfile.ZipFile(path, "w") as zf:
         for i in range(5000):
             zf.writestr(f"a{i}.npy", b"")
-    outcome = probe("from stages.npz import load_npz\nresult = load_npz(args[0], ('a0',))",
+    outcome = probe("from stages.data.npz import load_npz\nresult = load_npz(args[0], ('a0',))",
                     path)
     refused_in_bounds(outcome, "DataError", path,
                       r": zip directory declares 5000 members in \d+ bytes; at most 64 "
@@ -453,7 +453,7 @@ def test_the_fixture_still_loads_and_matches_numpy():
             assert np.array_equal(got[key], reference[key])
 
 
-# The two full-size files are read through the loaders the stages call (stages.dataset's
+# The two full-size files are read through the loaders the stages call (stages.data.mnist's
 # load_mnist and load_processed: the reader plus MNIST's checks), so the memory bounds cover
 # what a stage really holds when it reads all of MNIST, validation included.
 
@@ -466,7 +466,7 @@ def test_a_full_size_raw_file_loads_in_bounded_memory(tmp_path, save):
     path = tmp_path / "full.npz"
     save(path, x_train=np.tile(tile, (600, 1, 1)), y_train=np.zeros(60_000, np.uint8),
          x_test=np.tile(tile, (100, 1, 1)), y_test=np.ones(10_000, np.uint8))
-    outcome = probe("from stages.dataset import load_mnist\n"
+    outcome = probe("from stages.data.mnist import load_mnist\n"
                     "d = load_mnist(args[0])\n"
                     "result = [d[k].shape for k in ('x_train', 'x_test')] + "
                     "[int(d['x_train'][599].sum()), int(d['y_test'].sum())]", path)
@@ -486,7 +486,7 @@ def test_a_full_size_processed_file_is_under_the_cap_and_loads(tmp_path):
     del x_train
     size = sum(i.file_size for i in zipfile.ZipFile(path).infolist())
     assert 200 * MIB < size < MAX_NPZ_BYTES
-    outcome = probe("from stages.dataset import load_processed\n"
+    outcome = probe("from stages.data.mnist import load_processed\n"
                     "d = load_processed(args[0])\n"
                     "result = (d['x_train'].shape, float(d['x_train'][-1, -1, -1]))", path)
     assert outcome.get("result") == repr(((60000, 28, 28), 0.5)), outcome

@@ -1,4 +1,4 @@
-"""stages/outputs.py: atomic writes (never a torn or partial file), byte-stable files."""
+"""stages/runtime/outputs.py: atomic writes (never a torn or partial file), byte-stable files."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from stages.errors import WriteError
-from stages.npz import load_npz
-from stages.outputs import (
+from stages.data.npz import load_npz
+from stages.runtime.failures import WriteError
+from stages.runtime.outputs import (
     atomic_dir,
     atomic_path,
     disk_errors,

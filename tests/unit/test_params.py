@@ -1,4 +1,4 @@
-"""stages/params.py: the whole params.yaml, checked in one place: one clear ParamError per
+"""stages/runtime/params.py: the whole params.yaml, checked in one place: one clear ParamError per
 mistake, and every stage checks every section before its own work, without TensorFlow."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import textwrap
 import time
 
 import pytest
+import yaml
 
-from stages import params
-from stages.errors import ParamError
+from stages.runtime import params
+from stages.runtime.failures import ParamError
 from tests.helpers import (
     NAMED_CLASSES,
     ROOT,
@@ -26,8 +27,7 @@ from tests.helpers import (
 
 SHIPPED = shipped_params()
 DELETE = object()
-SHARED_TRAIN_KEYS = ("framework", "device", "workers", "model", "seed", "steps_per_execution",
-                     "intra_op_threads", "inter_op_threads")
+SHARED_TRAIN_KEYS = ("framework", "model", "seed")
 IDX_HASHES = {name: f"{i:x}" * 64 for i, name in enumerate(params.IDX_NAMES, start=10)}
 
 
@@ -54,10 +54,17 @@ def rejects(path: str, value, match: str) -> str:
     return message
 
 
-def expected_train(model: str) -> dict:
-    """What train gets for `model`, from the shipped file: shared keys plus its recipe."""
+def expected_train(model: str, framework: str = "keras") -> dict:
+    """What train gets for `model` in `framework`, from the shipped file: the shared keys,
+    that framework's settings (device and workers fixed where it has none), the speed
+    knob Keras reads, and the model's recipe."""
     shared = {key: SHIPPED["train"][key] for key in SHARED_TRAIN_KEYS}
-    return shared | SHIPPED["train"][model] | {"model": model}
+    own = {"device": "cpu", "workers": 1} | SHIPPED["train"][framework]
+    if framework == "c":
+        own |= {"intra_op_threads": SHIPPED["speed"]["c_threads"], "inter_op_threads": 1}
+    return (shared | own | {"framework": framework, "model": model}
+            | {"steps_per_execution": SHIPPED["speed"]["keras_steps_per_execution"]}
+            | SHIPPED["train"][model])
 
 
 # --- the shipped file ------------------------------------------------------------------
@@ -68,7 +75,7 @@ def test_the_shipped_params_are_valid():
     assert tuple(loaded) == params.SECTIONS
     assert loaded["dataset"]["classes"] == [str(c) for c in SHIPPED["dataset"]["classes"]]
     assert loaded["train"] == expected_train(SHIPPED["train"]["model"])
-    for section in ("normalize", "evaluate", "render"):
+    for section in ("normalize", "evaluate", "render", "speed"):
         assert loaded[section] == SHIPPED[section]
     download = SHIPPED["download"]
     assert loaded["download"]["sources"] == [
@@ -95,6 +102,7 @@ def test_another_models_recipe_does_not_reach_train_but_is_still_checked():
 
 @pytest.mark.parametrize("path", [
     "train.cnn.epochs", "train.mlp.restore_best", "train.model", "train.seed", "train.mlp",
+    "train.keras.intra_op_threads", "train.torch.workers", "train.c", "speed.c_threads",
     "download.sha256", "download.format", "normalize.sample_index", "evaluate.batch_size",
     "render.per_row", "dataset.classes",
 ])
@@ -117,7 +125,7 @@ def test_missing_section():
     ("train.mlp.restore_best", "yes", "true or false"),
     ("train.mlp.restore_best", 1, "true or false"),
     ("train.seed", "42", "an integer from 0 to 2147483647"),
-    ("train.steps_per_execution", 1.5, "an integer from 1 to 100000"),
+    ("speed.keras_steps_per_execution", 1.5, "an integer from 1 to 100000"),
     ("evaluate.list_errors", None, "true or false"),
     ("download.timeout", "30", "a number in"),
     ("download.retries", 1.5, "an integer from 0 to 20"),
@@ -146,8 +154,8 @@ def test_wrong_type(path, value, allowed):
     ("train.cnn.batch_size", params.MAX_BATCH + 1),
     ("train.cnn.learning_rate", 0.0), ("train.cnn.learning_rate", float("nan")),
     ("train.cnn.learning_rate", float("inf")), ("train.cnn.shift", 0.6),
-    ("train.cnn.rotation", -1.0), ("train.intra_op_threads", 0),
-    ("train.inter_op_threads", 1025),
+    ("train.cnn.rotation", -1.0), ("train.keras.intra_op_threads", 0),
+    ("train.torch.inter_op_threads", 1025), ("speed.c_threads", 0),
     ("train.cnn.label_smoothing", 0.6), ("train.cnn.label_smoothing", -0.1),
     ("train.cnn.zoom", 0.5), ("train.cnn.zoom", 0.51),
     ("train.cnn.val_fraction", 0.6), ("train.cnn.val_fraction", -0.1),
@@ -171,7 +179,7 @@ def test_out_of_range(path, value):
     ("train.cnn.label_smoothing", 0.5, float), ("render.top_pairs", 90, int),
     ("train.cnn.ema", 0.9999, float), ("train.cnn.ema", 0, float),
     ("train.cnn.elastic", 100, float), ("train.cnn.elastic_sigma", 20, float),
-    ("train.inter_op_threads", 1024, int), ("download.backoff", 0, float),
+    ("train.keras.inter_op_threads", 1024, int), ("download.backoff", 0, float),
 ])
 def test_limits_are_inclusive_where_documented(path, value, kind):
     """The edges of each range are accepted, and numbers come back as floats."""
@@ -196,19 +204,29 @@ def test_restore_best_needs_a_validation_split():
 def test_unknown_framework_and_device_list_the_allowed_names():
     assert rejects("train.framework", "jax", "train.framework") == \
         "train.framework: got 'jax'; allowed: one of keras, torch, c"
-    assert rejects("train.device", "tpu", "train.device") == \
-        "train.device: got 'tpu'; allowed: one of cpu, cuda"
+    assert rejects("train.torch.device", "tpu", "train.torch.device") == \
+        "train.torch.device: got 'tpu'; allowed: one of cpu, cuda"
+
+
+def test_each_framework_gets_its_own_settings_only():
+    for framework, model in (("keras", "cnn"), ("torch", "cnn"), ("c", "mlp")):
+        values = edited("train.framework", framework)
+        values["train"]["model"] = model
+        assert params.check(values)["train"] == expected_train(model, framework)
+    # Another framework's settings do not reach train, but a typo in them still fails.
+    values = edited("train.torch.device", "cuda")
+    assert params.check(values)["train"]["device"] == "cpu"
+    assert rejects("train.torch.workers", 0, r"^train\.torch\.workers: got 0")
 
 
 def test_a_gpu_is_for_torch_only():
-    assert SHIPPED["train"]["framework"] == "keras" and SHIPPED["train"]["device"] == "cpu"
-    assert rejects("train.device", "cuda", r"^train\.device: got 'cuda'") == (
-        "train.device: got 'cuda'; allowed: cpu with train.framework keras (the project "
-        "installs tensorflow-cpu); for a GPU use train.framework torch")
-    values = edited("train.device", "cuda")
+    # Keras and C have no device to set: the key is unknown there.
+    assert "train.keras.device: unknown key" in rejects("train.keras.device", "cuda", "device")
+    assert "train.c.device: unknown key" in rejects("train.c.device", "cuda", "device")
+    values = edited("train.torch.device", "cuda")
     values["train"]["framework"] = "torch"
-    assert params.check(values)["train"] | {} == expected_train("cnn") | {
-        "framework": "torch", "device": "cuda"}
+    assert params.check(values)["train"] == expected_train("cnn", "torch") | {
+        "device": "cuda"}
 
 
 def test_c_trains_the_original_network_on_the_cpu_only():
@@ -219,11 +237,7 @@ def test_c_trains_the_original_network_on_the_cpu_only():
         "train.model: got 'cnn'; allowed: mlp with train.framework c (the plain-C program "
         "implements the original network only)")
     values["train"]["model"] = "mlp"
-    assert params.check(values)["train"] == expected_train("mlp") | {"framework": "c"}
-    values["train"]["device"] = "cuda"
-    with pytest.raises(ParamError, match=r"^train\.device: got 'cuda'; allowed: cpu with "
-                                         r"train\.framework c"):
-        params.check(values)
+    assert params.check(values)["train"] == expected_train("mlp", "c")
 
 
 @pytest.mark.parametrize("key, value, missing", [
@@ -532,8 +546,9 @@ def test_train_cli_with_a_bad_param_fails_fast_with_one_line(tmp_path):
 def test_checking_params_in_every_stage_module_imports_no_tensorflow():
     code = textwrap.dedent(f"""
         import sys
-        from stages import download, normalize, train, evaluate, render_errors, params
-        from stages.errors import ParamError
+        from stages import download, evaluate, normalize, render_errors, train
+        from stages.runtime import params
+        from stages.runtime.failures import ParamError
         checked = params.load()
         assert set(checked) == set(params.SECTIONS), checked
         raw = params.read()
@@ -552,16 +567,27 @@ def test_checking_params_in_every_stage_module_imports_no_tensorflow():
 
 
 def test_more_than_one_worker_is_for_torch_and_must_divide_the_batch():
-    assert SHIPPED["train"]["workers"] == 1
-    assert rejects("train.workers", 2, r"^train\.workers") == (
-        "train.workers: got 2; allowed: 1 with train.framework keras: data-parallel training "
-        "runs on PyTorch's torch.distributed (Keras 3's multi-worker path on TensorFlow is "
-        "broken: keras-team/keras#20585)")
-    values = edited("train.workers", 2)
+    assert SHIPPED["train"]["torch"]["workers"] == 1
+    # Keras has no workers (its multi-worker path on TensorFlow is broken:
+    # keras-team/keras#20585), C neither.
+    assert "train.keras.workers: unknown key" in rejects("train.keras.workers", 2, "workers")
+    values = edited("train.torch.workers", 2)
     values["train"]["framework"] = "torch"
     assert params.check(values)["train"]["workers"] == 2
-    values["train"]["workers"] = 3  # the cnn's batch is 128
-    with pytest.raises(ParamError, match=r"^train\.workers: got 3; allowed: a divisor of "
-                                         r"train\.cnn\.batch_size \(128\)"):
+    values["train"]["torch"]["workers"] = 3  # the cnn's batch is 128
+    with pytest.raises(ParamError, match=r"^train\.torch\.workers: got 3; allowed: a divisor "
+                                         r"of train\.cnn\.batch_size \(128\)"):
         params.check(values)
-    assert rejects("train.workers", 0, r"^train\.workers: got 0; allowed: an integer from 1")
+
+
+def test_speed_knobs_reach_train_but_are_no_stage_dependency():
+    loaded = params.check(edited("speed.keras_steps_per_execution", 7))
+    assert loaded["train"]["steps_per_execution"] == 7
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "speed" not in {p.split(".")[0] for stage in stages.values()
+                           for p in stage.get("params", [])}
+
+
+def test_workers_out_of_range():
+    assert rejects("train.torch.workers", 0, r"^train\.torch\.workers: got 0; allowed: an "
+                   r"integer from 1")

@@ -1,4 +1,4 @@
-"""mnist/preprocess.py: image files of any size and format become MNIST-like 28×28 digits.
+"""mnist_cli/preprocess.py: image files of any size and format become MNIST-like 28×28 digits.
 
 Real image files, written in the test by PIL, go through the real reader. No model here:
 what the model makes of them is tests/integration/test_predict.py.
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist import preprocess
-from mnist.preprocess import ImageError, load_digit
+from mnist_cli import preprocess
+from mnist_cli.preprocess import ImageError, load_digit
 from tests.helpers import MEMORY_BOUND_MIB, TIME_BOUND_S, drawn_digit, fixture_data, png_bomb, probe
 
 
@@ -191,7 +191,7 @@ def test_files_that_hold_no_digit_get_one_line_naming_them(tmp_path):
         "faint.png": (drawn_digit("3", ink=225, paper=235), "grey levels span 10"),
         "cut.png": (b"", "cannot read the image"),
     }
-    for name, (content, expected) in cases.items():
+    for name, (content, _) in cases.items():
         path = tmp_path / name
         if isinstance(content, bytes):
             path.write_bytes(content)
@@ -214,7 +214,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
     in a child that never holds more than a fraction of the image."""
     bomb = png_bomb(tmp_path / "bomb.png")
     assert bomb.stat().st_size < 200_000
-    outcome = probe("from mnist.preprocess import load_digit\nresult = load_digit(args[0])",
+    outcome = probe("from mnist_cli.preprocess import load_digit\nresult = load_digit(args[0])",
                     bomb)
     assert outcome["error"] == "ImageError"
     assert outcome["message"] == (f"{bomb}: 20000×20000 pixels is more than the 64 "
@@ -227,7 +227,7 @@ def test_the_largest_image_it_reads_costs_bounded_memory_and_time(tmp_path):
     big = drawn_digit("0", size=(8000, 8000), box=(1000, 1000, 5000, 7000), width=300)
     path = saved(big, tmp_path / "big.png", compress_level=1)
     del big
-    outcome = probe("from mnist.preprocess import load_digit\n"
+    outcome = probe("from mnist_cli.preprocess import load_digit\n"
                     "result = float(load_digit(args[0]).sum())", path)
     assert "error" not in outcome, outcome
     # The decoded grey image is 64 MB; the working copy is WORK_SIDE² pixels.

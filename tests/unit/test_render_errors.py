@@ -19,10 +19,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from stages import error_sheets, render_errors, scoring
-from stages.errors import DataError
-from stages.outputs import save_npz, write_csv
+from stages import render_errors
+from stages.analysis import scoring
+from stages.analysis import sheets as error_sheets
 from stages.render_errors import analyse, mosaics, read_table, tile
+from stages.runtime.failures import DataError
+from stages.runtime.outputs import save_npz, write_csv
 from tests.helpers import (
     FIXTURE,
     NAMED_CLASSES,

@@ -1,4 +1,4 @@
-"""stages/scoring.py: the one definition of every score the reports show.
+"""stages/analysis/scoring.py: the one definition of every score the reports show.
 
 Expected values are computed here from the definitions (counting by hand over the
 examples), never copied from a run.
@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from stages import scoring
-from stages.outputs import write_csv
+from stages.analysis import scoring
+from stages.runtime.outputs import write_csv
 from tests.helpers import NAMED_CLASSES, probabilities_for
 
 DIGITS = [str(c) for c in range(10)]

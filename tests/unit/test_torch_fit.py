@@ -1,4 +1,4 @@
-"""stages/torch/fit.py: the seeded augmentation and fitting, in PyTorch."""
+"""stages/frameworks/torch/fit.py: the seeded augmentation and fitting, in PyTorch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tests.helpers import fixture_data, toy_digits, train_cfg
 
 
 def test_augment_is_seeded_stays_in_range_and_is_off_at_zero():
-    from stages.torch.fit import augment
+    from stages.frameworks.torch.resample import augment
 
     x = torch.from_numpy((fixture_data()["x_train"][:6] / 255).astype(np.float32))
 
@@ -25,8 +25,8 @@ def test_augment_is_seeded_stays_in_range_and_is_off_at_zero():
 
 
 def test_evaluate_is_the_mean_cross_entropy_and_accuracy():
-    from stages.torch.fit import evaluate
-    from stages.torch.model import build
+    from stages.frameworks.torch.fit import evaluate
+    from stages.frameworks.torch.model import build
 
     model = build("mlp")
     x = torch.rand(30, 28, 28)
@@ -44,9 +44,9 @@ def test_evaluate_is_the_mean_cross_entropy_and_accuracy():
 def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch, schedule):
     """A few steps on separable toy data: loss falls, the same seed gives the same bits."""
     monkeypatch.chdir(tmp_path)
-    from stages.torch.env import configure
-    from stages.torch.fit import fit
-    from stages.torch.model import predict
+    from stages.frameworks.torch.env import configure
+    from stages.frameworks.torch.fit import fit
+    from stages.frameworks.torch.model import predict
 
     configure(0, 1, 1)
     data, x_val, y_val = toy_digits()
@@ -71,7 +71,7 @@ def test_the_failure_named_is_the_cause_not_the_workers_the_launcher_stopped(tmp
     import signal
     from types import SimpleNamespace
 
-    from stages.torch.fit import failure_line
+    from stages.frameworks.torch.launcher import failure_line
 
     def failure(exitcode, timestamp, local_rank):
         name = signal.Signals(-exitcode).name if exitcode < 0 else "<N/A>"
@@ -93,9 +93,9 @@ def test_the_failure_named_is_the_cause_not_the_workers_the_launcher_stopped(tmp
 @pytest.mark.slow
 def test_with_ema_the_average_is_validated_and_returned(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    from stages.torch.env import configure
-    from stages.torch.fit import fit
-    from stages.torch.model import predict
+    from stages.frameworks.torch.env import configure
+    from stages.frameworks.torch.fit import fit
+    from stages.frameworks.torch.model import predict
 
     configure(0, 1, 1)
     data, x_val, y_val = toy_digits()

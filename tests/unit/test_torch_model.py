@@ -1,4 +1,4 @@
-"""stages/torch/model.py: the PyTorch networks and their safetensors model file."""
+"""stages/frameworks/torch/model.py: the PyTorch networks and their safetensors model file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch  # make test installs PyTorch (make torch)
 
-from stages import params
-from stages.errors import DataError
+from stages.runtime import params
+from stages.runtime.failures import DataError
 
 
 def images(n=25, seed=0):
@@ -18,14 +18,14 @@ def images(n=25, seed=0):
 
 
 def test_every_name_params_accepts_is_a_network():
-    from stages.torch import model as torch_model
+    from stages.frameworks.torch import model as torch_model
 
     assert tuple(torch_model.MODELS) == params.MODEL_NAMES
     assert all(torch_model.build(name).name == name for name in params.MODEL_NAMES)
 
 
 def test_mlp_is_the_original_network_with_keras_initial_weights():
-    from stages.torch import model as torch_model
+    from stages.frameworks.torch import model as torch_model
 
     model = torch_model.build("mlp")
     assert (model.fc1.in_features, model.fc1.out_features) == (784, 128)
@@ -41,7 +41,7 @@ def test_mlp_is_the_original_network_with_keras_initial_weights():
 
 
 def test_batchnorm_follows_keras_conventions():
-    from stages.torch import model as torch_model
+    from stages.frameworks.torch import model as torch_model
 
     norms = [m for m in torch_model.build("cnn_large").modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -51,7 +51,7 @@ def test_batchnorm_follows_keras_conventions():
 
 @pytest.mark.parametrize("name", params.MODEL_NAMES)
 def test_networks_map_images_to_ten_probabilities_whatever_the_batch_size(name):
-    from stages.torch import model as torch_model
+    from stages.frameworks.torch import model as torch_model
 
     model = torch_model.build(name)
     x = images()
@@ -63,7 +63,7 @@ def test_networks_map_images_to_ten_probabilities_whatever_the_batch_size(name):
 
 @pytest.mark.parametrize("name", params.MODEL_NAMES)
 def test_the_model_file_is_byte_stable_tensors_only_and_loads_back(tmp_path, name):
-    from stages.torch import model as torch_model
+    from stages.frameworks.torch import model as torch_model
 
     model = torch_model.build(name)
     for folder in ("a", "b"):
@@ -88,7 +88,7 @@ def test_the_model_file_is_byte_stable_tensors_only_and_loads_back(tmp_path, nam
 def test_load_refuses_what_is_not_one_of_its_model_files(tmp_path):
     from safetensors.torch import save_file
 
-    from stages.torch import model as torch_model
+    from stages.frameworks.torch import model as torch_model
 
     path = tmp_path / torch_model.MODEL_FILE
     with pytest.raises(DataError, match=f"^{path}: cannot load the model"):

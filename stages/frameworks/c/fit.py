@@ -1,0 +1,151 @@
+"""Training in plain C: build the program, hand it the data as idx files, follow its epochs.
+
+`fit(cfg, data, curves_dir)` compiles stages/frameworks/c/mnist_mlp.c (once per source, compiler and
+flags: into the ignored build/c/ folder), writes the split the stage made as idx files
+(MNIST's own format, which can carry float32), runs `mnist_mlp train` with the recipe, turns
+each epoch line it prints into the same report and dvclive curves as the other frameworks,
+and returns the weights it wrote (stages/frameworks/c/model.py's format).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stages.data import idx
+from stages.frameworks.c import env
+from stages.frameworks.c.model import MODEL_FILE, decode
+from stages.runtime.failures import PipelineError, stop_if_interrupted
+from stages.training.epochs import Curves
+
+SOURCE = Path(__file__).with_name("mnist_mlp.c")
+BUILD_DIR = Path(__file__).resolve().parents[3] / "build" / "c"  # the project root's build/
+BUILD_TIMEOUT = 300  # seconds: far more than one compile of the file takes
+
+
+def build() -> Path:
+    """The program, compiled unless this source, compiler and flags were built before.
+
+    With OpenMP when the compiler has it, else single-threaded (same bits either way).
+    """
+    cc = env.compiler()
+    source = SOURCE.read_bytes()
+    version = env.compiler_version(cc)
+    for openmp in (True, False):
+        flags = [*env.CFLAGS, *([env.OPENMP] if openmp else [])]
+        key = hashlib.sha256(b"\0".join([source, version.encode(), cc.encode(),
+                                         " ".join(flags).encode()])).hexdigest()[:16]
+        program = BUILD_DIR / key / "mnist_mlp"
+        # Recorded: the compiler and flags. Not the source's hash: the source is a dep, and
+        # an edit that changes no result (a comment) must leave the model folder as it was.
+        env.built.update(cc=cc, cc_version=version, cflags=" ".join(flags), openmp=openmp)
+        if program.is_file():
+            return program
+        program.parent.mkdir(parents=True, exist_ok=True)
+        # Built aside and renamed in: a half-written program is never run, and two runs
+        # building at once both end with a complete one.
+        partial = program.with_name(f".mnist_mlp.{os.getpid()}.tmp")
+        started = time.perf_counter()
+        try:
+            done = subprocess.run([cc, *flags, "-o", str(partial), str(SOURCE), *env.LIBS],
+                                  capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise PipelineError(f"building {SOURCE.name} with {cc} failed: {err}") from None
+        if done.returncode == 0:
+            partial.replace(program)
+            print(f"built {SOURCE.name} in {time.perf_counter() - started:.1f}s: {cc} "
+                  f"{' '.join(flags)} ({version})", flush=True)
+            return program
+        partial.unlink(missing_ok=True)
+        if not openmp:
+            first = next((line for line in done.stderr.splitlines() if "error" in line),
+                         done.stderr.strip()[:200])
+            raise PipelineError(f"{cc} could not build {SOURCE.name}: {first}")
+    raise AssertionError("unreachable")
+
+
+def recipe_args(cfg: dict) -> list[str]:
+    """The recipe as the program's options."""
+    return ["--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]),
+            "--learning-rate", repr(cfg["learning_rate"]), "--schedule", cfg["lr_schedule"],
+            "--label-smoothing", repr(cfg["label_smoothing"]),
+            "--rotation", repr(cfg["rotation"]), "--shift", repr(cfg["shift"]),
+            "--zoom", repr(cfg["zoom"]), "--restore-best", str(int(cfg["restore_best"])),
+            "--seed", str(cfg["seed"]), "--threads", str(env.threads())]
+
+
+def fields(line: str) -> dict[str, str]:
+    """`epoch 3/5 0.4s loss=0.1 accuracy=0.9` -> {"loss": "0.1", "accuracy": "0.9"}."""
+    return dict(word.split("=", 1) for word in line.split() if "=" in word)
+
+
+def follow(process: subprocess.Popen, curves: Curves) -> dict:
+    """Report each epoch line the program prints as the other frameworks do; returns the
+    fields of its closing `train:` line."""
+    summary = {}
+    for line in process.stdout:
+        if line.startswith("epoch "):
+            epoch = int(line.split()[1].split("/")[0])
+            seconds = float(line.split()[2].rstrip("s"))
+            f = fields(line)
+            logs = {"train/loss": float(f["loss"])}
+            if "val_loss" in f:
+                logs |= {"eval/loss": float(f["val_loss"]),
+                         "eval/accuracy": float(f["val_accuracy"])}
+            curves.epoch(epoch, seconds, logs, float(f["accuracy"]))
+        elif line.startswith("train:"):
+            summary = fields(line)
+        else:
+            print(line, end="", flush=True)  # e.g. "restoring epoch 4: ..."
+        stop_if_interrupted()
+    return summary
+
+
+def fit(cfg: dict, data: dict, curves_dir):
+    """Train with the C program for cfg["epochs"], logging curves with dvclive into
+    curves_dir; returns the weights (stages/frameworks/c/model.py's MLP).
+
+    Under deferred_interrupts, Ctrl-C stops it at the next line the program prints (one
+    per epoch; the program itself takes the terminal's Ctrl-C and ends at once).
+    """
+    program = build()
+    stop_if_interrupted()
+    with tempfile.TemporaryDirectory(prefix="mnist-c-") as tmp:
+        tmp = Path(tmp)
+        args = [str(program), "train", "--out", str(tmp / MODEL_FILE), *recipe_args(cfg)]
+        for part, flag in (("train", ""), ("val", "val-")):
+            if len(data[f"y_{part}"]):
+                (tmp / f"{part}-images.idx").write_bytes(idx.encode(data.pop(f"x_{part}")))
+                (tmp / f"{part}-labels.idx").write_bytes(
+                    idx.encode(data.pop(f"y_{part}").astype(np.uint8)))
+                args += [f"--{flag}images", str(tmp / f"{part}-images.idx"),
+                         f"--{flag}labels", str(tmp / f"{part}-labels.idx")]
+        curves = Curves(curves_dir, cfg["epochs"])
+        with open(tmp / "stderr", "w+") as stderr, subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=stderr, text=True) as process:
+            try:
+                summary = follow(process, curves)
+                process.wait()
+            finally:
+                if process.poll() is None:  # interrupted (SIGTERM reaches us only)
+                    process.kill()
+                    process.wait()
+            stop_if_interrupted()  # a Ctrl-C that ended the program too
+            if process.returncode:
+                stderr.seek(0)
+                said = stderr.read().strip().splitlines()
+                raise PipelineError(said[-1] if said else
+                                    f"mnist_mlp train exited with {process.returncode}")
+        curves.close(validated=cfg["val_fraction"] > 0)
+        if summary:
+            print(f"arithmetic: {float(summary['executed_gflop']):.1f} GFLOP executed "
+                  f"({float(summary['dense_gflop']):.1f} dense) in "
+                  f"{float(summary['seconds']):.2f}s = {float(summary['gflops']):.1f} "
+                  f"GFLOP/s on {summary['threads']} threads", flush=True)
+        return decode((tmp / MODEL_FILE).read_bytes(), "the program's model file")

@@ -1,0 +1,162 @@
+"""The Keras networks `train.model` can name, and their model file: save, load, predict.
+
+- mlp:       the original script's network, layer for layer.
+- cnn:       a small BatchNorm convnet (the default): near the state of the art on CPU.
+- cnn_large: a wider, deeper variant for users with more time or a GPU.
+
+Each is a plain Keras model ending in softmax (augmentation happens in the training step,
+see stages/frameworks/keras/fit.py), so the saved file needs no code of ours to load:
+`keras.models.load_model("data/model/model.keras")`.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from stages.data.mnist import IMAGE_SIDE
+from stages.frameworks.keras.env import keras
+from stages.runtime.failures import DataError
+from stages.runtime.outputs import atomic_path
+
+MODEL_FILE = "model.keras"
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+layers = keras.layers
+
+
+def mlp() -> keras.Sequential:
+    return keras.Sequential([
+        keras.Input((IMAGE_SIDE, IMAGE_SIDE)),
+        layers.Flatten(),
+        layers.Dense(128, activation="relu"),
+        layers.Dropout(0.2),
+        layers.Dense(10, activation="softmax"),
+    ], name="mlp")
+
+
+def _conv_bn_relu(filters: int, size: int, padding: str) -> list:
+    # No bias: BatchNorm's shift does its job.
+    return [layers.Conv2D(filters, size, padding=padding, use_bias=False),
+            layers.BatchNormalization(), layers.ReLU()]
+
+
+def _head(dense: int) -> list:
+    return [layers.Flatten(), layers.Dense(dense, use_bias=False), layers.BatchNormalization(),
+            layers.ReLU(), layers.Dropout(0.4), layers.Dense(10, activation="softmax")]
+
+
+def _conv_pool_bn_relu(filters: int, size: int) -> list:
+    # Pooling straight after the conv means BatchNorm and ReLU (memory-bound on a CPU) see
+    # a quarter of the values: a third more images per second than conv-BN-ReLU-pool.
+    return [layers.Conv2D(filters, size, use_bias=False), layers.MaxPooling2D(),
+            layers.BatchNormalization(), layers.ReLU()]
+
+
+def cnn() -> keras.Sequential:
+    """LeNet's shape with modern parts: 5×5 convs with BatchNorm, pooled twice, then a
+    3×3 conv on the 4×4 map and a linear read-out.
+
+    About 5M multiply-adds per image: cheap enough for 2 CPU cores to train a few dozen
+    epochs with augmentation (what it reaches: benchmarks/RESULTS.md).
+    """
+    return keras.Sequential([
+        keras.Input((IMAGE_SIDE, IMAGE_SIDE)),
+        layers.Reshape((IMAGE_SIDE, IMAGE_SIDE, 1)),
+        *_conv_pool_bn_relu(32, 5),
+        *_conv_pool_bn_relu(64, 5),
+        *_conv_bn_relu(128, 3, "same"),
+        layers.Flatten(),
+        layers.Dropout(0.3),
+        layers.Dense(10, activation="softmax"),
+    ], name="cnn")
+
+
+def cnn_large() -> keras.Sequential:
+    """VGG-style: two 3×3 convs per block at full then half resolution, several times the
+    cnn's multiply-adds."""
+    blocks = []
+    for width in (32, 64):
+        blocks += [*_conv_bn_relu(width, 3, "same"), *_conv_bn_relu(width, 3, "same"),
+                   layers.MaxPooling2D(), layers.Dropout(0.25)]
+    return keras.Sequential([
+        keras.Input((IMAGE_SIDE, IMAGE_SIDE)),
+        layers.Reshape((IMAGE_SIDE, IMAGE_SIDE, 1)),
+        *blocks,
+        *_head(256),
+    ], name="cnn_large")
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "cnn_large": cnn_large}
+
+
+def build(name: str) -> keras.Sequential:
+    return MODELS[name]()
+
+
+# --- the model file ----------------------------------------------------------------------
+
+
+def _renumber_shared_ids(config, ids=None):
+    """Replace Python object ids (`shared_object_id`, which differ per process) by 1, 2, ...
+
+    They only link objects within one file, so numbering by first appearance keeps the
+    meaning and makes the bytes stable.
+    """
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        return {k: (ids.setdefault(v, len(ids) + 1) if k == "shared_object_id"
+                    else _renumber_shared_ids(v, ids)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_renumber_shared_ids(v, ids) for v in config]
+    return config
+
+
+def save_stable(model, path: Path) -> None:
+    """Save a .keras file whose bytes depend on the weights only, not on the clock.
+
+    Keras stamps the save time into metadata.json and into every zip entry; we rewrite
+    the archive with those fixed, so an unchanged model keeps its DVC hash.
+    """
+    # Keras insists on the .keras suffix, so the raw save gets a hidden name of its own.
+    raw = path.with_name(f".{path.stem}.raw.keras")
+    try:
+        model.save(raw)
+        with atomic_path(path) as tmp:
+            with zipfile.ZipFile(raw) as src, zipfile.ZipFile(tmp, "w") as dst:
+                for info in src.infolist():
+                    data = src.read(info.filename)
+                    if info.filename == "metadata.json":
+                        meta = json.loads(data)
+                        meta["date_saved"] = "1980-01-01@00:00:00"
+                        data = json.dumps(meta, sort_keys=True).encode()
+                    elif info.filename == "config.json":
+                        data = json.dumps(_renumber_shared_ids(json.loads(data))).encode()
+                    fixed = zipfile.ZipInfo(info.filename, date_time=FIXED_ZIP_TIME)
+                    fixed.compress_type = info.compress_type
+                    fixed.external_attr = 0o644 << 16
+                    dst.writestr(fixed, data)
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def save(model, model_dir: Path) -> None:
+    save_stable(model, Path(model_dir) / MODEL_FILE)
+
+
+def load(model_dir: Path):
+    path = Path(model_dir) / MODEL_FILE
+    try:
+        return keras.models.load_model(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot load the model ({err})") from None
+
+
+def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities for every image, N×10 float32."""
+    # Plain calls, not predict(): no tf.data pipeline to build for 10 batches.
+    return np.concatenate([model(x[start:start + batch_size], training=False).numpy()
+                           for start in range(0, len(x), batch_size)]).astype(np.float32)

@@ -1,0 +1,56 @@
+"""PyTorch, imported with a one-line error when it is missing, and configured for
+bit-reproducible runs: seeded, deterministic algorithms only, threads pinned.
+
+PyTorch is an optional part of the project (its own locked extra, several hundred MB):
+`make torch` installs it into the project's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+
+from stages.runtime.failures import PipelineError
+
+INSTALL = "make torch"
+
+try:
+    import torch
+except ImportError:
+    raise PipelineError(f"train.framework torch needs PyTorch, which is not installed: run "
+                        f"`{INSTALL}` (it installs requirements-torch.lock)") from None
+
+
+def configure(seed: int, intra_op_threads: int, inter_op_threads: int) -> None:
+    """Seed every generator, allow deterministic algorithms only, pin both thread pools."""
+    # cuBLAS is deterministic only with a fixed workspace; it must be set before CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.set_num_threads(intra_op_threads)
+    if torch.get_num_interop_threads() != inter_op_threads:
+        torch.set_num_interop_threads(inter_op_threads)  # allowed once, before any work
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # the CPU generator and every GPU's
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def device(name: str) -> torch.device:
+    """`cpu`, or `cuda` when a GPU is there (one line when it is not)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.torch.device cuda: no CUDA GPU is visible to PyTorch "
+                            f"(torch {torch.__version__}, built for CUDA "
+                            f"{torch.version.cuda or 'none'}); use train.torch.device: cpu")
+    return torch.device(name)
+
+
+def versions() -> dict:
+    """What a PyTorch run's bits depend on besides the params: for run_info.json."""
+    info = {"torch": torch.__version__, "deterministic_algorithms": True,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if torch.cuda.is_initialized():  # this run used a GPU
+        info |= {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                 "gpu": torch.cuda.get_device_name(0)}
+    return info

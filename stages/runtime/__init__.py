@@ -1,0 +1,2 @@
+"""How every stage runs and fails: the params.yaml schema every stage checks first (params),
+atomic byte-stable writers (outputs), and one-line errors with deferred Ctrl-C (failures)."""
