@@ -1,14 +1,17 @@
 """The seam between the pipeline and the frameworks that train and run its networks.
 
-A framework F (`train.framework`) is a folder, stages/F/, of three modules found by name:
+A framework F (`train.framework`) is a folder beside this file, F/, of three modules found
+by name:
 
-- stages/F/env.py:   imports F, `configure(seed, intra_op_threads, inter_op_threads)`
-                     (seeds, deterministic kernels, pinned threads), `versions()`;
-- stages/F/model.py: the networks, `MODEL_FILE`, `save(model, model_dir)`,
-                     `load(model_dir)` and `predict(model, x, batch_size)` -> N×10;
-- stages/F/fit.py:   `fit(cfg, data, curves_dir)` -> the trained model;
+- F/env.py:   imports F, `configure(seed, intra_op_threads, inter_op_threads)` (seeds,
+              deterministic kernels, pinned threads), `versions()`;
+- F/model.py: the networks, `MODEL_FILE`, `save(model, model_dir)`, `load(model_dir)` and
+              `predict(model, x, batch_size)` -> N×10;
+- F/fit.py:   `fit(cfg, data, curves_dir)` -> the trained model;
 
-and whatever else its training runs (the C framework's program source).
+and whatever else its training runs: the modules its loop imports (Keras' and PyTorch's
+resample.py), the C program's source, and for PyTorch launcher.py (`launch(cfg, argv)`, the
+data-parallel workers, asked for only when train.torch.workers > 1).
 
 The train stage trains through them; evaluate gets probabilities through `predict()`
 below, which reads from the model folder's run_info.json which framework made it. So
@@ -31,7 +34,7 @@ RUN_INFO = "run_info.json"
 
 
 def module(framework: str, part: str):
-    """stages/{framework}/{part}.py, imported (part: env, model or fit)."""
+    """stages/frameworks/{framework}/{part}.py, imported (part: env, model, fit, launcher)."""
     return importlib.import_module(f"stages.frameworks.{framework}.{part}")
 
 

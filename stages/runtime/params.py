@@ -19,7 +19,7 @@ from stages.runtime.failures import ParamError
 PARAMS_FILE = "params.yaml"
 SECTIONS = ("dataset", "download", "normalize", "train", "evaluate", "render", "speed")
 CLASSES = 10  # every network ends in 10 softmax outputs
-MODEL_NAMES = ("mlp", "cnn", "cnn_large")  # the networks of stages/*/model.py
+MODEL_NAMES = ("mlp", "cnn", "cnn_large")  # the networks of stages/frameworks/*/model.py
 FRAMEWORKS = ("keras", "torch", "c")  # each one folder: stages/frameworks/F/
 C_MODELS = ("mlp",)  # what the plain-C program (stages/frameworks/c/mnist_mlp.c) implements
 DEVICES = ("cpu", "cuda")

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 
 ALL_STAGES = ["download", "normalize", "train", "evaluate", "render-errors"]
 PATHS = dvc_vars()
-# The settings of the original script, which train.mlp reproduces (README "Params").
+# The settings of the original script, which train.mlp reproduces (docs/params.md).
 ORIGINAL_RECIPE = {"epochs": 5, "batch_size": 32, "learning_rate": 0.001, "val_fraction": 0.0}
 
 

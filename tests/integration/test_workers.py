@@ -9,6 +9,7 @@ line and leaves the previous model.
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -172,9 +173,25 @@ def test_share_splits_a_batch_into_contiguous_parts_that_cover_it():
     assert np.array_equal(share(batch, 0, 1), batch)
 
 
-def test_a_second_machine_joins_with_the_readme_torchrun_line(trained_copy, tmp_path):
+def documented_join(port: str) -> list[str]:
+    """docs/machines.md's torchrun line for the second machine, as that machine would run
+    it, but on 127.0.0.1, at `port`, with one worker there (this test's two "machines"
+    share two cores)."""
+    text = (ROOT / "docs" / "machines.md").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith("torchrun "))
+    words = shlex.split(line)
+    for flag, value in (("--master-addr", "127.0.0.1"), ("--master-port", port),
+                        ("--nproc-per-node", "1")):
+        words[words.index(flag) + 1] = value
+    assert words[words.index("-m") + 1:] == [
+        "stages.train", "--data", PATHS["processed"], "--model-dir", PATHS["model_dir"],
+        "--curves", PATHS["curves"]], "the documented line runs the train stage's command"
+    return [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+
+
+def test_a_second_machine_joins_with_the_documented_torchrun_line(trained_copy, tmp_path):
     """Two "machines" on 127.0.0.1: the stage as node 0 (MNIST_NODES=2), and a second
-    checkout joining as node 1 with the torchrun command the README gives."""
+    checkout joining as node 1 with the torchrun command docs/machines.md gives."""
     repo = trained_copy
     set_params(repo, train=TWO_WORKERS)
     other = copy_project(repo, tmp_path / "other")  # same commit, same processed data
@@ -185,11 +202,8 @@ def test_a_second_machine_joins_with_the_readme_torchrun_line(trained_copy, tmp_
             PATHS["curves"])
     stage, lines = start(repo, sys.executable, "-m", "stages.train", *args,
                          env=run_env() | machine)
-    join = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1",
-         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
-         "-m", "stages.train", *args],
-        cwd=other, env=run_env(), capture_output=True, text=True, timeout=300)
+    join = subprocess.run(documented_join(port), cwd=other, env=run_env(),
+                          capture_output=True, text=True, timeout=300)
     assert stage.wait(timeout=120) == 0, stage.stderr.read()
     assert join.returncode == 0, join.stderr[-2000:]
     assert "epoch 3/3 " in lines.rest()
