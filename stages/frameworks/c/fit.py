@@ -29,6 +29,50 @@ BUILD_DIR = Path(__file__).resolve().parents[3] / "build" / "c"  # the project r
 BUILD_TIMEOUT = 300  # seconds: far more than one compile of the file takes
 
 
+def fit(cfg: dict, data: dict, curves_dir):
+    """Train with the C program for cfg["epochs"], logging curves with dvclive into
+    curves_dir; returns the weights (stages/frameworks/c/model.py's MLP).
+
+    Under deferred_interrupts, Ctrl-C stops it at the next line the program prints (one
+    per epoch; the program itself takes the terminal's Ctrl-C and ends at once).
+    """
+    program = build()
+    stop_if_interrupted()
+    with tempfile.TemporaryDirectory(prefix="mnist-c-") as tmp:
+        tmp = Path(tmp)
+        args = [str(program), "train", "--out", str(tmp / MODEL_FILE), *recipe_args(cfg)]
+        for part, flag in (("train", ""), ("val", "val-")):
+            if len(data[f"y_{part}"]):
+                (tmp / f"{part}-images.idx").write_bytes(idx.encode(data.pop(f"x_{part}")))
+                (tmp / f"{part}-labels.idx").write_bytes(
+                    idx.encode(data.pop(f"y_{part}").astype(np.uint8)))
+                args += [f"--{flag}images", str(tmp / f"{part}-images.idx"),
+                         f"--{flag}labels", str(tmp / f"{part}-labels.idx")]
+        curves = Curves(curves_dir, cfg["epochs"])
+        with open(tmp / "stderr", "w+") as stderr, subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=stderr, text=True) as process:
+            try:
+                summary = follow(process, curves)
+                process.wait()
+            finally:
+                if process.poll() is None:  # interrupted (SIGTERM reaches us only)
+                    process.kill()
+                    process.wait()
+            stop_if_interrupted()  # a Ctrl-C that ended the program too
+            if process.returncode:
+                stderr.seek(0)
+                said = stderr.read().strip().splitlines()
+                raise PipelineError(said[-1] if said else
+                                    f"mnist_mlp train exited with {process.returncode}")
+        curves.close(validated=cfg["val_fraction"] > 0)
+        if summary:
+            print(f"arithmetic: {float(summary['executed_gflop']):.1f} GFLOP executed "
+                  f"({float(summary['dense_gflop']):.1f} dense) in "
+                  f"{float(summary['seconds']):.2f}s = {float(summary['gflops']):.1f} "
+                  f"GFLOP/s on {summary['threads']} threads", flush=True)
+        return decode((tmp / MODEL_FILE).read_bytes(), "the program's model file")
+
+
 def build() -> Path:
     """The program, compiled unless this source, compiler and flags were built before.
 
@@ -105,47 +149,3 @@ def follow(process: subprocess.Popen, curves: Curves) -> dict:
             print(line, end="", flush=True)  # e.g. "restoring epoch 4: ..."
         stop_if_interrupted()
     return summary
-
-
-def fit(cfg: dict, data: dict, curves_dir):
-    """Train with the C program for cfg["epochs"], logging curves with dvclive into
-    curves_dir; returns the weights (stages/frameworks/c/model.py's MLP).
-
-    Under deferred_interrupts, Ctrl-C stops it at the next line the program prints (one
-    per epoch; the program itself takes the terminal's Ctrl-C and ends at once).
-    """
-    program = build()
-    stop_if_interrupted()
-    with tempfile.TemporaryDirectory(prefix="mnist-c-") as tmp:
-        tmp = Path(tmp)
-        args = [str(program), "train", "--out", str(tmp / MODEL_FILE), *recipe_args(cfg)]
-        for part, flag in (("train", ""), ("val", "val-")):
-            if len(data[f"y_{part}"]):
-                (tmp / f"{part}-images.idx").write_bytes(idx.encode(data.pop(f"x_{part}")))
-                (tmp / f"{part}-labels.idx").write_bytes(
-                    idx.encode(data.pop(f"y_{part}").astype(np.uint8)))
-                args += [f"--{flag}images", str(tmp / f"{part}-images.idx"),
-                         f"--{flag}labels", str(tmp / f"{part}-labels.idx")]
-        curves = Curves(curves_dir, cfg["epochs"])
-        with open(tmp / "stderr", "w+") as stderr, subprocess.Popen(
-                args, stdout=subprocess.PIPE, stderr=stderr, text=True) as process:
-            try:
-                summary = follow(process, curves)
-                process.wait()
-            finally:
-                if process.poll() is None:  # interrupted (SIGTERM reaches us only)
-                    process.kill()
-                    process.wait()
-            stop_if_interrupted()  # a Ctrl-C that ended the program too
-            if process.returncode:
-                stderr.seek(0)
-                said = stderr.read().strip().splitlines()
-                raise PipelineError(said[-1] if said else
-                                    f"mnist_mlp train exited with {process.returncode}")
-        curves.close(validated=cfg["val_fraction"] > 0)
-        if summary:
-            print(f"arithmetic: {float(summary['executed_gflop']):.1f} GFLOP executed "
-                  f"({float(summary['dense_gflop']):.1f} dense) in "
-                  f"{float(summary['seconds']):.2f}s = {float(summary['gflops']):.1f} "
-                  f"GFLOP/s on {summary['threads']} threads", flush=True)
-        return decode((tmp / MODEL_FILE).read_bytes(), "the program's model file")
