@@ -65,10 +65,10 @@ def run_info(cfg: dict, framework_versions: dict, model_file: str) -> dict:
         "cpu_count": os.cpu_count(),
         "seed": cfg["seed"],
     }
-    if cfg["framework"] != "c":  # the C program's bits do not depend on its thread count
-        info |= {"intra_op_threads": cfg["intra_op_threads"],
-                 "inter_op_threads": cfg["inter_op_threads"]}
-    return info
+    # The thread counts where they are the framework's own settings (not C's: its bits do
+    # not depend on them).
+    own = params.FRAMEWORK_KEYS[cfg["framework"]]
+    return info | {key: cfg[key] for key in params.THREAD_KEYS if key in own}
 
 
 def train_and_save(args, argv: list[str]) -> None:

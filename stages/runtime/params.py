@@ -210,27 +210,24 @@ def recipe(p: dict, where: str) -> dict:
     return out
 
 
-def threads(p: dict, where: str) -> dict:
-    return {key: integer(p, where, key, *THREADS)
-            for key in ("intra_op_threads", "inter_op_threads")}
+THREAD_KEYS = ("intra_op_threads", "inter_op_threads")
+# train.<framework>: the settings of that framework that can change its results. Keras:
+# TensorFlow's two thread pools (their sizes change how sums are split, so the last bits).
+# PyTorch: the device, the data-parallel workers and its two thread pools. C: none (the
+# program gives the same bits for any thread count: `speed.c_threads`).
+FRAMEWORK_KEYS = {"keras": THREAD_KEYS, "torch": ("device", "workers", *THREAD_KEYS), "c": ()}
 
 
 def framework_settings(p: dict, framework: str) -> dict:
-    """train.<framework>: the settings of that framework that can change its results.
-
-    Keras: TensorFlow's two thread pools (their sizes change how sums are split, so the
-    last bits). PyTorch: the device, the data-parallel workers and its two thread pools.
-    C: none (the program gives the same bits for any thread count: `speed.c_threads`)."""
+    """train.<framework> checked; device and workers are cpu and 1 where it has none."""
     where = f"train.{framework}"
-    if framework == "c":
-        check_keys(p, where, ())
-        return {"device": "cpu", "workers": 1}
-    if framework == "keras":
-        check_keys(p, where, {"intra_op_threads", "inter_op_threads"})
-        return {"device": "cpu", "workers": 1, **threads(p, where)}
-    check_keys(p, where, {"device", "workers", "intra_op_threads", "inter_op_threads"})
-    return {"device": choice(p, where, "device", DEVICES),
-            "workers": integer(p, where, "workers", 1, MAX_WORKERS), **threads(p, where)}
+    check_keys(p, where, FRAMEWORK_KEYS[framework])
+    out = {"device": "cpu", "workers": 1}
+    if "device" in p:
+        out["device"] = choice(p, where, "device", DEVICES)
+    if "workers" in p:
+        out["workers"] = integer(p, where, "workers", 1, MAX_WORKERS)
+    return out | {key: integer(p, where, key, *THREADS) for key in THREAD_KEYS if key in p}
 
 
 def speed(p: dict) -> dict:
@@ -309,9 +306,13 @@ def check(params) -> dict:
         raise ParamError(f"{PARAMS_FILE}: got {type(params).__name__}; allowed: a mapping "
                          f"of sections {', '.join(SECTIONS)}")
     check_keys(params, PARAMS_FILE.removesuffix(".yaml"), SECTIONS)
-    fast = speed(params["speed"])  # train reads it
-    return {name: train(params[name], fast) if name == "train" else CHECKS[name](params[name])
-            for name in SECTIONS}
+    checked = {"speed": speed(params["speed"])}  # first: train reads it
+    for name in SECTIONS:
+        if name == "train":
+            checked[name] = train(params[name], checked["speed"])
+        elif name not in checked:
+            checked[name] = CHECKS[name](params[name])
+    return {name: checked[name] for name in SECTIONS}
 
 
 def read(path: str | os.PathLike = PARAMS_FILE) -> dict:

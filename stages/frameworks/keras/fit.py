@@ -53,15 +53,15 @@ def fit(cfg: dict, data: dict, curves_dir):
         for part in batch_order(n, cfg["batch_size"], rng):
             for start in range(0, len(part), chunk):
                 batches = part[start:start + chunk]
-                step_losses, step_hits = train_chunk(tf.constant(batches, tf.int32))
+                step_losses, step_hits = (t.numpy() for t in
+                                          train_chunk(tf.constant(batches, tf.int32)))
                 # Summed step by step, in float64: the epoch's numbers do not depend on
                 # how the steps were cut into chunks (steps_per_execution is speed only).
-                for step_loss, step_hit in zip(step_losses.numpy(), step_hits.numpy()):
+                for step_loss, step_hit in zip(step_losses, step_hits):
                     loss_sum, hits = loss_sum + float(step_loss), hits + float(step_hit)
                 done += len(batches)
                 if bar:
-                    bar.update(done, [("loss", float(step_losses.numpy().sum())
-                                       / batches.size)])
+                    bar.update(done, [("loss", float(step_losses.sum()) / batches.size)])
                 # The chunk boundary: plain Python between two calls into TensorFlow.
                 stop_if_interrupted()
         logs = {"train/loss": loss_sum / n}
