@@ -1,10 +1,16 @@
 """Stage 4: score the model on the test set, once -> metrics, tables and predictions.
 
-Writes the headline metrics DVC shows and diffs (accuracy, errors, loss, confident
-errors), the per-class table (error rate, precision, recall), every confusion pair, the
-per-image predictions for the confusion matrix, the list of misclassified images and the
-probabilities the stages after it read. Prints the original script's "N samples, M wrong"
-line (and, behind a param, its full listing of every error with its console drawing).
+Writes the headline metrics DVC shows and diffs (accuracy, errors, loss, and the errors
+per verdict), the per-class table (error rate, precision, recall), every confusion pair,
+the per-image predictions for the confusion matrix, the list of misclassified images with
+each one's verdict and evidence, and the probabilities the stages after it read. Prints the
+original script's "N samples, M wrong" line (and, behind a param, its full listing of every
+error with its console drawing).
+
+The verdicts say whose mistake each error is (stages/analysis/verdicts.py): the label's
+(label-error), nobody's for sure (ambiguous), or the model's (model-error). They need the
+model's probabilities on train's validation split (to calibrate them) and the training
+images (the neighbours), so this stage reads both.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from stages import frameworks
-from stages.analysis import scoring
+from stages.analysis import scoring, verdicts
+from stages.analysis.neighbours import nearest
 from stages.data.console import draw
-from stages.data.mnist import load_processed
+from stages.data.mnist import load_processed, validation_split
 from stages.runtime import params
 from stages.runtime.failures import run
 from stages.runtime.outputs import round_floats, save_npz, write_csv, write_json
@@ -29,6 +36,32 @@ def misclassified(y_true: np.ndarray, probabilities: np.ndarray) -> list[tuple]:
     wrong = np.flatnonzero(y_pred != y_true)
     return [(int(i), int(y_true[i]), int(y_pred[i]), f"{probabilities[i, y_pred[i]]:.6f}")
             for i in wrong]
+
+
+def pixels(x: np.ndarray) -> np.ndarray:
+    """normalize's float pixels back to the raw 0..255 integers (x = raw / 255 exactly)."""
+    return np.rint(x * np.float32(255)).astype(np.uint8)
+
+
+def judge_errors(data: dict[str, np.ndarray], probabilities: np.ndarray,
+                 val_probabilities: np.ndarray | None, val_labels: np.ndarray | None,
+                 k: int) -> tuple[list[dict], float]:
+    """Every misclassified test image's verdict record (by index; verdicts.judge, plus its
+    neighbours' training indices), and the temperature that calibrated the model (1.0 when
+    there is no validation split: then nothing is held out to fit it on)."""
+    y = data["y_test"].astype(np.int64)
+    temperature = 1.0
+    if val_probabilities is not None and len(val_labels):
+        temperature = verdicts.fit_temperature(val_probabilities, val_labels)
+    calibrated = verdicts.calibrate(probabilities, temperature)
+    flagged = verdicts.confident_learning(y, calibrated)
+    wrong = np.flatnonzero(probabilities.argmax(axis=1) != y)
+    found, _ = nearest(pixels(data["x_test"][wrong]), pixels(data["x_train"]), k)
+    labels = data["y_train"].astype(np.int64)[found]
+    records = verdicts.judge(y, calibrated, flagged, labels, wrong)
+    for record, row in zip(records, found.tolist(), strict=True):
+        record["neighbours"] = row
+    return records, temperature
 
 
 def listing(rows: list[tuple], images: np.ndarray, names: list[str]) -> str:
@@ -53,20 +86,29 @@ def main(argv=None) -> None:
     everything = params.load()
     cfg, train = everything["evaluate"], everything["train"]
     names = everything["dataset"]["classes"]
-    data = load_processed(args.data, only=("x_test", "y_test"))
+    data = load_processed(args.data)
 
     x, y = data["x_test"], data["y_test"].astype(np.int64)
+    _, val_idx = validation_split(len(data["y_train"]), train["val_fraction"], train["seed"])
     # Whichever framework trained it: the model folder says which (stages/frameworks/__init__.py).
-    probabilities = frameworks.predict(args.model_dir, x, cfg["batch_size"],
-                                       train["intra_op_threads"], train["inter_op_threads"])
+    model = frameworks.predictor(args.model_dir, train["intra_op_threads"],
+                                 train["inter_op_threads"])
+    probabilities = model(x, cfg["batch_size"])
+    val_probabilities = model(data["x_train"][val_idx], cfg["batch_size"]) if len(val_idx) else None
     y_pred = probabilities.argmax(axis=1)
-    result = round_floats(scoring.headline(y, probabilities))
     rows = misclassified(y, probabilities)
+    records, temperature = judge_errors(data, probabilities, val_probabilities,
+                                        data["y_train"][val_idx], cfg["neighbours"])
+    result = round_floats(scoring.headline(y, probabilities) | verdicts.counts(records)
+                          | {"temperature": temperature})
 
     if cfg["list_errors"]:
         print(listing(rows, x, names))
     print(f"test loss {result['loss']:.4f}, test accuracy {result['accuracy']:.4f}")
     print(f"{len(y)} samples, {result['errors']} wrong")
+    print(f"verdicts: {result['label_errors']} label errors, {result['ambiguous']} ambiguous, "
+          f"{result['model_errors']} model errors (calibration temperature "
+          f"{temperature:.3f})")
 
     save_npz(args.predictions, probabilities=probabilities)
     write_csv(args.confusion, ["actual", "predicted"],
@@ -75,8 +117,8 @@ def main(argv=None) -> None:
               scoring.class_rows(scoring.class_table(y, y_pred, names)))
     write_csv(args.pairs, scoring.PAIR_HEADER,
               scoring.pair_rows(scoring.confusion_pairs(y, y_pred, names)))
-    write_csv(args.misclassified, ["index", "true", "predicted", "confidence"],
-              ((i, names[t], names[p], conf) for i, t, p, conf in rows))
+    write_csv(args.misclassified, verdicts.MISCLASSIFIED_HEADER,
+              verdicts.misclassified_rows(rows, records, names))
     write_json(args.metrics, result)
 
 

@@ -13,8 +13,9 @@ Then the error analysis, which explains the mistakes rather than only counting t
                          the predicted class (stages/analysis/neighbours.py);
   confident_errors.csv   the `render.top_confident` surest mistakes;
   error_neighbours.csv   every error with its neighbours and distances;
-  errors.html            one self-contained page with all of the above, and evaluate's
-                         per-class table and confusion pairs.
+  errors.html            one self-contained page with all of the above, every error's
+                         verdict (label-error, ambiguous, model-error) and its evidence in
+                         words, and evaluate's per-class table and confusion pairs.
 Everything is derived from the raw images, the predictions and evaluate's tables, so
 changing a render param reruns this stage only, never evaluate or train.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.analysis import scoring, tables
+from stages.analysis import scoring, tables, verdicts
 from stages.data.mnist import IMAGE_SIDE, check_finite, load_mnist
 from stages.data.npz import load_npz
 from stages.runtime import params
@@ -99,11 +100,28 @@ def read_table(path, parse, header: list[str]) -> list[dict]:
         raise DataError(f"{path}: unreadable table ({err})") from None
 
 
+def attach_verdicts(records: list[dict], judged: dict[int, dict], names: list[str],
+                    source) -> None:
+    """Each error's verdict and its evidence in words, from evaluate's misclassified.csv,
+    which must list exactly these errors with the same labels."""
+    if sorted(judged) != sorted(r["index"] for r in records):
+        raise DataError(f"{source}: lists other images than the predictions' errors "
+                        "(rerun evaluate)")
+    for r in records:
+        mine = judged[r["index"]]
+        if (mine["true"], mine["predicted"]) != (r["true"], r["predicted"]):
+            raise DataError(f"{source}: image {r['index']} has other labels than in the "
+                            "predictions (rerun evaluate)")
+        r["verdict"], r["evidence"] = mine["verdict"], verdicts.evidence(mine, names)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, what in (("raw", "verified MNIST (.npz)"), ("predictions", "probabilities"),
                        ("classes", "evaluate's per-class table"),
-                       ("pairs", "evaluate's confusion pairs"), ("mosaics", "BMP folder"),
+                       ("pairs", "evaluate's confusion pairs"),
+                       ("misclassified", "evaluate's errors with their verdicts"),
+                       ("mosaics", "BMP folder"),
                        ("error-plots", "PNG folder"), ("confident", "CSV"),
                        ("neighbours", "CSV"), ("page", "HTML")):
         parser.add_argument(f"--{name}", required=True, type=Path, help=what)
@@ -125,6 +143,9 @@ def main(argv=None) -> None:
     y_true, y_pred = data["y_test"], probabilities.argmax(axis=1)
     images = mosaics(data, y_pred, cfg, len(names))
     records = analyse(data, probabilities, k)
+    judged = read_table(args.misclassified, lambda rows: verdicts.read_misclassified(rows, names),
+                        verdicts.MISCLASSIFIED_HEADER)
+    attach_verdicts(records, judged, names, args.misclassified)
 
     from stages.analysis.page import render
     from stages.analysis.sheets import error_sheets

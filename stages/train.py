@@ -23,20 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from stages import frameworks
-from stages.data.mnist import load_processed
+from stages.data.mnist import load_processed, validation_split
 from stages.runtime import params
 from stages.runtime.failures import DataError, deferred_interrupts, run, stop_if_interrupted
 from stages.runtime.outputs import atomic_dir
 from stages.training.distributed import world
-
-
-def split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, label-blind split of the training set; both parts keep dataset order."""
-    n_val = int(round(n * val_fraction))
-    if val_fraction > 0 and not 0 < n_val < n:
-        raise DataError(f"val_fraction {val_fraction} leaves no usable split of {n} images")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def cpu_model() -> str:
@@ -89,7 +80,8 @@ def train_and_save(args, argv: list[str]) -> None:
     # The machine's threads shared between its workers (at least one each).
     cfg["intra_op_threads"] = max(1, cfg["intra_op_threads"] // local)
     data = load_processed(args.data, only=("x_train", "y_train"))
-    train_idx, val_idx = split(len(data["y_train"]), cfg["val_fraction"], cfg["seed"])
+    train_idx, val_idx = validation_split(len(data["y_train"]), cfg["val_fraction"],
+                                          cfg["seed"])
     x, y = data.pop("x_train"), data.pop("y_train")
     data = {"x_train": x[train_idx], "y_train": y[train_idx],
             "x_val": x[val_idx], "y_val": y[val_idx]}

@@ -63,20 +63,8 @@ def nearest_by_class(
     m, slots = classes.shape
     if len(q_flat) != m:
         raise ValueError(f"{len(q_flat)} queries but {m} rows of classes")
-    if q_flat.shape[1] != t_flat.shape[1] or len(t_flat) != len(train_y):
-        raise ValueError("queries and training images differ in size, or labels in count")
-    if not (np.issubdtype(q_flat.dtype, np.integer) and np.issubdtype(t_flat.dtype, np.integer)):
-        raise ValueError("pixels must be integers in 0..255 (raw images, not normalized)")
-    if max(int(q_flat.max(initial=0)), int(t_flat.max(initial=0))) > 255 or min(
-        int(q_flat.min(initial=0)), int(t_flat.min(initial=0))
-    ) < 0:
-        raise ValueError("pixels must be integers in 0..255")
+    _check(q_flat, t_flat, train_y)
     n = len(t_flat)
-    # key = distance * n + index: unique per training image, so ordering by key is ordering
-    # by (distance, index). Exact in float64 while it stays below 2**53.
-    if (q_flat.shape[1] * MAX_PIXEL_DISTANCE + 1) * max(n, 1) >= 2**53:
-        raise ValueError("too many or too large images for exact float64 distances")
-
     indices = np.full((m, slots, k), -1, dtype=np.int64)
     distances = np.full((m, slots, k), -1, dtype=np.int64)
     for c in np.unique(classes):
@@ -92,6 +80,55 @@ def nearest_by_class(
         picked = keys[where].astype(np.int64)
         indices[rows, cols, :found] = picked % n
         distances[rows, cols, :found] = picked // n
+    return indices, distances
+
+
+def _check(q_flat: np.ndarray, t_flat: np.ndarray, train_y: np.ndarray) -> None:
+    if q_flat.shape[1] != t_flat.shape[1] or len(t_flat) != len(train_y):
+        raise ValueError("queries and training images differ in size, or labels in count")
+    if not (np.issubdtype(q_flat.dtype, np.integer) and np.issubdtype(t_flat.dtype, np.integer)):
+        raise ValueError("pixels must be integers in 0..255 (raw images, not normalized)")
+    if max(int(q_flat.max(initial=0)), int(t_flat.max(initial=0))) > 255 or min(
+        int(q_flat.min(initial=0)), int(t_flat.min(initial=0))
+    ) < 0:
+        raise ValueError("pixels must be integers in 0..255")
+    n = len(t_flat)
+    # key = distance * n + index: unique per training image, so ordering by key is ordering
+    # by (distance, index). Exact in float64 while it stays below 2**53.
+    if (q_flat.shape[1] * MAX_PIXEL_DISTANCE + 1) * max(n, 1) >= 2**53:
+        raise ValueError("too many or too large images for exact float64 distances")
+
+
+def nearest(queries: np.ndarray, train_x: np.ndarray, k: int, exclude=None,
+            query_chunk: int = QUERY_CHUNK, train_chunk: int = TRAIN_CHUNK,
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """For query i, its k nearest training images of any class: (indices, distances), both
+    (m, k) int64, nearest first, ties by the lower index, exact as nearest_by_class.
+
+    exclude: per query, one training index never to return (-1: none), e.g. the query
+    itself when the queries are training images."""
+    if k < 1 or query_chunk < 1 or train_chunk < 1:
+        raise ValueError("k, query_chunk and train_chunk must be >= 1")
+    q_flat, t_flat = _flat(queries), _flat(train_x)
+    _check(q_flat, t_flat, np.zeros(len(t_flat)))
+    n, m = len(t_flat), len(q_flat)
+    skip = np.full(m, -1, dtype=np.int64) if exclude is None else np.asarray(exclude, np.int64)
+    if skip.shape != (m,):
+        raise ValueError(f"exclude: one index per query expected, got shape {skip.shape}")
+    wanted = min(k + 1, n)
+    keys = _search(q_flat, t_flat, np.arange(n), n, wanted, query_chunk, train_chunk)
+    real = np.isfinite(keys)
+    found = np.where(real, keys, 0).astype(np.int64)
+    indices = np.where(real, found % n, -1)
+    distances = np.where(real, found // n, -1)
+    keep = real & (indices != skip[:, None])
+    # The first k kept places of each row (the excluded one, if found, drops out).
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    indices = np.take_along_axis(np.where(keep, indices, -1), order, axis=1)
+    distances = np.take_along_axis(np.where(keep, distances, -1), order, axis=1)
+    if indices.shape[1] < k:  # fewer than k training images in all
+        pad = np.full((m, k - indices.shape[1]), -1, dtype=np.int64)
+        indices, distances = np.hstack([indices, pad]), np.hstack([distances, pad])
     return indices, distances
 
 

@@ -6,9 +6,10 @@ so the page opens from a file, an artifact store or an e-mail with no network. I
 depend only on the data, predictions and params (no timestamps, no absolute paths).
 
 Sections: summary and per-class error rates, the confusion matrix, the most frequent
-confusion pairs, the most confident errors, then one section per true class listing every
-error (most confident first) with its k nearest training images of the true and of the
-predicted class, captions as HTML text.
+confusion pairs, the most confident errors, whose mistake each error is (grouped by
+verdict, each with its evidence in words), then one section per true class listing every
+error (most confident first) with its verdict and its k nearest training images of the
+true and of the predicted class, captions as HTML text.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from stages.analysis.sheets import strip
 from stages.analysis.tables import most_confident
+from stages.analysis.verdicts import AMBIGUOUS, LABEL_ERROR, MODEL_ERROR, VERDICTS
 
 # No default sources at all; images only from data: URIs; the inline <style> only.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -40,7 +42,30 @@ img { image-rendering: pixelated; vertical-align: middle; }
 .small { font-size: 12px; color: #555; }
 nav a { margin-right: .8em; }
 .nearer-predicted { color: #c0392b; font-weight: 600; }
+.verdict { display: inline-block; padding: 0 .4em; border-radius: .3em; font-size: 12px; }
+.label-error { background: #fde8a8; } .ambiguous { background: #e4e4e4; }
+.model-error { background: #f5c6c0; }
 """
+
+# What each verdict means, in the page's words (stages/analysis/verdicts.py has the rule).
+MEANING = {
+    LABEL_ERROR: "the image shows the predicted class: the model and the image's nearest "
+                 "training images agree on it, so the given label is probably wrong and "
+                 "the model is not to blame",
+    AMBIGUOUS: "the evidence is split: a careful person could read it either way, or as "
+               "neither",
+    MODEL_ERROR: "most of its nearest training images carry the given label: the label is "
+                 "clear, and the model failed",
+}
+TITLE = {LABEL_ERROR: "Label errors", AMBIGUOUS: "Ambiguous", MODEL_ERROR: "Model errors"}
+
+
+def badge(verdict: str) -> str:
+    """The verdict as a coloured tag (blank for a record without one)."""
+    if verdict not in VERDICTS:
+        return ""
+    return f'<span class="verdict {verdict}">{verdict}</span>'
+
 
 
 def png_data_uri(pixels: np.ndarray) -> str:
@@ -111,11 +136,14 @@ def render(records: list[dict], rates: list[dict], pairs: list[dict], matrix: np
         f"({pct(errors / samples if samples else 0.0)} error, "
         f"{pct(1 - errors / samples if samples else 0.0)} accuracy). "
         "Confidence is the model's probability for the class it predicted.</p>\n",
+        "<p>Whose mistake: " + ", ".join(
+            f'<a href="#{v}">{sum(r.get("verdict") == v for r in records)} '
+            f"{TITLE[v].lower()}</a>" for v in VERDICTS) + ".</p>\n",
         "<nav>" + " ".join(
             [f'<a href="#{a}">{t}</a>' for a, t in (
                 ("rates", "error rates"), ("confusion", "confusion matrix"),
                 ("pairs", "confusion pairs"), ("confident", "most confident"),
-                ("reading", "how to read"))]
+                ("verdicts", "whose mistake"), ("reading", "how to read"))]
             + [f'<a href="#class-{c}">{esc[c]}</a>' for c in classes]) + "</nav>\n",
     ]
 
@@ -165,26 +193,44 @@ def render(records: list[dict], rates: list[dict], pairs: list[dict], matrix: np
     out.append(f'<h2 id="confident">Most confident errors (top {top_confident})</h2>\n')
     if confident:
         out.append(table(
-            ["rank", "image", "test index", "true", "predicted", "confidence", "p(true)"],
+            ["rank", "image", "test index", "true", "predicted", "confidence", "p(true)",
+             "verdict"],
             [[td(r["rank"]), td(query(r["index"])),
               td(f'<a href="#e{r["index"]}">{r["index"]}</a>'), td(esc[r["true"]]),
-              td(esc[r["predicted"]]), td(f"{r['confidence']:.3f}"), td(f"{r['p_true']:.3f}")]
+              td(esc[r["predicted"]]), td(f"{r['confidence']:.3f}"), td(f"{r['p_true']:.3f}"),
+              td(badge(r.get("verdict", "")), "l")]
              for r in confident]))
     else:
         out.append("<p>No errors.</p>\n")
+
+    out.append('<h2 id="verdicts">Whose mistake is it?</h2>\n<p>Each error gets a verdict '
+               "from two readers that share nothing but the training labels: the model, "
+               "calibrated on the validation split and checked by confident learning, and "
+               "the image's nearest training images, each voting with its label. "
+               "A verdict is evidence, not proof: look at the image.</p>\n<ul>\n"
+               + "".join(f"<li>{badge(v)} {MEANING[v]}.</li>\n" for v in VERDICTS)
+               + "</ul>\n")
+    for v in VERDICTS:
+        mine = sorted((r for r in records if r.get("verdict") == v),
+                      key=lambda r: (-r["confidence"], r["index"]))
+        out.append(f'<h3 id="{v}">{TITLE[v]}: {len(mine)}</h3>\n')
+        if not mine:
+            out.append("<p>None.</p>\n")
+            continue
+        out.append(table(
+            ["image", "test index", "true", "predicted", "evidence"],
+            [[td(query(r["index"])), td(f'<a href="#e{r["index"]}">{r["index"]}</a>'),
+              td(esc[r["true"]]), td(esc[r["predicted"]]),
+              td(html.escape(r.get("evidence", "")), "l small")] for r in mine]))
 
     out.append(
         '<h2 id="reading">How to read the neighbours</h2>\n'
         f"<p>Beside each error are its {k} nearest training images of the true class and "
         f"{k} of the predicted class, nearest first. Distance: Euclidean (L2) distance "
         "between the 784 pixel values scaled to 0..1 (shown in brackets with the training "
-        "index), computed exactly in pixel space.</p>\n<ul>\n"
-        "<li><b>Look-alike</b>: the predicted class's neighbours are nearer and look like "
-        "the image; it is ambiguous even to a person.</li>\n"
-        "<li><b>Mislabel</b>: the image plainly shows the predicted class and sits among "
-        "its neighbours; the test label is likely wrong.</li>\n"
-        "<li><b>Model failure</b>: the true class's neighbours are as near or nearer and "
-        "look alike; the model should have got it right.</li>\n</ul>\n"
+        "index), computed exactly in pixel space. The verdicts read them so: the "
+        "predicted class's neighbours near and alike, with a confident model, point to the "
+        "label; the true class's neighbours near and alike point to the model.</p>\n"
         '<p class="small">"nearer" names the class holding the single nearest training '
         "image (marked red when it is the predicted one).</p>\n")
 
@@ -204,7 +250,7 @@ def render(records: list[dict], rates: list[dict], pairs: list[dict], matrix: np
             rows.append([
                 f'<td id="e{r["index"]}">{query(r["index"])}</td>',
                 td(f'#{r["index"]}<br>{esc[r["true"]]} &rarr; {esc[r["predicted"]]}<br>'
-                    f'conf {r["confidence"]:.3f}', "l"),
+                    f'conf {r["confidence"]:.3f}<br>{badge(r.get("verdict", ""))}', "l"),
                 _neighbour_cell(x_train, r["true_neighbours"], r["true_l2"], names[r["true"]]),
                 _neighbour_cell(x_train, r["pred_neighbours"], r["pred_l2"],
                                 names[r["predicted"]]),

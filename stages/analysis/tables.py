@@ -80,10 +80,11 @@ def neighbour_rows(records: list[dict], names: list[str]) -> list[list]:
              " ".join(f"{d:.4f}" for d in r["pred_l2"] if d >= 0)] for r in records]
 
 
-CONFIDENT_HEADER = ["rank", "index", "true", "predicted", "confidence", "p_true"]
+CONFIDENT_HEADER = ["rank", "index", "true", "predicted", "confidence", "p_true", "verdict"]
 
 
 def confident_rows(records: list[dict], top: int, names: list[str]) -> list[list]:
     """Rows of reports/confident_errors.csv."""
     return [[r["rank"], r["index"], names[r["true"]], names[r["predicted"]],
-             f"{r['confidence']:.6f}", f"{r['p_true']:.6f}"] for r in most_confident(records, top)]
+             f"{r['confidence']:.6f}", f"{r['p_true']:.6f}", r.get("verdict", "")]
+            for r in most_confident(records, top)]

@@ -77,3 +77,13 @@ def load_processed(path, only=MNIST_KEYS) -> dict[str, np.ndarray]:
 def check_finite(array: np.ndarray, name: str) -> None:
     if not np.isfinite(array).all():
         raise DataError(f"{name}: holds NaN or infinite values")
+
+
+def validation_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices): the seeded, label-blind split of the training
+    set that train holds out and evaluate calibrates on; both parts keep dataset order."""
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and not 0 < n_val < n:
+        raise DataError(f"val_fraction {val_fraction} leaves no usable split of {n} images")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])

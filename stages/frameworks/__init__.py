@@ -52,10 +52,17 @@ def framework_of(model_dir: Path) -> str:
     return framework
 
 
-def predict(model_dir: Path, x: np.ndarray, batch_size: int, intra_op_threads: int,
-            inter_op_threads: int) -> np.ndarray:
-    """The class probabilities of the model in model_dir for every image: N×10 float32."""
+def predictor(model_dir: Path, intra_op_threads: int, inter_op_threads: int):
+    """The model in model_dir, loaded once: a function (images, batch_size) -> N×10 float32
+    class probabilities."""
     framework = framework_of(model_dir)
     module(framework, "env").configure(0, intra_op_threads, inter_op_threads)
     network = module(framework, "model")
-    return network.predict(network.load(model_dir), x, batch_size)
+    model = network.load(model_dir)
+    return lambda x, batch_size: network.predict(model, x, batch_size)
+
+
+def predict(model_dir: Path, x: np.ndarray, batch_size: int, intra_op_threads: int,
+            inter_op_threads: int) -> np.ndarray:
+    """The class probabilities of the model in model_dir for every image: N×10 float32."""
+    return predictor(model_dir, intra_op_threads, inter_op_threads)(x, batch_size)

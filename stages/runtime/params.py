@@ -276,10 +276,11 @@ def train(p: dict, fast: dict) -> dict:
 
 
 def evaluate(p: dict) -> dict:
-    check_keys(p, "evaluate", {"list_errors", "batch_size"})
+    check_keys(p, "evaluate", {"list_errors", "batch_size", "neighbours"})
     return {
         "list_errors": boolean(p, "evaluate", "list_errors"),
         "batch_size": integer(p, "evaluate", "batch_size", 1, MAX_BATCH),
+        "neighbours": integer(p, "evaluate", "neighbours", 1, 100),
     }
 
 

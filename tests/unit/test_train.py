@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stages import train
+from stages.data.mnist import validation_split
 from stages.normalize import normalize
 from stages.runtime import params
 from stages.runtime.failures import DataError
@@ -34,21 +35,21 @@ PATHS = dvc_vars()
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5])
 def test_split_is_a_seeded_partition_in_dataset_order(fraction):
-    train_idx, val_idx = train.split(1000, fraction, seed=7)
+    train_idx, val_idx = validation_split(1000, fraction, seed=7)
     assert len(val_idx) == round(1000 * fraction)
     assert np.array_equal(np.sort(np.concatenate([train_idx, val_idx])), np.arange(1000))
     assert np.all(np.diff(train_idx) > 0) and np.all(np.diff(val_idx) > 0)
-    again = train.split(1000, fraction, seed=7)
+    again = validation_split(1000, fraction, seed=7)
     assert np.array_equal(again[0], train_idx) and np.array_equal(again[1], val_idx)
     if fraction:
-        assert not np.array_equal(train.split(1000, fraction, seed=8)[1], val_idx)
+        assert not np.array_equal(validation_split(1000, fraction, seed=8)[1], val_idx)
 
 
 @pytest.mark.parametrize("n, fraction", [(3, 0.01), (1, 0.5)])
 def test_split_refuses_a_fraction_that_leaves_no_usable_split(n, fraction):
     with pytest.raises(DataError, match=f"val_fraction {fraction} leaves no usable split of "
                                         f"{n} images"):
-        train.split(n, fraction, seed=0)
+        validation_split(n, fraction, seed=0)
 
 
 # --- what the model's bits depend on ----------------------------------------------------
