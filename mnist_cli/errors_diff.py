@@ -3,9 +3,12 @@
     mnist-errors-diff                 # HEAD against the workspace
     mnist-errors-diff main exp-1a2b3  # any two commits, tags, branches or experiments
 
-`dvc metrics diff` says 34 -> 31 errors; this names them. Each side's predictions
-(data/predictions.npz) are read through DVC from the cache or the remote, never retrained;
-the test images from the newer side's raw data. Both sides must have evaluated the same test
+`dvc metrics diff` says 34 -> 31 errors; this names them, each with the verdict of the side
+that got it wrong (label-error, ambiguous, model-error: stages/analysis/verdicts.py), so a
+"fixed" image on which the new model only agrees with a suspected wrong label shows as such.
+Each side's predictions (data/predictions.npz) and verdicts (reports/misclassified.csv) are
+read through DVC from the cache or the remote, never retrained; the test images from the
+newer side's raw data. Both sides must have evaluated the same test
 set (their dvc.lock files say so). Prints a table; writes a self-contained page in the style of
 reports/errors.html (--page, default reports/errors_diff.html); --json for scripts.
 """
@@ -13,7 +16,9 @@ reports/errors.html (--page, default reports/errors_diff.html); --json for scrip
 from __future__ import annotations
 
 import argparse
+import csv
 import html
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -22,7 +27,8 @@ import numpy as np
 
 from mnist_cli import revisions
 from mnist_cli.command import command
-from stages.analysis.page import CSP, STYLE, img, table, td
+from stages.analysis import verdicts
+from stages.analysis.page import CSP, STYLE, badge, img, table, td
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import write_text
 
@@ -57,28 +63,48 @@ def compare(y: np.ndarray, old: np.ndarray, new: np.ndarray) -> dict[str, list[d
             "still_wrong": records(old_wrong & new_wrong, new_conf)}
 
 
+def attach_verdicts(groups: dict, old: dict[int, str], new: dict[int, str]) -> None:
+    """Each record's old_verdict and new_verdict (None where that side got the image right,
+    or has no verdicts), and its verdict: that of the side that got it wrong (the new side
+    when both did)."""
+    for key, records in groups.items():
+        for r in records:
+            r["old_verdict"] = old.get(r["index"]) if key != "newly_wrong" else None
+            r["new_verdict"] = new.get(r["index"]) if key != "fixed" else None
+            r["verdict"] = r["old_verdict"] if key == "fixed" else r["new_verdict"]
+
+
+def agrees_with_suspect_label(groups: dict) -> list[dict]:
+    """The fixed images the old side's verdict called label errors: the new model now
+    agrees with a label the evidence says is probably wrong."""
+    return [r for r in groups["fixed"] if r.get("verdict") == verdicts.LABEL_ERROR]
+
+
 def summary(groups: dict, old_label: str, new_label: str, samples: int) -> str:
     old_errors = len(groups["fixed"]) + len(groups["still_wrong"])
     new_errors = len(groups["newly_wrong"]) + len(groups["still_wrong"])
     moved = sum(r["old"] != r["new"] for r in groups["still_wrong"])
+    suspect = len(agrees_with_suspect_label(groups))
     return (f"{old_label}: {old_errors} errors, {new_label}: {new_errors} errors "
             f"(of {samples} test images)\n"
-            f"fixed {len(groups['fixed'])}, newly wrong {len(groups['newly_wrong'])}, "
+            f"fixed {len(groups['fixed'])} ({suspect} of them only agree with a suspected wrong "
+            "label), "
+            f"newly wrong {len(groups['newly_wrong'])}, "
             f"still wrong {len(groups['still_wrong'])} ({moved} of them now predicted as another "
             "wrong class)")
 
 
 def text_table(groups: dict, names: list[str], old_label: str, new_label: str) -> str:
     """One row per image, grouped: index, true class, each side's prediction (probability)."""
-    header = ["", "index", "true", old_label, new_label]
+    header = ["", "index", "true", old_label, new_label, "verdict"]
     rows = [[title.lower(), str(r["index"]), names[r["true"]],
              f"{names[r['old']]} ({r['old_confidence']:.3f})",
-             f"{names[r['new']]} ({r['new_confidence']:.3f})"]
+             f"{names[r['new']]} ({r['new_confidence']:.3f})", r.get("verdict") or "-"]
             for key, title, _ in GROUPS for r in groups[key]]
     if not rows:
         return "no test image is misclassified on either side"
     widths = [max(len(row[c]) for row in [header] + rows) for c in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) if c in (0, 2) else cell.rjust(w)
+    return "\n".join("  ".join(cell.ljust(w) if c in (0, 2, 5) else cell.rjust(w)
                                for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
                      for row in [header] + rows)
 
@@ -107,15 +133,20 @@ def page(groups: dict, x_test: np.ndarray, names: list[str], old_label: str,
         if not groups[key]:
             out.append("<p>None.</p>\n</section>\n")
             continue
+        if key == "fixed" and agrees_with_suspect_label(groups):
+            out.append(f"<p>{len(agrees_with_suspect_label(groups))} of these {old_h} called "
+                       f"{badge(verdicts.LABEL_ERROR)}: {new_h} now agrees with a label the "
+                       "evidence says is probably wrong, which is no progress.</p>\n")
         rows = [[td(img(x_test[r["index"]], f"test image {r['index']}")),
                  td(r["index"]), td(esc[r["true"]]),
                  td(f"{esc[r['old']]} ({r['old_confidence']:.3f})"),
                  td(f"{r['old_p_true']:.3f}"),
                  td(f"{esc[r['new']]} ({r['new_confidence']:.3f})"),
-                 td(f"{r['new_p_true']:.3f}")] for r in groups[key]]
+                 td(f"{r['new_p_true']:.3f}"), td(badge(r.get("verdict") or ""), "l")]
+                for r in groups[key]]
         out.append(table(["image", "test index", "true", f"{old_h}: predicted (confidence)",
                           f"{old_h}: p(true)", f"{new_h}: predicted (confidence)",
-                          f"{new_h}: p(true)"], rows))
+                          f"{new_h}: p(true)", "verdict"], rows))
         out.append("</section>\n")
     out.append("</body>\n</html>\n")
     return "".join(out)
@@ -148,6 +179,23 @@ def predictions(paths: dict, rev: str | None, scratch: Path, samples: int) -> np
     return p
 
 
+def judged(paths: dict, rev: str | None, names: list[str]) -> dict[int, str]:
+    """test index -> verdict, from the revision's reports/misclassified.csv; empty for a
+    revision from before the verdicts (its table has no verdict column)."""
+    where = f"{paths.get('misclassified')} at {revisions.label(rev)}"
+    if not paths.get("misclassified"):
+        return {}
+    try:
+        reader = csv.DictReader(io.StringIO(
+            revisions.read_bytes(paths["misclassified"], rev).decode("utf-8")))
+        if "verdict" not in (reader.fieldnames or []):
+            return {}
+        records = verdicts.read_misclassified(list(reader), names)
+    except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{where}: unreadable table ({err})") from None
+    return {i: r["verdict"] for i, r in records.items()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="mnist-errors-diff",
                                      description=__doc__.splitlines()[0])
@@ -173,6 +221,8 @@ def main(argv=None) -> None:
         new = predictions(new_paths, args.new, Path(scratch), len(y))
     names = revisions.classes(args.new)
     groups = compare(y, old, new)
+    attach_verdicts(groups, judged(old_paths, args.old, revisions.classes(args.old)),
+                    judged(new_paths, args.new, names))
 
     write_text(args.page, page(groups, raw["x_test"], names, old_label, new_label))
     if args.json:

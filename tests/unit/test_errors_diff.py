@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mnist_cli.errors_diff import compare, page, summary, text_table
+from mnist_cli.errors_diff import attach_verdicts, compare, page, summary, text_table
 from tests.helpers import NAMED_CLASSES, probabilities_for
 
 DIGITS = [str(d) for d in range(10)]
@@ -47,13 +47,38 @@ def test_summary_and_table_count_what_the_groups_hold():
     groups = compare(*sides())
     assert summary(groups, "HEAD", "workspace", 6).splitlines() == [
         "HEAD: 4 errors, workspace: 3 errors (of 6 test images)",
-        ("fixed 2, newly wrong 1, still wrong 2 (1 of them now predicted as another wrong "
-        "class)")]
+        ("fixed 2 (0 of them only agree with a suspected wrong label), newly wrong 1, "
+         "still wrong 2 (1 of them now predicted as another wrong class)")]
     lines = text_table(groups, DIGITS, "HEAD", "workspace").splitlines()
-    assert lines[0].split() == ["index", "true", "HEAD", "workspace"]
+    assert lines[0].split() == ["index", "true", "HEAD", "workspace", "verdict"]
     assert [line.split()[0] for line in lines[1:]] == ["fixed", "fixed", "newly", "still",
                                                        "still"]
-    assert lines[1].split() == ["fixed", "0", "1", "7", "(0.900)", "1", "(0.700)"]
+    assert lines[1].split() == ["fixed", "0", "1", "7", "(0.900)", "1", "(0.700)", "-"]
+
+
+def test_each_image_gets_the_verdict_of_the_side_that_got_it_wrong():
+    groups = compare(*sides())
+    # Each side's misclassified.csv judges only its own errors.
+    old = {0: "label-error", 2: "ambiguous", 4: "model-error", 5: "ambiguous"}
+    new = {1: "model-error", 2: "label-error", 5: "model-error"}
+    attach_verdicts(groups, old, new)
+    got = {r["index"]: (r["old_verdict"], r["new_verdict"], r["verdict"])
+           for records in groups.values() for r in records}
+    assert got == {0: ("label-error", None, "label-error"),  # fixed: the old side's
+                   4: ("model-error", None, "model-error"),
+                   1: (None, "model-error", "model-error"),  # newly wrong: the new side's
+                   2: ("ambiguous", "label-error", "label-error"),  # still wrong: the new's
+                   5: ("ambiguous", "model-error", "model-error")}
+    assert "fixed 2 (1 of them only agree with a suspected wrong label)" in summary(
+        groups, "a", "b", 6)
+    lines = text_table(groups, DIGITS, "a", "b").splitlines()
+    assert lines[1].split()[-1] == "label-error" and lines[2].split()[-1] == "model-error"
+    text = page(groups, np.zeros((6, 28, 28), np.uint8), DIGITS, "a", "b")
+    assert "1 of these a called" in text and "b now agrees with a label" in text
+    assert text.count('<span class="verdict label-error">') == 3  # two rows and the note
+    # A side from before the verdicts has none: nothing is claimed.
+    attach_verdicts(groups, {}, {})
+    assert {r["verdict"] for records in groups.values() for r in records} == {None}
 
 
 def test_the_page_shows_every_image_and_escapes_names_and_revisions():

@@ -21,6 +21,7 @@ from tests.helpers import (
     fixture_data,
     set_params,
     sh,
+    shipped_params,
     stage_command,
 )
 
@@ -89,7 +90,20 @@ def test_cli_scores_the_model_and_writes_every_table_with_class_names(tmp_path, 
     y_pred = probs.argmax(1)
     assert probs.shape == (500, 10) and probs.dtype == np.float32
     metrics = json.loads((repo / PATHS["metrics"]).read_text())
-    assert metrics == round_floats(scoring.headline(y, probs))
+    headline = round_floats(scoring.headline(y, probs))
+    assert {k: metrics[k] for k in headline} == headline
+    assert metrics["label_errors"] + metrics["ambiguous"] + metrics["model_errors"] == (
+        metrics["errors"])
+    # Calibrated on the validation split train held out (the shipped cnn's recipe's).
+    from stages.analysis import verdicts
+    from stages.data.mnist import validation_split
+    from stages.frameworks.keras import model as keras_model
+
+    _, val = validation_split(1500, shipped_params()["train"]["cnn"]["val_fraction"], 42)
+    val_probs = keras_model.predict(keras_model.load(model_dir),
+                                    normalize(data)[0]["x_train"][val], 1000)
+    assert metrics["temperature"] == round(
+        verdicts.fit_temperature(val_probs, data["y_train"][val].astype(np.int64)), 6)
     assert f"500 samples, {metrics['errors']} wrong" in proc.stdout
 
     classes = read_csv(repo / PATHS["classes"])

@@ -20,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from stages import render_errors
-from stages.analysis import scoring
+from stages.analysis import scoring, verdicts
 from stages.analysis import sheets as error_sheets
 from stages.render_errors import analyse, mosaics, read_table, tile
 from stages.runtime.failures import DataError
@@ -192,12 +192,21 @@ def test_analyse_without_errors_is_empty():
 
 
 def evaluate_tables(folder: Path, data: dict, probabilities: np.ndarray, names) -> None:
-    """classes.csv and confusion_pairs.csv as evaluate writes them."""
+    """classes.csv, confusion_pairs.csv and misclassified.csv as evaluate writes them
+    (its own functions; the verdicts without a validation split)."""
+    from stages import evaluate
+    from stages.normalize import normalize
+
     y, y_pred = data["y_test"], probabilities.argmax(1)
     write_csv(folder / PATHS["classes"], scoring.CLASS_HEADER,
               scoring.class_rows(scoring.class_table(y, y_pred, names)))
     write_csv(folder / PATHS["pairs"], scoring.PAIR_HEADER,
               scoring.pair_rows(scoring.confusion_pairs(y, y_pred, names)))
+    records, _ = evaluate.judge_errors(normalize(data)[0], probabilities, None, None, 9)
+    write_csv(folder / PATHS["misclassified"], verdicts.MISCLASSIFIED_HEADER,
+              verdicts.misclassified_rows(evaluate.misclassified(y.astype(np.int64),
+                                                                 probabilities),
+                                          records, names))
 
 
 def test_read_table_reads_evaluates_tables_back(tmp_path):
@@ -320,6 +329,19 @@ def test_stage_tables_agree_with_each_other_and_name_the_classes(stage_run):
     page = (repo / PATHS["page"]).read_text()
     assert f"<b>{wrong}</b> of 500 test images are misclassified" in page
     assert html.escape(NAMED_CLASSES[6]) in page and NAMED_CLASSES[6] not in page
+    # Every error's verdict, as evaluate gave it, in the confident table and on the page,
+    # each with its evidence in words.
+    judged = {int(r["index"]): r for r in read_csv(repo / PATHS["misclassified"])}
+    for row in confident:
+        assert row["verdict"] == judged[int(row["index"])]["verdict"]
+    for verdict in verdicts.VERDICTS:
+        n = sum(r["verdict"] == verdict for r in judged.values())
+        assert f'<h3 id="{verdict}">' in page and f": {n}</h3>" in page
+    names = {name: c for c, name in enumerate(NAMED_CLASSES)}
+    for r in judged.values():
+        record = verdicts.read_misclassified([r], NAMED_CLASSES)[int(r["index"])]
+        assert html.escape(verdicts.evidence(record, NAMED_CLASSES)) in page
+        assert names[r["predicted"]] != names[r["true"]]
 
 
 @pytest.mark.slow
@@ -347,7 +369,13 @@ def test_stage_sheet_and_mosaic_heights_match_error_counts(stage_run):
         (repo / PATHS["classes"]).read_text().rsplit("\n", 2)[0] + "\n"),
      r"one row per class label 0\.\.9 expected"),
     (lambda repo: (repo / PATHS["pairs"]).unlink(), "file not found"),
-], ids=["shape", "nan", "missing-class-row", "no-pairs"])
+    (lambda repo: (repo / PATHS["misclassified"]).write_text(
+        (repo / PATHS["misclassified"]).read_text().rsplit("\n", 2)[0] + "\n"),
+     "lists other images than the predictions' errors"),
+    (lambda repo: (repo / PATHS["misclassified"]).write_text(
+        (repo / PATHS["misclassified"]).read_text().replace("ambiguous", "unsure")),
+     "unreadable table"),
+], ids=["shape", "nan", "missing-class-row", "no-pairs", "other-errors", "bad-verdict"])
 def test_stage_refuses_bad_inputs_before_writing_anything(tmp_path, monkeypatch, break_input,
                                                          match):
     repo = project(tmp_path / "p")
