@@ -47,6 +47,8 @@ def _log(probabilities: np.ndarray) -> np.ndarray:
 def calibrate(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     """Softmax(log p / T), row by row, in float64: T < 1 sharpens, T > 1 softens, T = 1 is
     the identity (up to rounding). The argmax of a row never changes."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     z = _log(probabilities) / temperature
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -92,8 +94,6 @@ def confident_learning(labels: np.ndarray, probabilities: np.ndarray) -> np.ndar
     from cleanlab.filter import find_label_issues
 
     labels = np.asarray(labels, dtype=np.int64)
-    # cleanlab refuses a class no label names (a small test set); those classes then have
-    # no threshold, and an image is only ever flagged towards a class with labels.
     return np.asarray(find_label_issues(labels, probabilities, n_jobs=1), dtype=bool)
 
 
@@ -140,7 +140,7 @@ def counts(records: list[dict]) -> dict[str, int]:
 
 
 def evidence(record: dict, names: list[str]) -> str:
-    """The verdict's reasons in words, e.g. "7 of its 9 nearest training images are
+    """The verdict's reasons in words, e.g. "8 of its 9 nearest training images are
     labelled 9, 1 is labelled 8; calibrated p(9) = 0.97, p(8) = 0.01; confident learning
     flags its label"."""
     t, p = names[record["true"]], names[record["predicted"]]
@@ -149,7 +149,7 @@ def evidence(record: dict, names: list[str]) -> str:
     words = (f"{vp} of its {k} nearest training images {'is' if vp == 1 else 'are'} "
              f"labelled {p}, {vt} {'is' if vt == 1 else 'are'} labelled {t}")
     if k - vp - vt:
-        words += f", {k - vp - vt} another class"
+        words += f", {k - vp - vt} {'is' if k - vp - vt == 1 else 'are'} labelled otherwise"
     cl = "flags its label" if record["flagged"] else "does not flag its label"
     return (f"{words}; calibrated p({p}) = {record['p_predicted']:.2f}, "
             f"p({t}) = {record['p_true']:.2f}; confident learning {cl}")
