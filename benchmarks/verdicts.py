@@ -27,7 +27,7 @@ from stages import frameworks
 from stages.analysis import verdicts
 from stages.analysis.neighbours import nearest
 from stages.data.mnist import load_processed, validation_split
-from stages.evaluate import pixels
+from stages.data.mnist import raw_pixels as pixels
 from stages.runtime import params
 
 

@@ -24,7 +24,7 @@ from stages import frameworks
 from stages.analysis import scoring, verdicts
 from stages.analysis.neighbours import nearest
 from stages.data.console import draw
-from stages.data.mnist import load_processed, validation_split
+from stages.data.mnist import load_processed, raw_pixels, validation_split
 from stages.runtime import params
 from stages.runtime.failures import run
 from stages.runtime.outputs import round_floats, save_npz, write_csv, write_json
@@ -36,11 +36,6 @@ def misclassified(y_true: np.ndarray, probabilities: np.ndarray) -> list[tuple]:
     wrong = np.flatnonzero(y_pred != y_true)
     return [(int(i), int(y_true[i]), int(y_pred[i]), f"{probabilities[i, y_pred[i]]:.6f}")
             for i in wrong]
-
-
-def pixels(x: np.ndarray) -> np.ndarray:
-    """normalize's float pixels back to the raw 0..255 integers (x = raw / 255 exactly)."""
-    return np.rint(x * np.float32(255)).astype(np.uint8)
 
 
 def judge_errors(data: dict[str, np.ndarray], probabilities: np.ndarray,
@@ -56,7 +51,7 @@ def judge_errors(data: dict[str, np.ndarray], probabilities: np.ndarray,
     calibrated = verdicts.calibrate(probabilities, temperature)
     flagged = verdicts.confident_learning(y, calibrated)
     wrong = np.flatnonzero(probabilities.argmax(axis=1) != y)
-    found, _ = nearest(pixels(data["x_test"][wrong]), pixels(data["x_train"]), k)
+    found, _ = nearest(raw_pixels(data["x_test"][wrong]), raw_pixels(data["x_train"]), k)
     labels = data["y_train"].astype(np.int64)[found]
     records = verdicts.judge(y, calibrated, flagged, labels, wrong)
     for record, row in zip(records, found.tolist(), strict=True):

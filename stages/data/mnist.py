@@ -62,6 +62,11 @@ def validate_processed(data: dict[str, np.ndarray], source: str) -> None:
             raise DataError(f"{source}: {len(x)} x_{split} images but {len(y)} y_{split} labels")
 
 
+def raw_pixels(x: np.ndarray) -> np.ndarray:
+    """normalize's float pixels back to the raw 0..255 integers (x = raw / 255 exactly)."""
+    return np.rint(x * np.float32(255)).astype(np.uint8)
+
+
 def load_mnist(path) -> dict[str, np.ndarray]:
     data = load_npz(path, MNIST_KEYS)
     validate_mnist(data, str(path))

@@ -17,7 +17,7 @@ import yaml
 from stages.runtime.failures import ParamError
 
 PARAMS_FILE = "params.yaml"
-SECTIONS = ("dataset", "download", "normalize", "train", "evaluate", "render", "speed")
+SECTIONS = ("dataset", "download", "normalize", "train", "evaluate", "render", "audit", "speed")
 CLASSES = 10  # every network ends in 10 softmax outputs
 MODEL_NAMES = ("mlp", "cnn", "cnn_large")  # the networks of stages/frameworks/*/model.py
 FRAMEWORKS = ("keras", "torch", "c")  # each one folder: stages/frameworks/F/
@@ -297,7 +297,15 @@ def render(p: dict) -> dict:
     }
 
 
-CHECKS = {"dataset": dataset, "download": download, "normalize": normalize,
+def audit(p: dict) -> dict:
+    check_keys(p, "audit", {"folds"})
+    folds = integer(p, "audit", "folds", 0, 100)
+    if folds == 1:
+        raise _bad("audit.folds", folds, "0 (off) or 2..100 folds")
+    return {"folds": folds}
+
+
+CHECKS = {"dataset": dataset, "audit": audit, "download": download, "normalize": normalize,
           "evaluate": evaluate, "render": render, "speed": speed}
 
 
