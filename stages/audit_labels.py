@@ -34,6 +34,7 @@ from stages.render_errors import tile
 from stages.runtime import params
 from stages.runtime.failures import DataError, run, stop_if_interrupted
 from stages.runtime.outputs import atomic_dir, round_floats, save_image, write_csv, write_json
+from stages.training.distributed import world
 
 PER_ROW = 10
 
@@ -97,9 +98,9 @@ def main(argv=None) -> None:
     names, n_folds = everything["dataset"]["classes"], everything["audit"]["folds"]
     records, temperature, audited = [], None, 0
     if n_folds:
-        if cfg["workers"] > 1:
+        if cfg["workers"] > 1 or world()[1] > 1:
             raise DataError("audit.folds trains in this one process: set "
-                            "train.torch.workers: 1 for the audit")
+                            "train.torch.workers: 1 for the audit, and run it alone")
         data = load_processed(args.data, only=("x_train", "y_train"))
         x, y = data["x_train"], data["y_train"]
         parts = folds(len(y), n_folds, cfg["seed"])

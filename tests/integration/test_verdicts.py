@@ -108,3 +108,47 @@ def test_flipped_test_labels_are_called_label_errors_on_the_page_and_in_the_metr
     assert result["broken"] == [] and result["problems"] == []
     assert result["images"] == page.count("<img ")
     sh(repo, "git", "status", "--short")  # the copy is a working repository still
+
+
+def test_the_opt_in_training_audit_finds_flipped_training_labels(tmp_path):
+    """audit.folds 3 with the C mlp (seconds a fold): training images whose 9 nearest other
+    training images all share their label (clear ones) get another label; the audit's
+    cross-validated verdicts must call them label errors, in its table, mosaic and metrics."""
+    from PIL import Image
+
+    from stages.analysis.neighbours import nearest
+    from tests.conftest import READER_TRAIN
+    from tests.helpers import make_project
+
+    data = fixture_data()
+    x, y = data["x_train"], data["y_train"]
+    found, _ = nearest(x, x, 9, exclude=np.arange(len(y)))
+    clear = np.flatnonzero((y[found] == y[:, None]).all(axis=1))
+    rng = np.random.default_rng(0)
+    flipped = np.sort(rng.choice(clear, FLIPS, replace=False))
+    noisy = y.copy()
+    noisy[flipped] = (y[flipped] + rng.integers(1, 10, FLIPS)) % 10
+    path = tmp_path / "noisy.npz"
+    np.savez(path, **(data | {"y_train": noisy}))
+    repo = make_project(tmp_path / "project", train=READER_TRAIN, audit={"folds": 3},
+                        download={"url": path.as_uri(),
+                                  "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    proc = dvc(repo, "repro", "audit-labels")
+
+    out = repo / PATHS["label_audit"]
+    rows = read_csv(out / "label_issues.csv")
+    called = [int(r["index"]) for r in rows if r["verdict"] == LABEL_ERROR]
+    recall = len(set(called) & set(flipped.tolist())) / FLIPS
+    print(f"training audit: recall {recall:.2f}, {len(called)} suspects, {len(rows)} "
+          "out-of-fold errors")
+    assert recall >= 0.8
+    for r in rows:  # the given (noisy) label, and never the image itself as a neighbour
+        assert int(r["true"]) == noisy[int(r["index"])]
+        assert int(r["index"]) not in map(int, r["neighbours"].split())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["folds"], metrics["audited"]) == (3, len(y))
+    assert metrics["label_errors"] == len(called) and metrics["errors"] == len(rows)
+    width, height = Image.open(out / "suspects.png").size
+    assert (width, height) == (10 * 28, -(-len(called) // 10) * 28)
+    assert f"{len(called)} suspected label errors" in proc.stdout
+    assert proc.stdout.count("audit: fold ") == 3
