@@ -591,3 +591,19 @@ def test_speed_knobs_reach_train_but_are_no_stage_dependency():
 def test_workers_out_of_range():
     assert rejects("train.torch.workers", 0, r"^train\.torch\.workers: got 0; allowed: an "
                    r"integer from 1")
+
+
+@pytest.mark.parametrize("value, match", [
+    (1, r"^audit\.folds: got 1; allowed: 0 \(off\) or 2\.\.100 folds$"),
+    (101, r"^audit\.folds: got 101"),
+    (-1, r"^audit\.folds: got -1"),
+    (2.5, r"^audit\.folds: got 2\.5"),
+])
+def test_audit_folds_is_off_or_at_least_two(value, match):
+    rejects("audit.folds", value, match)
+    assert params.check(edited("audit.folds", 5))["audit"] == {"folds": 5}
+
+
+@pytest.mark.parametrize("value", [0, 101, "9"])
+def test_evaluate_neighbours_is_a_count(value):
+    rejects("evaluate.neighbours", value, r"^evaluate\.neighbours: got ")
