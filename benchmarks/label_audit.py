@@ -58,6 +58,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3])
     args = parser.parse_args(argv)
     everything = params.load(args.project / "params.yaml")
+    # train's model, trained as the pipeline trains it, with and without the suspects.
     cfg, k = everything["train"], everything["evaluate"]["neighbours"]
     data = load_processed(args.project / "data/processed/mnist.npz")
     drop = suspects(args.project)

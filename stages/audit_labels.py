@@ -1,13 +1,14 @@
 """Opt-in stage: audit the training labels -> suspected label errors, a table and a mosaic.
 
-With `audit.folds` k >= 2 the chosen framework trains `train.model` with its recipe k more
-times, each time on all but one fold of the training set (seeded, label-blind folds), and
-predicts the fold it left out: every training image gets probabilities from a model that
-never saw it (cross-validation). One temperature fitted on those out-of-sample
-probabilities calibrates them; then every training image the out-of-fold model gets wrong
-is judged by the rule the test set's errors are (stages/analysis/verdicts.py): confident
-learning (cleanlab) on the calibrated probabilities, and the labels of its K nearest *other*
-training images (`evaluate.neighbours`). The label-errors are the suspects.
+With `audit.folds` k >= 2, `audit.framework` trains `audit.model` with its recipe
+(`train.<model>`) k times, each time on all but one fold of the training set (seeded,
+label-blind folds), and predicts the fold it left out: every training image gets
+probabilities from a model that never saw it (cross-validation). One temperature fitted on
+those out-of-sample probabilities calibrates them; then every training image the
+out-of-fold model gets wrong is judged by the rule the test set's errors are
+(stages/analysis/verdicts.py): confident learning (cleanlab) on the calibrated
+probabilities, and the labels of its K nearest *other* training images
+(`evaluate.neighbours`). The label-errors are the suspects.
 
     reports/audit/label_issues.csv  every out-of-fold error: misclassified.csv's columns
                                     (`true` is the given label), most confident first
@@ -94,13 +95,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, type=Path, help="the audit's folder")
     args = parser.parse_args(argv)
     everything = params.load()
-    cfg, k = everything["train"], everything["evaluate"]["neighbours"]
+    cfg, k = everything["audit"]["train"], everything["evaluate"]["neighbours"]
     names, n_folds = everything["dataset"]["classes"], everything["audit"]["folds"]
     records, temperature, audited = [], None, 0
     if n_folds:
         if cfg["workers"] > 1 or world()[1] > 1:
-            raise DataError("audit.folds trains in this one process: set "
-                            "train.torch.workers: 1 for the audit, and run it alone")
+            raise DataError("audit-labels trains in this one process: with audit.framework "
+                            "torch, set train.torch.workers: 1, and run it alone")
         data = load_processed(args.data, only=("x_train", "y_train"))
         x, y = data["x_train"], data["y_train"]
         parts = folds(len(y), n_folds, cfg["seed"])

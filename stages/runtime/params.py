@@ -297,15 +297,33 @@ def render(p: dict) -> dict:
     }
 
 
-def audit(p: dict) -> dict:
-    check_keys(p, "audit", {"folds"})
-    folds = integer(p, "audit", "folds", 0, 100)
+def audit(p: dict, train_section: dict, fast: dict) -> dict:
+    """The number of folds, and the auditors' training settings flattened as train's are:
+    audit.framework, audit.model and audit.seed over train's sections (the framework's
+    settings and the model's recipe), checked by train's rules when the audit is on (off,
+    a recipe the auditor could not train is no error: nothing trains)."""
+    where = "audit"
+    check_keys(p, where, {"folds", "framework", "model", "seed"})
+    folds = integer(p, where, "folds", 0, 100)
     if folds == 1:
-        raise _bad("audit.folds", folds, "0 (off) or 2..100 folds")
-    return {"folds": folds}
+        raise _bad(f"{where}.folds", folds, "0 (off) or 2..100 folds")
+    chosen = {"framework": choice(p, where, "framework", FRAMEWORKS),
+              "model": choice(p, where, "model", MODEL_NAMES),
+              "seed": integer(p, where, "seed", 0, 2**31 - 1)}
+    if chosen["framework"] == "c" and chosen["model"] not in C_MODELS:
+        raise _bad(f"{where}.model", chosen["model"], f"{', '.join(C_MODELS)} with "
+                   f"{where}.framework c (the plain-C program implements the original "
+                   "network only)")
+    if not folds:
+        return {"folds": 0, "train": None}
+    try:
+        cfg = train(dict(train_section) | chosen, fast)
+    except ParamError as err:  # train's rule, for the auditor's framework
+        raise ParamError(str(err).replace("train.framework", f"{where}.framework")) from None
+    return {"folds": folds, "train": cfg}
 
 
-CHECKS = {"dataset": dataset, "audit": audit, "download": download, "normalize": normalize,
+CHECKS = {"dataset": dataset, "download": download, "normalize": normalize,
           "evaluate": evaluate, "render": render, "speed": speed}
 
 
@@ -319,6 +337,8 @@ def check(params) -> dict:
     for name in SECTIONS:
         if name == "train":
             checked[name] = train(params[name], checked["speed"])
+        elif name == "audit":
+            checked[name] = audit(params[name], params["train"], checked["speed"])
         elif name not in checked:
             checked[name] = CHECKS[name](params[name])
     return {name: checked[name] for name in SECTIONS}

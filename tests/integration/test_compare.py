@@ -81,7 +81,8 @@ def test_metrics_diff_shows_the_headline_and_the_last_epoch(history):
     diff = json.loads(dvc(repo, "metrics", "diff", "HEAD~1", "HEAD", "--all", "--json").stdout)
     old, new = runs["old"]["metrics"], runs["new"]["metrics"]
     scored = diff[METRICS]
-    assert set(scored) == {"accuracy", "errors", "loss"}
+    assert set(scored) == {"accuracy", "errors", "loss", "label_errors", "ambiguous",
+                           "model_errors", "temperature"}
     for key in scored:
         assert scored[key]["old"] == old[key] and scored[key]["new"] == new[key], key
     assert scored["errors"]["diff"] == new["errors"] - old["errors"]

@@ -32,21 +32,28 @@ def wrong(text: str) -> dict[int, str]:
     return {int(row["index"]): row["predicted"] for row in csv.DictReader(io.StringIO(text))}
 
 
+def verdicts_of(text: str) -> dict[int, str]:
+    """index -> verdict, from a misclassified.csv's text."""
+    return {int(row["index"]): row["verdict"] for row in csv.DictReader(io.StringIO(text))}
+
+
 @pytest.fixture(scope="module")
 def changed(reader_project, tmp_path_factory):
     """A copy of the reader project whose workspace retrained with another seed (HEAD is
     the reader's results), and each side's misclassified list as evaluate wrote it."""
     repo = copy_project(reader_project, tmp_path_factory.mktemp("diff") / "project")
     old = wrong((repo / MISCLASSIFIED).read_text())
+    old_verdicts = verdicts_of((repo / MISCLASSIFIED).read_text())
     set_params(repo, train={"seed": 11})
     dvc(repo, "repro", "evaluate")
     new = wrong((repo / MISCLASSIFIED).read_text())
+    new_verdicts = verdicts_of((repo / MISCLASSIFIED).read_text())
     assert old != new
-    return repo, old, new
+    return repo, old, new, old_verdicts, new_verdicts
 
 
 def test_the_groups_are_the_two_error_lists_compared(changed, tmp_path):
-    repo, old, new = changed
+    repo, old, new, old_verdicts, new_verdicts = changed
     page = tmp_path / "diff.html"
     result = json.loads(errors_diff(repo, "--json", "--page", page).stdout)
     assert (result["old"], result["new"], result["samples"]) == ("HEAD", "workspace", 500)
@@ -60,20 +67,28 @@ def test_the_groups_are_the_two_error_lists_compared(changed, tmp_path):
             i = r["index"]
             assert (str(r["old"]) == old[i]) if i in old else (r["old"] == r["true"])
             assert (str(r["new"]) == new[i]) if i in new else (r["new"] == r["true"])
+            # Each side's verdict, from its own misclassified.csv; the row's is the side's
+            # that got it wrong (the new one when both did).
+            assert r["old_verdict"] == old_verdicts.get(i)
+            assert r["new_verdict"] == new_verdicts.get(i)
+            assert r["verdict"] == (old_verdicts[i] if key == "fixed" else new_verdicts[i])
     # The table says the same, one row per image, and the counts first.
     table = errors_diff(repo, "--page", page).stdout.splitlines()
     assert table[0] == (f"HEAD: {len(old)} errors, workspace: {len(new)} errors "
                         "(of 500 test images)")
-    assert table[1].startswith(f"fixed {len(indices['fixed'])}, newly wrong "
+    suspect = sum(old_verdicts[r["index"]] == "label-error" for r in result["fixed"])
+    assert table[1].startswith(f"fixed {len(indices['fixed'])} ({suspect} of them only agree "
+                               "with a suspected wrong label), newly wrong "
                                f"{len(indices['newly_wrong'])}, still wrong "
                                f"{len(indices['still_wrong'])} (")
     rows = [line.split() for line in table[4:] if line and not line.startswith("page ->")]
     assert sorted(int(row[2] if row[0] != "fixed" else row[1]) for row in rows) == sorted(
         old.keys() | new.keys())
+    assert {row[-1] for row in rows} <= {"label-error", "ambiguous", "model-error"}
 
 
 def test_the_page_is_self_contained_and_renders_in_chromium(changed, tmp_path):
-    repo, old, new = changed
+    repo, old, new, _, _ = changed
     errors_diff(repo)  # the default page: reports/errors_diff.html
     page = (repo / "reports" / "errors_diff.html").read_text()
     assert "http://" not in page and "https://" not in page and "<script" not in page

@@ -146,9 +146,12 @@ def test_evaluate_outputs_agree_with_each_other(trained_project):
     y_pred = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(y_pred != y_test)
 
-    # The headline: exactly accuracy, errors and loss, recomputed from the predictions.
+    # The headline: accuracy, errors and loss, recomputed from the predictions; the errors
+    # per verdict, and the calibration's temperature.
     metrics = json.loads(path(repo, "metrics").read_text())
-    assert set(metrics) == {"accuracy", "errors", "loss"}
+    assert set(metrics) == {"accuracy", "errors", "loss", "label_errors", "ambiguous",
+                            "model_errors", "temperature"}
+    assert metrics["label_errors"] + metrics["ambiguous"] + metrics["model_errors"] == len(wrong)
     assert metrics["errors"] == len(wrong)
     assert metrics["accuracy"] == round(1 - len(wrong) / len(y_test), 6)
     picked = np.clip(probabilities[np.arange(len(y_test)), y_test], 1e-7, 1 - 1e-7)
@@ -190,6 +193,8 @@ def test_evaluate_outputs_agree_with_each_other(trained_project):
         assert (row["true"], row["predicted"]) == (names[y_test[i]], names[y_pred[i]])
         assert float(row["confidence"]) == pytest.approx(float(probabilities[i].max()),
                                                          abs=1e-6)
+        assert row["verdict"] in ("label-error", "ambiguous", "model-error")
+    assert sum(r["verdict"] == "label-error" for r in listed) == metrics["label_errors"]
 
 
 def test_render_errors_outputs_are_sound(trained_project):

@@ -110,9 +110,9 @@ def test_switched_off_it_trains_nothing_and_says_so(tmp_path, monkeypatch, capsy
 
 
 def test_it_refuses_data_parallel_training_before_writing_anything(tmp_path, monkeypatch):
-    repo = stage_project(tmp_path, audit={"folds": 3},
-                         train={"framework": "torch", "torch": {"workers": 2}})
+    repo = stage_project(tmp_path, audit={"folds": 3, "framework": "torch", "model": "cnn"},
+                         train={"torch": {"workers": 2}})
     monkeypatch.chdir(repo)
-    with pytest.raises(DataError, match="audit.folds trains in this one process"):
+    with pytest.raises(DataError, match="audit-labels trains in this one process"):
         audit_labels.main(argv(repo))
     assert not (repo / PATHS["label_audit"]).exists()

@@ -122,7 +122,8 @@ TRAINING_STAGES = ("train", "audit-labels")
 @pytest.mark.parametrize("name", sorted(stages()))
 def test_code_deps_are_exactly_the_import_closure(name, framework):
     stage = stages()[name]
-    declared = set().union(*(expand(d.replace("${train.framework}", framework))
+    declared = set().union(*(expand(d.replace("${train.framework}", framework)
+                                    .replace("${audit.framework}", framework))
                              for d in stage["deps"] if d.startswith(f"{PACKAGE}/")))
     derived = closure(stage_module(stage), framework)
     if name in TRAINING_STAGES:

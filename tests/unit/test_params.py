@@ -601,7 +601,37 @@ def test_workers_out_of_range():
 ])
 def test_audit_folds_is_off_or_at_least_two(value, match):
     rejects("audit.folds", value, match)
-    assert params.check(edited("audit.folds", 5))["audit"] == {"folds": 5}
+    assert params.check(edited("audit.folds", 5))["audit"]["folds"] == 5
+
+
+def test_the_auditors_are_trained_as_train_would_train_their_model():
+    assert params.check(SHIPPED)["audit"] == {"folds": 0, "train": None}  # off
+    on = edited("audit.folds", 3)
+    checked = params.check(on)
+    auditor = SHIPPED["audit"]
+    train_like = edited("train.framework", auditor["framework"])
+    train_like["train"] |= {"model": auditor["model"], "seed": auditor["seed"]}
+    assert checked["audit"]["train"] == params.check(train_like)["train"]
+    assert checked["audit"]["train"] != checked["train"]  # the shipped auditor is not train's
+
+
+def test_a_recipe_the_auditor_cannot_train_is_refused_only_when_it_trains():
+    values = edited("train.mlp.ema", 0.999)  # C keeps no average; the shipped auditor is C
+    assert params.check(values)["train"]["framework"] == "keras"
+    values["audit"]["folds"] = 2
+    with pytest.raises(ParamError, match=r"^train\.mlp\.ema: got 0\.999; allowed: 0 with "
+                                         r"audit\.framework c"):
+        params.check(values)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("model", "cnn", r"^audit\.model: got 'cnn'; allowed: mlp with audit\.framework c"),
+    ("framework", "jax", r"^audit\.framework: got 'jax'"),
+    ("seed", -1, r"^audit\.seed: got -1"),
+    ("model", DELETE, r"^audit\.model: missing from params\.yaml"),
+])
+def test_the_auditor_is_checked_by_trains_rules_under_its_own_names(key, value, match):
+    rejects(f"audit.{key}", value, match)
 
 
 @pytest.mark.parametrize("value", [0, 101, "9"])
