@@ -3,7 +3,7 @@
 Mosaics: all 30 of them (every training image by digit, correct and wrong test images),
 drawn two ways and compared pixel for pixel:
   naive  the original's way: a PIL canvas and one Image.paste per 28×28 tile;
-  tile   stages.render_errors.tile (numpy reshapes), as stages.render_errors.mosaics calls it.
+  tile   stages.analysis.mosaic.tile (numpy reshapes), as stages.render_errors.mosaics calls it.
 Both get the same images; writing the BMP files is the same for both and timed apart.
 
 Neighbour search (stages.analysis.neighbours, exact squared L2 in pixel space): the stage's own
@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
     r = run(path)
     print(f"mosaics: {r['mosaics']} files, {r['tiles']} tiles, predictions: {r['predictions']}")
     print(f"  {'naive PIL paste loop':<28}{r['naive_paste_s']:8.3f} s")
-    print(f"  {'stages.render_errors.tile':<28}{r['numpy_tile_s']:8.3f} s")
+    print(f"  {'stages.analysis.mosaic.tile':<28}{r['numpy_tile_s']:8.3f} s")
     print(f"  {'speed-up':<28}{r['speedup']:8.1f} x   (target >= {TARGET_SPEEDUP:.0f} x: "
           f"{'met' if r['meets_target'] else 'NOT MET'})")
     print(f"  {'pixel identical':<28}{'yes' if r['pixel_identical'] else 'NO':>8}")

@@ -4,7 +4,7 @@
    against this pipeline's train stage with `train.model: mlp` and the original settings,
    alternating runs in one session so that machine noise hits both alike.
 2. Rendering: every mosaic, pasted one tile at a time with PIL as the original did,
-   against stages.render_errors.tile (benchmarks/mosaics.py).
+   against stages.analysis.mosaic.tile (benchmarks/mosaics.py).
 3. Frameworks: each of `--models` (default: mlp) trained by the train stage in Keras, in
    PyTorch and (the mlp) in plain C with the shipped params, twice each, alternating:
    training time, images/s, the arithmetic (dense GFLOP/s against the CPU's peak; C's

@@ -29,9 +29,9 @@ import numpy as np
 
 from stages import frameworks
 from stages.analysis import verdicts
+from stages.analysis.mosaic import tile
 from stages.analysis.neighbours import nearest
 from stages.data.mnist import load_processed, raw_pixels, validation_split
-from stages.render_errors import tile
 from stages.runtime import params
 from stages.runtime.failures import DataError, run, stop_if_interrupted
 from stages.runtime.outputs import atomic_dir, round_floats, save_image, write_csv, write_json

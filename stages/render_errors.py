@@ -24,37 +24,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 from pathlib import Path
 
 import numpy as np
 
 from stages.analysis import scoring, tables, verdicts
-from stages.data.mnist import IMAGE_SIDE, check_finite, load_mnist
+from stages.analysis.mosaic import tile
+from stages.data.mnist import check_finite, load_mnist
 from stages.data.npz import load_npz
 from stages.runtime import params
 from stages.runtime.failures import DataError, run
 from stages.runtime.outputs import atomic_dir, save_image, write_csv, write_text
-
-
-def tile(images: np.ndarray, per_row: int) -> np.ndarray:
-    """Lay 28×28 tiles left-to-right, top-to-bottom on a white canvas, as the original did.
-
-    The canvas is per_row tiles wide and ceil(n / per_row) tiles high. With no images the
-    original would have made a zero-height canvas, which no viewer opens; we return one
-    white row of tiles instead.
-    """
-    if per_row < 1:
-        raise ValueError(f"per_row must be >= 1, got {per_row}")
-    images = np.asarray(images, dtype=np.uint8)
-    n = len(images)
-    rows = max(1, math.ceil(n / per_row))
-    side = IMAGE_SIDE
-    canvas = np.full((rows * per_row, side, side), 255, dtype=np.uint8)
-    canvas[:n] = images
-    # (rows, per_row, 28, 28) -> (rows, 28, per_row, 28): rows of tiles, pixel rows inside.
-    return canvas.reshape(rows, per_row, side, side).transpose(0, 2, 1, 3).reshape(
-        rows * side, per_row * side)
 
 
 def mosaics(data: dict[str, np.ndarray], predicted: np.ndarray, cfg: dict,

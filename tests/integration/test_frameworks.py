@@ -29,7 +29,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 PATHS = dvc_vars()
-ALL_STAGES = ["download", "normalize", "train", "evaluate", "render-errors"]
+ALL_STAGES = ["download", "normalize", "train", "evaluate", "render-errors", "audit-labels"]
 
 
 def forced_rerun_gives_the_same_bits(repo, results: dict) -> None:

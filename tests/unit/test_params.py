@@ -463,7 +463,7 @@ def test_load_reads_params_yaml_from_the_working_directory(tmp_path, monkeypatch
 
 # --- every stage checks the whole file first, without TensorFlow ------------------------
 
-STAGES = ["download", "normalize", "train", "evaluate", "render-errors"]
+STAGES = ["download", "normalize", "train", "evaluate", "render-errors", "audit-labels"]
 # One bad key per section, each named in the error it causes.
 BAD = {
     "dataset": ({"dataset": {"classes": ["a"] * 10}}, "dataset.classes"),
@@ -473,6 +473,7 @@ BAD = {
     "train": ({"train": {"cnn_large": {"epochs": 0}}}, "train.cnn_large.epochs"),
     "evaluate": ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size"),
     "render": ({"render": {"per_row": 0}}, "render.per_row"),
+    "audit": ({"audit": {"folds": 1}}, "audit.folds"),
 }
 HEAVY = ("tensorflow", "keras", "dvclive", "PIL")
 

@@ -22,7 +22,8 @@ from PIL import Image
 from stages import render_errors
 from stages.analysis import scoring, verdicts
 from stages.analysis import sheets as error_sheets
-from stages.render_errors import analyse, mosaics, read_table, tile
+from stages.analysis.mosaic import tile
+from stages.render_errors import analyse, mosaics, read_table
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import save_npz, write_csv
 from tests.helpers import (
