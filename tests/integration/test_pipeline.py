@@ -350,8 +350,9 @@ def test_editing_params_module_reruns_every_stage_with_identical_bits(trained_co
 
 
 def test_only_the_chosen_models_recipe_is_a_dependency(trained_copy):
-    """Another model's recipe reruns nothing; choosing another model makes train stale
-    (what then reruns, train and every stage after it, is checked by the exp run test)."""
+    """Another model's recipe reruns nothing; choosing another model makes train stale, and
+    evaluate, which calibrates on the validation split of that model's recipe (what then
+    reruns, train and every stage after it, is checked by the exp run test)."""
     repo = trained_copy
     train = params_of(repo)["train"]
     other = next(name for name in ("cnn_large", "cnn", "mlp") if name != train["model"])
@@ -362,7 +363,7 @@ def test_only_the_chosen_models_recipe_is_a_dependency(trained_copy):
     assert stages_run(again.stdout) == [] and (repo / "dvc.lock").read_text() == lock
 
     set_params(repo, train={"model": other})
-    assert list(status(repo)) == ["train"]
+    assert sorted(status(repo)) == ["evaluate", "train"]
 
 
 def test_exp_run_with_one_set_trains_the_original_network_with_its_recipe(trained_copy):
