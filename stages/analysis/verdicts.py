@@ -7,7 +7,9 @@ from two readers that share nothing but the training labels:
   validation split (Guo et al. 2017, temperature scaling: p_T ∝ p^(1/T), T minimising the
   cross-entropy of the held-out images), then confident learning (cleanlab's
   `find_label_issues`, Northcutt et al. 2021) asks whether the image sits confidently in
-  another class than its label, by per-class thresholds it learns from all the test images.
+  another class than its label: its default method (prune by noise rate) counts, with
+  per-class confidence thresholds, how many labels of each class are likely another's, and
+  flags that many, least self-confident first, all learnt from the images it is given.
   Calibration comes first because label smoothing caps a model's confidence: uncalibrated,
   confident learning finds too few images (benchmarks/RESULTS.md);
 - its K nearest training images in pixel space (stages/analysis/neighbours.py), each
