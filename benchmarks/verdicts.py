@@ -7,8 +7,9 @@ error `label-error` is scored on the flipped images (recall) and on all it calls
 (precision), with the clean labels too (how many errors it calls label errors there).
 The rules differ only in the model reader's half:
   cleanlab-raw     confident learning on the uncalibrated probabilities;
-  cleanlab         confident learning on the calibrated probabilities (the shipped rule);
-  posterior        calibrated p(predicted) > 1/2;
+  cleanlab         confident learning on the calibrated probabilities;
+  shipped          that, and calibrated p(predicted) > 1/2 (verdicts.reads_predicted);
+  posterior        calibrated p(predicted) > 1/2 alone;
 each AND a majority of the K nearest training images labelled as predicted. Also times the
 verdicts' parts (calibration, confident learning, neighbours) against the prediction.
 
@@ -41,7 +42,7 @@ def rules(y, probabilities, calibrated, knn_labels, wrong) -> dict[str, set[int]
     posterior = calibrated[wrong, pred] > 0.5
     return {name: set(wrong[majority & flag].tolist())
             for name, flag in (("cleanlab-raw", raw_cl), ("cleanlab", cal_cl),
-                               ("posterior", posterior))}
+                               ("shipped", cal_cl & posterior), ("posterior", posterior))}
 
 
 def main(argv=None) -> None:

@@ -16,9 +16,9 @@ from two readers that share nothing but the training labels:
   voting with its label: a reader with no model at all, which knows only what the training
   images of each class look like.
 
-    label-error  confident learning flags the image AND most (more than half) of its K
-                 neighbours are labelled p: both readers see p; the given label is
-                 probably wrong;
+    label-error  confident learning flags the image, its calibrated p(p) is above 1/2,
+                 AND most (more than half) of its K neighbours are labelled p: both
+                 readers see p; the given label is probably wrong;
     model-error  most of its K neighbours carry the given label y: the image looks like the
                  training images of its label, so the label is clear and right, and the
                  model failed;
@@ -105,11 +105,19 @@ def votes(neighbour_labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
     return (neighbour_labels == np.asarray(classes)[:, None]).sum(axis=1)
 
 
-def verdict(flagged: bool, votes_predicted: int, votes_label: int, k: int) -> str:
+def reads_predicted(flagged: bool, p_predicted: float) -> bool:
+    """The model reader's half: confident learning flags the label, and the calibrated
+    model finds its prediction more likely than not (a weak model's per-class thresholds
+    can be low enough to flag an image it gives 0.3)."""
+    return bool(flagged) and p_predicted > 0.5
+
+
+def verdict(model_reads_predicted: bool, votes_predicted: int, votes_label: int,
+            k: int) -> str:
     """The rule of the module's docstring, for one image."""
     if 2 * votes_label > k:
         return MODEL_ERROR
-    if flagged and 2 * votes_predicted > k:
+    if model_reads_predicted and 2 * votes_predicted > k:
         return LABEL_ERROR
     return AMBIGUOUS
 
@@ -130,7 +138,8 @@ def judge(labels: np.ndarray, calibrated: np.ndarray, flagged: np.ndarray,
              "p_predicted": float(calibrated[i, p]), "p_true": float(calibrated[i, t]),
              "flagged": bool(flagged[i]), "neighbour_labels": [int(c) for c in row],
              "votes_predicted": int(vp), "votes_true": int(vt),
-             "verdict": verdict(bool(flagged[i]), int(vp), int(vt), k)}
+             "verdict": verdict(reads_predicted(flagged[i], calibrated[i, p]), int(vp),
+                                int(vt), k)}
             for i, t, p, row, vp, vt in zip(indices, given, predicted,
                                             np.asarray(neighbour_labels).tolist(),
                                             for_predicted, for_label)]

@@ -454,3 +454,20 @@ def test_misclassified_rows_refuse_a_row_that_disagrees_with_its_record():
             list(v.misclassified_rows(bad, records, NAMES))
     with pytest.raises(ValueError):  # one record too few
         list(v.misclassified_rows(rows, records[:-1], NAMES))
+
+
+def test_a_flagged_label_is_a_label_error_only_if_the_model_believes_its_prediction():
+    """Confident learning's thresholds follow the model: a weak one's can flag an image it
+    gives 0.3. The model reader says "the predicted class" only above 1/2."""
+    assert v.reads_predicted(True, 0.51) and not v.reads_predicted(True, 0.5)
+    assert not v.reads_predicted(False, 0.99)
+    labels = np.array([0, 1])
+    calibrated = np.array([[0.10, 0.0, 0.45, 0.45] + [0.0] * 6,   # p(2) = 0.45, tied...
+                           [0.0, 0.05, 0.0, 0.0, 0.95] + [0.0] * 5])
+    calibrated[0, 2] += 0.01  # ...broken: predicted 2 at 0.46
+    calibrated[0, 3] -= 0.01
+    neighbour_labels = np.array([[2] * 9, [4] * 9])  # the neighbours all say the prediction
+    records = v.judge(labels, calibrated, np.array([True, True]), neighbour_labels,
+                      np.array([0, 1]))
+    assert [r["predicted"] for r in records] == [2, 4]
+    assert [r["verdict"] for r in records] == [v.AMBIGUOUS, v.LABEL_ERROR]
