@@ -400,7 +400,9 @@ def test_readme_stage_table_is_dvc_yaml():
         stage = spec["stages"][name]
         assert stage["cmd"].startswith(f"python -m {code(module)[0][:-3].replace('/', '.')} ")
         listed = {p.replace("<framework>", "${train.framework}")
-                  .replace("<model>", "${train.model}") for p in code(params)}
+                  .replace("<model>", "${train.model}")
+                  .replace("<audit framework>", "${audit.framework}")
+                  .replace("<audit model>", "${audit.model}") for p in code(params)}
         assert listed == set(stage["params"]), name
         outs = {o.rstrip("/") for o in code(writes)}
         real = {re.sub(r"\$\{(\w+)\}", lambda m: PATHS[m.group(1)], o)
