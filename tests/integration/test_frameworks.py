@@ -134,5 +134,6 @@ def test_c_trains_the_original_network_behind_the_same_stages_bit_reproducibly(t
     rerun = dvc(repo, "repro")
     assert sorted(stages_run(rerun.stdout)) == ["audit-labels", "train"]
     assert out_hashes(repo) == c_results
-    edit_module(repo, "frameworks/c/model")  # how evaluate reads the model: train and evaluate
-    assert set(status(repo)) == {"train", "evaluate"}
+    # How evaluate reads the model: train, evaluate, and the (shipped, C) auditor.
+    edit_module(repo, "frameworks/c/model")
+    assert set(status(repo)) == {"train", "evaluate", "audit-labels"}
