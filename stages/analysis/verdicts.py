@@ -38,7 +38,7 @@ import numpy as np
 LABEL_ERROR, AMBIGUOUS, MODEL_ERROR = "label-error", "ambiguous", "model-error"
 VERDICTS = (LABEL_ERROR, AMBIGUOUS, MODEL_ERROR)
 METRICS = {LABEL_ERROR: "label_errors", AMBIGUOUS: "ambiguous", MODEL_ERROR: "model_errors"}
-# The smallest float32 above 0: log(0) has no temperature.
+# Probabilities are clipped below at the smallest normal float32: log(0) has no temperature.
 _TINY = float(np.finfo(np.float32).tiny)
 
 
