@@ -133,8 +133,9 @@ def page(groups: dict, x_test: np.ndarray, names: list[str], old_label: str,
         if not groups[key]:
             out.append("<p>None.</p>\n</section>\n")
             continue
-        if key == "fixed" and agrees_with_suspect_label(groups):
-            out.append(f"<p>{len(agrees_with_suspect_label(groups))} of these {old_h} called "
+        suspect = agrees_with_suspect_label(groups) if key == "fixed" else []
+        if suspect:
+            out.append(f"<p>{len(suspect)} of these {old_h} called "
                        f"{badge(verdicts.LABEL_ERROR)}: {new_h} now agrees with a label the "
                        "evidence says is probably wrong, which is no progress.</p>\n")
         rows = [[td(img(x_test[r["index"]], f"test image {r['index']}")),
@@ -182,9 +183,9 @@ def predictions(paths: dict, rev: str | None, scratch: Path, samples: int) -> np
 def judged(paths: dict, rev: str | None, names: list[str]) -> dict[int, str]:
     """test index -> verdict, from the revision's reports/misclassified.csv; empty for a
     revision from before the verdicts (its table has no verdict column)."""
-    where = f"{paths.get('misclassified')} at {revisions.label(rev)}"
     if not paths.get("misclassified"):
         return {}
+    where = f"{paths['misclassified']} at {revisions.label(rev)}"
     try:
         reader = csv.DictReader(io.StringIO(
             revisions.read_bytes(paths["misclassified"], rev).decode("utf-8")))

@@ -240,9 +240,16 @@ def speed(p: dict) -> dict:
             "c_threads": integer(p, where, "c_threads", *THREADS)}
 
 
-def train(p: dict, fast: dict) -> dict:
+def check_c_model(framework: str, model: str, model_key: str, framework_key: str) -> None:
+    if framework == "c" and model not in C_MODELS:
+        raise _bad(model_key, model, f"{', '.join(C_MODELS)} with {framework_key} c "
+                   "(the plain-C program implements the original network only)")
+
+
+def train(p: dict, fast: dict, framework_key: str = "train.framework") -> dict:
     """The shared settings, the chosen framework's own (train.<framework>) and the recipe of
-    the model `train.model` names, flattened; `fast` is the checked `speed` section."""
+    the model `train.model` names, flattened; `fast` is the checked `speed` section.
+    framework_key: the key that chose the framework, as the messages name it."""
     where = "train"
     check_keys(p, where, {"framework", "model", "seed", *FRAMEWORKS, *MODEL_NAMES})
     recipes = {name: recipe(p[name], f"{where}.{name}") for name in MODEL_NAMES}
@@ -250,13 +257,11 @@ def train(p: dict, fast: dict) -> dict:
     # Every framework's section is checked, so a typo in one not chosen still fails early.
     settings = {name: framework_settings(p[name], name) for name in FRAMEWORKS}[framework]
     model = choice(p, where, "model", MODEL_NAMES)
-    if framework == "c" and model not in C_MODELS:
-        raise _bad(f"{where}.model", model, f"{', '.join(C_MODELS)} with train.framework c "
-                   "(the plain-C program implements the original network only)")
+    check_c_model(framework, model, f"{where}.model", framework_key)
     for key, missing in (("ema", "keeps no average of its weights"),
                          ("elastic", "has no elastic distortion")):
         if framework == "c" and recipes[model][key]:
-            raise _bad(f"{where}.{model}.{key}", recipes[model][key], "0 with train.framework "
+            raise _bad(f"{where}.{model}.{key}", recipes[model][key], f"0 with {framework_key} "
                        f"c (the plain-C program {missing})")
     batch = recipes[model]["batch_size"]
     if batch % settings["workers"]:
@@ -310,17 +315,11 @@ def audit(p: dict, train_section: dict, fast: dict) -> dict:
     chosen = {"framework": choice(p, where, "framework", FRAMEWORKS),
               "model": choice(p, where, "model", MODEL_NAMES),
               "seed": integer(p, where, "seed", 0, 2**31 - 1)}
-    if chosen["framework"] == "c" and chosen["model"] not in C_MODELS:
-        raise _bad(f"{where}.model", chosen["model"], f"{', '.join(C_MODELS)} with "
-                   f"{where}.framework c (the plain-C program implements the original "
-                   "network only)")
+    check_c_model(chosen["framework"], chosen["model"], f"{where}.model", f"{where}.framework")
     if not folds:
         return {"folds": 0, "train": None}
-    try:
-        cfg = train(dict(train_section) | chosen, fast)
-    except ParamError as err:  # train's rule, for the auditor's framework
-        raise ParamError(str(err).replace("train.framework", f"{where}.framework")) from None
-    return {"folds": folds, "train": cfg}
+    return {"folds": folds,
+            "train": train(dict(train_section) | chosen, fast, f"{where}.framework")}
 
 
 CHECKS = {"dataset": dataset, "download": download, "normalize": normalize,
