@@ -11,7 +11,7 @@ TORCH_STAMP := $(VENV)/.installed-torch-from-lock
 # DVC runs each stage's `python -m ...` through the shell: the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro torch c-compiler test test-fast lint bench lock clean-venv system-deps
+.PHONY: repro torch c-compiler test test-fast lint bench lock clean-venv system-deps object-store
 
 # The venv: the lock's exact versions, then the project itself, editable and without deps
 # (the lock has them all, setuptools included), for its commands mnist-predict and
@@ -61,12 +61,15 @@ c-compiler:
 		fi; \
 	fi
 
-# The tests drive a real headless Chromium (the error page) and a real OpenSSH server (the
-# SSH remote). Installed from Debian's packages when missing and we are root.
+# The tests drive a real headless Chromium (the error page), a real OpenSSH server (the
+# SSH remote) and test hosts in network namespaces (iproute2: ip, tc, ss). Installed from
+# Debian's packages when missing and we are root.
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v ip >/dev/null && command -v tc >/dev/null && command -v ss >/dev/null \
+		|| missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
@@ -75,6 +78,24 @@ system-deps:
 			echo "make test needs:$$missing (sudo apt-get install$$missing)"; exit 1; \
 		fi; \
 	fi
+
+# An S3-compatible object store on this machine, to try a team's S3 remote (docs/sharing.md):
+# SeaweedFS (`weed`, from the lock's dev tools) in one process, in the foreground (Ctrl-C
+# stops it), its S3 endpoint at http://OBJECT_STORE_ADDRESS:8333 with the bucket `mnist`, data
+# kept in OBJECT_STORE_DIR, telemetry off, no bucket created by an upload. Its one account is
+# the key pair exported as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, the names DVC's S3
+# client reads too; the secret also guards its admin UI. Every port binds to that address
+# only. The tests start each store they use with this target (OBJECT_STORE_FLAGS: theirs).
+OBJECT_STORE_ADDRESS ?= 127.0.0.1
+OBJECT_STORE_DIR ?= ../mnist-object-store
+object-store: $(STAMP)
+	@test -n "$$AWS_ACCESS_KEY_ID" && test -n "$$AWS_SECRET_ACCESS_KEY" || { \
+		echo "make object-store: export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY first"; exit 1; }
+	@mkdir -p $(OBJECT_STORE_DIR)
+	exec weed mini -dir=$(OBJECT_STORE_DIR) -ip=$(OBJECT_STORE_ADDRESS) \
+		-ip.bind=$(OBJECT_STORE_ADDRESS) -master.telemetry=false -s3.port=8333 -bucket=mnist \
+		-s3.autoCreateBucket=false -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 \
+		-admin.password="$$AWS_SECRET_ACCESS_KEY" $(OBJECT_STORE_FLAGS)
 
 bench: $(TORCH_STAMP) c-compiler
 	python -m benchmarks.run $(BENCH_ARGS)

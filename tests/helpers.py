@@ -51,6 +51,15 @@ def run_env() -> dict:
     return env
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (another process may take it before it is used)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def sh(cwd, *args, check: bool = True, timeout: float = 600,
        env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, cwd=cwd, env=env or run_env(), capture_output=True, text=True,
@@ -408,12 +417,13 @@ def busy_cores(n: int = 2):
 class Lines:
     """Read a child's stdout on a thread, so a test can wait for a line with a timeout."""
 
-    def __init__(self, proc: subprocess.Popen):
+    def __init__(self, proc: subprocess.Popen, stream: str = "stdout"):
         self.proc, self.seen, self._q = proc, [], queue.Queue()
+        self._stream = getattr(proc, stream)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self):
-        for line in self.proc.stdout:
+        for line in self._stream:
             self._q.put(line)
         self._q.put(None)
 
@@ -426,7 +436,8 @@ class Lines:
                 break
             if line is None:
                 raise AssertionError(f"exited {self.proc.wait()} before {prefix!r}:\n"
-                                     + "".join(self.seen) + self.proc.stderr.read())
+                                     + "".join(self.seen) + (self.proc.stderr.read()
+                                     if self._stream is not self.proc.stderr else ""))
             self.seen.append(line)
             if line.startswith(prefix):
                 return line

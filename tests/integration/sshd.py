@@ -26,6 +26,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.helpers import free_port
+
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
 
 
@@ -41,12 +43,6 @@ def _keygen(path: Path) -> str:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dvc-test",
                     "-f", str(path)], check=True, capture_output=True, timeout=60)
     return path.with_suffix(".pub").read_text().strip()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SSHServer:
@@ -104,7 +100,7 @@ class SSHServer:
         self._prepare()
         last = ""
         for _ in range(5):  # another process may grab the free port before sshd binds it
-            self.port = _free_port()
+            self.port = free_port()
             config = self._config()
             check = subprocess.run([sshd, "-t", "-f", str(config)], capture_output=True,
                                    text=True, timeout=30)

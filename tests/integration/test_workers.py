@@ -9,7 +9,6 @@ line and leaves the previous model.
 from __future__ import annotations
 
 import json
-import shlex
 import signal
 import subprocess
 import sys
@@ -20,12 +19,11 @@ import psutil
 import pytest
 
 from stages.frameworks.torch.fit import share
-from stages.frameworks.torch.launcher import free_port
 from tests.helpers import (
     ROOT,
-    copy_project,
     dvc,
     dvc_vars,
+    free_port,
     out_hashes,
     run_env,
     set_params,
@@ -173,43 +171,3 @@ def test_share_splits_a_batch_into_contiguous_parts_that_cover_it():
     assert [len(p) for p in parts] == [4, 4, 3]
     assert np.array_equal(np.concatenate(parts), batch)
     assert np.array_equal(share(batch, 0, 1), batch)
-
-
-def documented_join(port: str) -> list[str]:
-    """docs/machines.md's torchrun line for the second machine, as that machine would run
-    it, but on 127.0.0.1, at `port`, with one worker there (this test's two "machines"
-    share two cores)."""
-    text = (ROOT / "docs" / "machines.md").read_text().replace("\\\n", " ")
-    line = next(line for line in text.splitlines() if line.startswith("torchrun "))
-    words = shlex.split(line)
-    for flag, value in (("--master-addr", "127.0.0.1"), ("--master-port", port),
-                        ("--nproc-per-node", "1")):
-        words[words.index(flag) + 1] = value
-    assert words[words.index("-m") + 1:] == [
-        "stages.train", "--data", PATHS["processed"], "--model-dir", PATHS["model_dir"],
-        "--curves", PATHS["curves"]], "the documented line runs the train stage's command"
-    return [sys.executable, "-m", "torch.distributed.run", *words[1:]]
-
-
-def test_a_second_machine_joins_with_the_documented_torchrun_line(trained_copy, tmp_path):
-    """Two "machines" on 127.0.0.1: the stage as node 0 (MNIST_NODES=2), and a second
-    checkout joining as node 1 with the torchrun command docs/machines.md gives."""
-    repo = trained_copy
-    set_params(repo, train=TWO_WORKERS)
-    other = copy_project(repo, tmp_path / "other")  # same commit, same processed data
-    untouched = out_hashes(other)
-    port = str(free_port())
-    machine = {"MNIST_NODES": "2", "MNIST_MASTER_ADDR": "127.0.0.1", "MNIST_MASTER_PORT": port}
-    args = ("--data", PATHS["processed"], "--model-dir", PATHS["model_dir"], "--curves",
-            PATHS["curves"])
-    stage, lines = start(repo, sys.executable, "-m", "stages.train", *args,
-                         env=run_env() | machine)
-    join = subprocess.run(documented_join(port), cwd=other, env=run_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert stage.wait(timeout=120) == 0, stage.stderr.read()
-    assert join.returncode == 0, join.stderr[-2000:]
-    assert "epoch 3/3 " in lines.rest()
-    info = json.loads((repo / PATHS["model_dir"] / "run_info.json").read_text())
-    assert info["workers"] == 2 and info["intra_op_threads"] == 2  # one worker per machine
-    # Only node 0's rank 0 wrote: the joining checkout's outputs are as they were.
-    assert out_hashes(other) == untouched

@@ -110,3 +110,26 @@ def test_with_ema_the_average_is_validated_and_returned(tmp_path, monkeypatch):
     one, two = averaged.state_dict(), again.state_dict()
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert not torch.equal(one["fc1.weight"], trained.state_dict()["fc1.weight"])
+
+
+def test_a_lost_worker_is_named_by_rank_node_and_address():
+    from stages.frameworks.torch.launcher import lost_worker
+
+    gloo = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+            "[10.0.0.2]:40123")
+    one_each = [(0, "10.0.0.1"), (1, "10.0.0.2")]
+    assert lost_worker(gloo, one_each, 0) == (
+        "worker 1 of 2 (node 1, 10.0.0.2) stopped answering mid-training: gloo lost its "
+        "connection")
+    two_each = [(0, "10.0.0.1"), (0, "10.0.0.1"), (1, "10.0.0.2"), (1, "10.0.0.2")]
+    assert lost_worker(gloo, two_each, 1).startswith("workers 2, 3 of 4 (node 1, 10.0.0.2)")
+    # gloo naming the worker itself, or no address at all: not a lost worker.
+    assert lost_worker(gloo, one_each, 1) is None
+    assert lost_worker("Connection reset by peer", one_each, 0) is None
+
+
+def test_gloo_goes_out_by_the_interface_towards_the_rendezvous():
+    from stages.frameworks.torch.launcher import address_towards, interface_towards
+
+    assert interface_towards("127.0.0.1") == "lo"
+    assert address_towards("127.0.0.1") == "127.0.0.1"

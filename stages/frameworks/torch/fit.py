@@ -19,6 +19,7 @@ evaluates, reports and returns the model.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 
@@ -26,9 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.frameworks.torch.env import device, torch
+from stages.frameworks.torch.launcher import address_towards, interface_towards, lost_worker
 from stages.frameworks.torch.model import build
 from stages.frameworks.torch.resample import augment
-from stages.runtime.failures import stop_if_interrupted
+from stages.runtime.failures import PipelineError, stop_if_interrupted
 from stages.training.distributed import world
 from stages.training.epochs import BestEpoch, Curves, batches
 
@@ -103,9 +105,16 @@ def fit(cfg: dict, data: dict, curves_dir):
     torch.manual_seed(cfg["seed"])  # initial weights and dropout
     # channels_last: oneDNN's convolutions run faster on it than on NCHW.
     model = build(cfg["model"]).to(where, memory_format=torch.channels_last)
-    net = model
+    net, where_ranks = model, []
     if size > 1:
+        if where.type != "cuda":  # gloo's sockets: on the interface towards the rendezvous
+            os.environ.setdefault("GLOO_SOCKET_IFNAME",
+                                  interface_towards(os.environ["MASTER_ADDR"]))
         torch.distributed.init_process_group("nccl" if where.type == "cuda" else "gloo")
+        # Which machine each worker is on, to name one that stops answering.
+        where_ranks = [None] * size  # (node, address) by rank
+        torch.distributed.all_gather_object(where_ranks, (
+            int(os.environ.get("GROUP_RANK", 0)), address_towards(os.environ["MASTER_ADDR"])))
         # Every worker starts from rank 0's weights (DDP broadcasts them) and draws its own
         # dropout masks and augmentation (rank 0 the same ones as a single process).
         torch.manual_seed(cfg["seed"] + 1_000_003 * rank)
@@ -134,32 +143,38 @@ def fit(cfg: dict, data: dict, curves_dir):
     best = BestEpoch(cfg["restore_best"] and rank == 0)
     curves = Curves(curves_dir, cfg["epochs"]) if rank == 0 else None
     tty = sys.stdout.isatty() and rank == 0
-    for epoch in range(1, cfg["epochs"] + 1):
-        started = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False) if tty else None
-        loss_sum, hits = train_epoch(net, optimizer, scheduler, x, y,
-                                     batches(n, cfg["batch_size"], rng), cfg, generator, bar,
-                                     rank, size, average)
-        if bar:
-            bar.close()
-        if size > 1:  # the epoch's numbers over every worker's images
-            totals = torch.tensor([loss_sum, float(hits)], dtype=torch.float64)
-            torch.distributed.all_reduce(totals)
-            loss_sum, hits = float(totals[0]), int(totals[1])
-        if rank:
+    try:
+        for epoch in range(1, cfg["epochs"] + 1):
+            started = time.perf_counter()
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False) if tty else None
+            loss_sum, hits = train_epoch(net, optimizer, scheduler, x, y,
+                                         batches(n, cfg["batch_size"], rng), cfg, generator, bar,
+                                         rank, size, average)
+            if bar:
+                bar.close()
+            if size > 1:  # the epoch's numbers over every worker's images
+                totals = torch.tensor([loss_sum, float(hits)], dtype=torch.float64)
+                torch.distributed.all_reduce(totals)
+                loss_sum, hits = float(totals[0]), int(totals[1])
+            if rank:
+                stop_if_interrupted()
+                continue
+            logs = {"train/loss": loss_sum / n}
+            if len(y_val):
+                # The validation split steers training; the test set is never seen here.
+                val = evaluate(result, x_val, y_val)
+                logs |= {"eval/loss": val["loss"], "eval/accuracy": val["accuracy"]}
+                best.offer(epoch, val["accuracy"], lambda: copy.deepcopy(result.state_dict()))
+            curves.epoch(epoch, time.perf_counter() - started, logs, hits / n)
             stop_if_interrupted()
-            continue
-        logs = {"train/loss": loss_sum / n}
-        if len(y_val):
-            # The validation split steers training; the test set is never seen here.
-            val = evaluate(result, x_val, y_val)
-            logs |= {"eval/loss": val["loss"], "eval/accuracy": val["accuracy"]}
-            best.offer(epoch, val["accuracy"], lambda: copy.deepcopy(result.state_dict()))
-        curves.epoch(epoch, time.perf_counter() - started, logs, hits / n)
-        stop_if_interrupted()
-    if size > 1:
-        torch.distributed.barrier()  # no worker leaves while another still needs it
-        torch.distributed.destroy_process_group()
+        if size > 1:
+            torch.distributed.barrier()  # no worker leaves while another still needs it
+            torch.distributed.destroy_process_group()
+    except RuntimeError as err:  # gloo's, when a worker on another machine stops answering
+        lost = lost_worker(str(err), where_ranks, rank) if size > 1 else None
+        if lost is None:
+            raise
+        raise PipelineError(lost) from None
     if rank:
         return result.cpu()  # the same weights as rank 0's; the stage saves rank 0's only
     curves.close(validated=bool(len(y_val)))

@@ -9,8 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+# c10d's C++ warnings (a peer whose hostname does not resolve back...) are not for the
+# stage's stderr either; read once, when torch loads.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 # PyTorch itself, imported as the framework's env does: one line if it is not installed.
-from stages.frameworks.torch.env import torch  # noqa: F401
+from stages.frameworks.torch.env import torch  # noqa: E402, F401
 from stages.runtime.failures import PipelineError
 
 NODES = "MNIST_NODES"            # machines taking part (default 1: this one)
@@ -19,12 +22,97 @@ PORT = "MNIST_MASTER_PORT"       # the port they rendezvous on (default: any fre
 RENDEZVOUS_TIMEOUT = 600         # seconds to wait for every machine to join
 
 
-def free_port() -> int:
+BOUND = "mnist-bound"  # the rendezvous backend: torchrun's static one, on one address only
+
+
+def bound_rendezvous(params):
+    """torchrun's static rendezvous, hosted here (node 0), with its store listening on the
+    rendezvous address alone: 127.0.0.1 for a run on one machine, MNIST_MASTER_ADDR for
+    several. TCPStore binds every interface of the machine and takes no bind address;
+    given a socket already bound (`master_listen_fd`), it listens on that one. The
+    handler's store is set before its first use (StaticTCPRendezvous makes one only when
+    it has none): a private attribute of torch's, run by tests/integration/test_two_hosts.py.
+    """
+    import datetime
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous
+
+    class Bound(StaticTCPRendezvous):
+        def get_backend(self) -> str:
+            return BOUND
+
+    address, port = params.endpoint.rsplit(":", 1)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((address, int(port)))  # port 0: any free one, bound now (no race)
+    except OSError as err:
+        listener.close()
+        raise PipelineError(f"cannot host the rendezvous at {address}:{port}: "
+                            f"{err.strerror}") from None
+    listener.listen()
+    port = listener.getsockname()[1]
+    handler = Bound(address, port, 0, params.max_nodes, params.run_id, RENDEZVOUS_TIMEOUT)
+    handler._store = TCPStore(address, port, params.max_nodes, True,
+                              datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT), multi_tenant=True,
+                              master_listen_fd=listener.detach())  # the store owns it now
+    return handler
+
+
+def address_towards(address: str) -> str:
+    """This machine's own address on the way to `address`: the source address the kernel
+    picks for it (a UDP connect sends nothing)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        try:
+            udp.connect((address, 9))
+        except OSError as err:
+            raise PipelineError(f"no route from this machine to {address}: {err}") from None
+        return udp.getsockname()[0]
+
+
+def interface_towards(address: str) -> str:
+    """The name of this machine's network interface that traffic to `address` leaves by.
+    gloo must be told (GLOO_SOCKET_IFNAME): left alone, it takes the address this
+    machine's hostname resolves to, often 127.0.x.1, which other machines cannot reach."""
+    import fcntl
+    import socket
+    import struct
+
+    local = address_towards(address)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(udp.fileno(), 0x8915, request)  # SIOCGIFADDR
+            except OSError:
+                continue  # no IPv4 address on this one
+            if socket.inet_ntoa(reply[20:24]) == local:
+                return name
+    raise PipelineError(f"no network interface holds {local}, this machine's address "
+                        f"towards {address}")
+
+
+def lost_worker(error: str, where: list[tuple[int, str]], me: int) -> str | None:
+    """What worker `me` says when gloo lost its connection to another worker: which one,
+    on which node and address. `where[rank]` is each worker's (node, address), gathered
+    when the workers met; gloo's message names the peer as [address]:port. None when it
+    names no other worker's address."""
+    import re
+
+    size = len(where)
+    for address in re.findall(r"\[([0-9.]+)\]:\d+", error):
+        ranks = [rank for rank, (_, at) in enumerate(where) if at == address and rank != me]
+        if ranks:
+            node = where[ranks[0]][0]
+            who = (f"worker {ranks[0]}" if len(ranks) == 1 else
+                   "workers " + ", ".join(map(str, ranks)))
+            return (f"{who} of {size} (node {node}, {address}) stopped answering "
+                    "mid-training: gloo lost its connection")
+    return None
 
 
 def failure_line(failures: dict, workers: int, log_dir: Path) -> str:
@@ -47,6 +135,8 @@ def failure_line(failures: dict, workers: int, log_dir: Path) -> str:
     for log in log_dir.rglob(f"{failure.local_rank}/stderr.log"):
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         said = lines[-1].removeprefix("error: ") if lines else ""
+    if said.startswith("worker"):  # its account of another machine's worker (lost_worker)
+        return said
     return f"worker {rank} of {workers} exited with {failure.exitcode}" + (
         f": {said}" if said else "")
 
@@ -55,7 +145,8 @@ def launch(cfg: dict, argv: list[str]) -> None:
     """Run this stage's command as `train.torch.workers` data-parallel workers with
     torch.distributed's launcher (torchrun's engine), and wait for them.
 
-    On one machine (the default) they meet on 127.0.0.1 only. With MNIST_NODES=M, this
+    On one machine (the default) they meet on 127.0.0.1 only, and nothing they or the
+    rendezvous open listens beyond it (bound_rendezvous). With MNIST_NODES=M, this
     machine is node 0 and hosts the rendezvous at MNIST_MASTER_ADDR:MNIST_MASTER_PORT; each
     other machine joins with torchrun (docs/machines.md). Worker 0 (here)
     writes the outputs; a worker that fails ends the run in one line naming it.
@@ -67,6 +158,7 @@ def launch(cfg: dict, argv: list[str]) -> None:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from stages.runtime.failures import Interrupted
@@ -75,10 +167,12 @@ def launch(cfg: dict, argv: list[str]) -> None:
     if nodes < 1 or workers % nodes:
         raise PipelineError(f"{NODES}={nodes}: train.torch.workers ({workers}) must split evenly "
                             "over the machines")
+    if nodes > 1 and not (os.environ.get(ADDRESS) and os.environ.get(PORT)):
+        raise PipelineError(f"{NODES}={nodes}: set {ADDRESS} and {PORT}, the address and port "
+                            "at which the other machines join this one (docs/machines.md)")
     address = os.environ.get(ADDRESS, "127.0.0.1")
-    if nodes == 1 and address == "127.0.0.1":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets: loopback
-    port = int(os.environ.get(PORT, 0)) or free_port()
+    port = int(os.environ.get(PORT, 0))
+    rendezvous_handler_registry.register(BOUND, bound_rendezvous)
     # The launcher's log lines ("Received 2 death signal...") are not for the stage's
     # stderr: its one line says what happened. Each of its loggers sets its own level.
     for name in list(logging.Logger.manager.loggerDict):
@@ -87,7 +181,7 @@ def launch(cfg: dict, argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="mnist-workers-") as log_dir:
         config = LaunchConfig(
             min_nodes=nodes, max_nodes=nodes, nproc_per_node=workers // nodes,
-            rdzv_backend="static", rdzv_endpoint=f"{address}:{port}",
+            rdzv_backend=BOUND, rdzv_endpoint=f"{address}:{port}",
             rdzv_configs={"rank": 0, "timeout": RENDEZVOUS_TIMEOUT}, max_restarts=0,
             # torchrun's default run id: the other machines' plain torchrun line matches.
             run_id="none", local_addr=address, monitor_interval=0.1,
