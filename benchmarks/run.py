@@ -25,8 +25,12 @@
    otherwise) trained by `--framework` and evaluated by the stages once per `--seeds`, for
    test errors and time: how much of a result is the seed.
 
+8. Only when asked (`--only hosts`, as root, minutes): two test hosts with a network between
+   them (benchmarks/hosts.py): push and pull through the S3 object store, and data-parallel
+   training on one host and across both, images/s.
+
 Usage: python -m benchmarks.run [--data PATH] [--repeats N]
-       [--only train|mosaics|frameworks|workers|predict|frontier|cnn]
+       [--only train|mosaics|frameworks|workers|predict|frontier|cnn|hosts]
        [--models mlp cnn] [--epochs N]
        [--model cnn|cnn_large] [--framework keras|torch] [--seeds 1 2 3]
        [--set KEY=VALUE ...]   (--only frontier: a variant of each preset's recipe)
@@ -418,7 +422,7 @@ def main() -> None:
                         help="full MNIST in the Keras .npz layout")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=("train", "mosaics", "frameworks", "workers",
-                                           "predict", "cnn", "frontier"))
+                                           "predict", "cnn", "frontier", "hosts"))
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn", "cnn_large"),
                         default=["mlp"], help="what --only frameworks/workers/frontier train")
     parser.add_argument("--epochs", type=int, help="shorten every recipe (frameworks)")
@@ -473,6 +477,13 @@ def main() -> None:
               "(train + evaluate stages)")
         print(frontier_table(bench_frontier(args.data, args.models, args.seeds,
                                             args.epochs, changes)))
+    if args.only == "hosts":
+        from benchmarks import hosts
+
+        epochs = args.epochs or 3
+        print(f"\ntwo test hosts (benchmarks/hosts.py): the object store, and the mlp in "
+              f"PyTorch for {epochs} epochs on one host and across both")
+        print(json.dumps(hosts.run(args.data, epochs), indent=2))
     if args.only == "cnn":
         print(f"\n{args.model} in {args.framework}, default params, seeds {args.seeds} "
               "(train + evaluate stages)")

@@ -9,8 +9,7 @@
 The store runs on a test host (tests/integration/hosts.py), bound to that host's address,
 with the Makefile's flags (so the tests start what a user starts), telemetry off, and the
 bucket `mnist`. Keys are made up per store and live only in the tests' environments.
-`disk_mb=4` gives the store a disk of its own of that size (a tmpfs): a store that fills
-up. Its data persists in `root` across kill and start, as a real server's would.
+Its data persists in `root` across kill and start, as a real server's would.
 """
 
 from __future__ import annotations
@@ -39,11 +38,10 @@ client.head_bucket(Bucket=sys.argv[2])
 
 
 class ObjectStore:
-    def __init__(self, root: Path, host: Host, disk_mb: int | None = None):
+    def __init__(self, root: Path, host: Host):
         self.root, self.host = Path(root), host
         self.root.mkdir(parents=True, exist_ok=True)
         self.data, self.log = self.root / "data", self.root / "weed.log"
-        self.disk_mb = disk_mb
         self.endpoint = f"http://{host.address}:{PORT}"
         self.key, self.secret = f"team-{secrets.token_hex(4)}", secrets.token_hex(16)
         self.reader = (f"reader-{secrets.token_hex(4)}", secrets.token_hex(16))
@@ -61,10 +59,6 @@ class ObjectStore:
 
     def start(self, timeout: float = 60) -> ObjectStore:
         env = self.env(dict(os.environ))
-        if self.disk_mb and not os.path.ismount(self.data):
-            self.data.mkdir(exist_ok=True)
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.disk_mb}m", "tmpfs",
-                            str(self.data)], check=True, capture_output=True, timeout=30)
         self.proc = self.host.popen(
             ["make", "-s", "-C", str(ROOT), "object-store", f"OBJECT_STORE_DIR={self.data}",
              f"OBJECT_STORE_ADDRESS={self.host.address}",
@@ -110,5 +104,3 @@ class ObjectStore:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        if self.disk_mb and os.path.ismount(self.data):
-            subprocess.run(["umount", str(self.data)], capture_output=True, timeout=30)

@@ -18,7 +18,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -92,9 +91,7 @@ def test_two_hosts_train_one_model_and_a_forced_rerun_gives_the_same_bits(hosts,
     a_repo, b_repo = checkouts
     untouched = out_hashes(b_repo)
     command_0, command_1 = page_commands(hosts[0])
-    started = time.monotonic()
     out = finish(*across(hosts, a_repo, b_repo, command_0, command_1))
-    seconds = time.monotonic() - started
     assert "train: mlp in torch on 2 workers (torch.distributed)" in out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == \
         ["1/3", "2/3", "3/3"]
@@ -102,10 +99,6 @@ def test_two_hosts_train_one_model_and_a_forced_rerun_gives_the_same_bits(hosts,
     assert (info["workers"], info["intra_op_threads"]) == (2, 2)  # one worker per host
     assert out_hashes(b_repo) == untouched  # only A's rank 0 wrote
     results, lock = out_hashes(a_repo), (a_repo / "dvc.lock").read_text()
-    curves = (a_repo / PATHS["curves"]).rglob("*.tsv")
-    print(f"two hosts, 3 epochs of the mlp: {seconds:.1f}s wall, epochs: "
-          + "; ".join(line for line in out.splitlines() if line.startswith("epoch ")))
-    del curves
 
     again = finish(*across(hosts, a_repo, b_repo, command_0.replace("dvc repro",
                                                                     "dvc repro --force"),
@@ -147,9 +140,8 @@ def test_b_s_worker_killed_mid_training_ends_a_s_stage_in_one_line(hosts, checko
     ours = {p.pid for p in [psutil.Process(stage.pid),
                             *psutil.Process(stage.pid).children(recursive=True)]}
     listening = {(addr, port) for addr, port, pid in a.listening() if pid in ours}
-    print("listening on A during a two-host run:", sorted(listening))
-    assert (a.address, PORT) in listening
-    assert {addr for addr, _ in listening} == {a.address}
+    assert (a.address, PORT) in listening, listening
+    assert {addr for addr, _ in listening} == {a.address}, listening
     assert b.connects(a.address, PORT)
 
     remote = workers_of(psutil.Process(join.pid))
@@ -157,7 +149,6 @@ def test_b_s_worker_killed_mid_training_ends_a_s_stage_in_one_line(hosts, checko
     remote[1].kill()
     assert stage.wait(timeout=120) == 1
     err = stage.stderr.read()
-    print("A says:", err)
     said = (f"error: worker 1 of 2 (node 1, {b.address}) stopped answering mid-training: "
             "gloo lost its connection")
     assert err == said + "\n"
@@ -181,10 +172,9 @@ def test_a_one_machine_run_opens_nothing_the_other_host_reaches(hosts, checkouts
     ours = {p.pid for p in [psutil.Process(stage.pid),
                             *psutil.Process(stage.pid).children(recursive=True)]}
     sockets = [(addr, port) for addr, port, pid in a.listening() if pid in ours]
-    print("listening on A during a one-machine run:", sockets)
     assert sockets, "the run listens on nothing?"
     reachable = [(addr, port) for addr, port in sockets if b.connects(a.address, port)]
     stage.send_signal(signal.SIGINT)
     assert stage.wait(timeout=120) == 130
     assert not reachable, f"B reaches a one-machine run's ports: {reachable}"
-    assert {addr for addr, _ in sockets} == {"127.0.0.1"}
+    assert {addr for addr, _ in sockets} == {"127.0.0.1"}, sockets

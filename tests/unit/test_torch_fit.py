@@ -133,3 +133,14 @@ def test_gloo_goes_out_by_the_interface_towards_the_rendezvous():
 
     assert interface_towards("127.0.0.1") == "lo"
     assert address_towards("127.0.0.1") == "127.0.0.1"
+
+
+def test_several_machines_need_the_rendezvous_address_and_port(monkeypatch):
+    from stages.frameworks.torch.launcher import launch
+    from stages.runtime.failures import PipelineError
+
+    monkeypatch.setenv("MNIST_NODES", "2")
+    monkeypatch.delenv("MNIST_MASTER_ADDR", raising=False)
+    monkeypatch.setenv("MNIST_MASTER_PORT", "29500")
+    with pytest.raises(PipelineError, match="set MNIST_MASTER_ADDR and MNIST_MASTER_PORT"):
+        launch({"workers": 2}, [])
