@@ -450,6 +450,22 @@ class Lines:
         return "".join(self.seen + chunks)
 
 
+def workers_of(process) -> dict:
+    """The data-parallel worker processes under `process` (a psutil.Process), by rank:
+    torch.distributed's launcher sets RANK in each one's environment."""
+    import psutil
+
+    found = {}
+    for child in [process, *process.children(recursive=True)]:
+        try:
+            rank = child.environ().get("RANK")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if rank is not None:
+            found[int(rank)] = child
+    return found
+
+
 def start(repo: Path, *args, env: dict | None = None) -> tuple[subprocess.Popen, Lines]:
     proc = subprocess.Popen(args, cwd=repo, env=env or run_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -23,7 +23,16 @@ import psutil
 import pytest
 
 from tests.docs import block, claims, prose
-from tests.helpers import Lines, copy_project, dvc_vars, out_hashes, run_env, set_params, sh
+from tests.helpers import (
+    Lines,
+    copy_project,
+    dvc_vars,
+    out_hashes,
+    run_env,
+    set_params,
+    sh,
+    workers_of,
+)
 from tests.integration.hosts import Hosts
 
 pytestmark = pytest.mark.slow
@@ -107,16 +116,10 @@ def test_two_hosts_train_one_model_and_a_forced_rerun_gives_the_same_bits(hosts,
     assert out_hashes(a_repo) == results and (a_repo / "dvc.lock").read_text() == lock
 
 
-def workers_of(process: psutil.Process) -> dict[int, psutil.Process]:
-    found = {}
-    for child in [process, *process.children(recursive=True)]:
-        try:
-            rank = child.environ().get("RANK")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if rank is not None:
-            found[int(rank)] = child
-    return found
+def pids_under(pid: int) -> set[int]:
+    """pid and every process under it."""
+    top = psutil.Process(pid)
+    return {p.pid for p in [top, *top.children(recursive=True)]}
 
 
 def test_b_s_worker_killed_mid_training_ends_a_s_stage_in_one_line(hosts, checkouts,
@@ -137,8 +140,7 @@ def test_b_s_worker_killed_mid_training_ends_a_s_stage_in_one_line(hosts, checko
 
     # What the run listens on, on A: the rendezvous store, and gloo's sockets, on A's
     # address on the link alone (not every interface); B reaches the store there.
-    ours = {p.pid for p in [psutil.Process(stage.pid),
-                            *psutil.Process(stage.pid).children(recursive=True)]}
+    ours = pids_under(stage.pid)
     listening = {(addr, port) for addr, port, pid in a.listening() if pid in ours}
     assert (a.address, PORT) in listening, listening
     assert {addr for addr, _ in listening} == {a.address}, listening
@@ -169,8 +171,7 @@ def test_a_one_machine_run_opens_nothing_the_other_host_reaches(hosts, checkouts
                     stderr=subprocess.PIPE, text=True)
     lines = Lines(stage)
     lines.wait_for("epoch 2/10000 ", timeout=300)
-    ours = {p.pid for p in [psutil.Process(stage.pid),
-                            *psutil.Process(stage.pid).children(recursive=True)]}
+    ours = pids_under(stage.pid)
     sockets = [(addr, port) for addr, port, pid in a.listening() if pid in ours]
     assert sockets, "the run listens on nothing?"
     reachable = [(addr, port) for addr, port in sockets if b.connects(a.address, port)]

@@ -29,6 +29,7 @@ from tests.helpers import (
     set_params,
     stages_run,
     start,
+    workers_of,
 )
 
 pytestmark = pytest.mark.slow
@@ -58,19 +59,6 @@ def test_two_workers_train_through_dvc_repro_bit_reproducibly(trained_copy):
     assert stages_run(again.stdout) == ["download", "normalize", "train", "evaluate",
                                         "render-errors", "audit-labels"]
     assert out_hashes(repo) == results and (repo / "dvc.lock").read_text() == lock
-
-
-def workers_of(stage: psutil.Process) -> dict[int, psutil.Process]:
-    """The stage's worker processes by rank (the launcher sets RANK in their environment)."""
-    found = {}
-    for child in stage.children(recursive=True):
-        try:
-            rank = child.environ().get("RANK")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if rank is not None:
-            found[int(rank)] = child
-    return found
 
 
 def start_long_training(repo):
