@@ -27,7 +27,7 @@ from stages.data.mnist import load_processed, validation_split
 from stages.runtime import params
 from stages.runtime.failures import DataError, deferred_interrupts, run, stop_if_interrupted
 from stages.runtime.outputs import atomic_dir
-from stages.training.distributed import world
+from stages.training.distributed import leave, world
 
 
 def cpu_model() -> str:
@@ -99,6 +99,7 @@ def train_and_save(args, argv: list[str]) -> None:
     started = time.perf_counter()
     if rank:  # a worker other than the first: it trains, and writes nothing
         fit(cfg, data, None)
+        leave(size)
         return
     # Curves and model are built aside and swapped in only when training completed, so an
     # interrupted run leaves the previous model and its own curves in place.
@@ -115,6 +116,7 @@ def train_and_save(args, argv: list[str]) -> None:
             stop_if_interrupted()
     print(f"train: {cfg['model']} for {cfg['epochs']} epochs in {seconds:.1f}s "
           f"-> {args.model_dir}")
+    leave(size)
 
 
 def main(argv=None) -> None:

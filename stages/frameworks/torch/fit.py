@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.frameworks.torch.env import device, torch
-from stages.frameworks.torch.launcher import address_towards, interface_towards, lost_worker
+from stages.frameworks.torch.launcher import interface_towards, lost_worker, where_workers
 from stages.frameworks.torch.model import build
 from stages.frameworks.torch.resample import augment
 from stages.runtime.failures import PipelineError, stop_if_interrupted
@@ -92,6 +92,10 @@ def evaluate(model, x, y, batch_size: int = 1000) -> dict:
     return {"loss": loss_sum / len(y), "accuracy": hits / len(y)}
 
 
+# Data-parallel wrappers kept until the process ends (see the end of fit).
+ALIVE: list = []
+
+
 def fit(cfg: dict, data: dict, curves_dir):
     """Train for cfg["epochs"], logging curves with dvclive into curves_dir (rank 0; the
     others pass None); returns the trained module on the CPU.
@@ -112,9 +116,7 @@ def fit(cfg: dict, data: dict, curves_dir):
                                   interface_towards(os.environ["MASTER_ADDR"]))
         torch.distributed.init_process_group("nccl" if where.type == "cuda" else "gloo")
         # Which machine each worker is on, to name one that stops answering.
-        where_ranks = [None] * size  # (node, address) by rank
-        torch.distributed.all_gather_object(where_ranks, (
-            int(os.environ.get("GROUP_RANK", 0)), address_towards(os.environ["MASTER_ADDR"])))
+        where_ranks = where_workers(rank, size)
         # Every worker starts from rank 0's weights (DDP broadcasts them) and draws its own
         # dropout masks and augmentation (rank 0 the same ones as a single process).
         torch.manual_seed(cfg["seed"] + 1_000_003 * rank)
@@ -170,6 +172,11 @@ def fit(cfg: dict, data: dict, curves_dir):
         if size > 1:
             torch.distributed.barrier()  # no worker leaves while another still needs it
             torch.distributed.destroy_process_group()
+            # Never destroyed: the process group's destructor waits for gloo's thread while
+            # holding the GIL, and deadlocks when that thread needs the GIL to free a
+            # tensor (pytorch/pytorch#56297). The worker leaves by os._exit instead
+            # (stages/training/distributed.py: leave).
+            ALIVE.append(net)
     except RuntimeError as err:  # gloo's, when a worker on another machine stops answering
         lost = lost_worker(str(err), where_ranks, rank) if size > 1 else None
         if lost is None:

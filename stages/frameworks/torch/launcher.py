@@ -96,6 +96,29 @@ def interface_towards(address: str) -> str:
                         f"towards {address}")
 
 
+def where_workers(rank: int, size: int) -> list[tuple[int, str]]:
+    """Every worker's (node, address) by rank, this one's included, exchanged through the
+    rendezvous store (MASTER_ADDR:MASTER_PORT, which every worker reaches). Not a gloo
+    collective: the Python tensors of one outlive it in gloo's own thread, and the process
+    group's destructor, which waits for that thread while holding the GIL, then deadlocks
+    when the thread asks for the GIL to free them (pytorch/pytorch#56297)."""
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                     is_master=False, timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT))
+    node = int(os.environ.get("GROUP_RANK", 0))
+    store.set(f"mnist/where/{rank}", f"{node} {address_towards(os.environ['MASTER_ADDR'])}")
+    keys = [f"mnist/where/{r}" for r in range(size)]
+    store.wait(keys)
+    where = []
+    for key in keys:
+        node, address = store.get(key).decode().split()
+        where.append((int(node), address))
+    return where
+
+
 def lost_worker(error: str, where: list[tuple[int, str]], me: int) -> str | None:
     """What worker `me` says when gloo lost its connection to another worker: which one,
     on which node and address. `where[rank]` is each worker's (node, address), gathered
