@@ -309,12 +309,16 @@ def test_the_program_is_built_once_per_source_and_flags(tmp_path, monkeypatch):
     built_at = first.stat().st_mtime_ns
     assert fit.build() == first and first.stat().st_mtime_ns == built_at
     edited = tmp_path / "mnist_mlp.c"
-    edited.write_text(fit.SOURCE.read_text() + "\n/* edited */\n")
-    monkeypatch.setattr(fit, "SOURCE", edited)
+    edited.write_text(fit.SOURCES["mlp"].read_text() + "\n/* edited */\n")
+    monkeypatch.setitem(fit.SOURCES, "mlp", edited)
     monkeypatch.setattr(fit, "BUILD_DIR", tmp_path / "build")
     other = fit.build()
     assert other != first and other.parent.parent == tmp_path / "build"
     assert [p.name for p in other.parent.iterdir()] == ["mnist_mlp"]  # no temporaries
+    header = tmp_path / "mnist.h"  # the header the programs share is part of the key
+    header.write_text(fit.HEADER.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(fit, "HEADER", header)
+    assert fit.build() not in (first, other)
 
 
 def test_no_compiler_is_one_line_naming_how_to_install_one(monkeypatch):
@@ -327,7 +331,7 @@ def test_no_compiler_is_one_line_naming_how_to_install_one(monkeypatch):
 def test_a_source_that_does_not_compile_is_one_line(tmp_path, monkeypatch):
     broken = tmp_path / "mnist_mlp.c"
     broken.write_text("int main(void) { return undefined_name; }\n")
-    monkeypatch.setattr(fit, "SOURCE", broken)
+    monkeypatch.setitem(fit.SOURCES, "mlp", broken)
     monkeypatch.setattr(fit, "BUILD_DIR", tmp_path / "build")
     with pytest.raises(PipelineError, match="could not build mnist_mlp.c: .*undefined_name"):
         fit.build()

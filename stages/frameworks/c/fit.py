@@ -1,10 +1,11 @@
 """Training in plain C: build the program, hand it the data as idx files, follow its epochs.
 
-`fit(cfg, data, curves_dir)` compiles stages/frameworks/c/mnist_mlp.c (once per source, compiler and
+`fit(cfg, data, curves_dir)` compiles the program for `cfg["model"]` (mnist_mlp.c or
+mnist_cnn.c beside this file, with the mnist.h they share; once per source, compiler and
 flags: into the ignored build/c/ folder), writes the split the stage made as idx files
-(MNIST's own format, which can carry float32), runs `mnist_mlp train` with the recipe, turns
-each epoch line it prints into the same report and dvclive curves as the other frameworks,
-and returns the weights it wrote (stages/frameworks/c/model.py's format).
+(MNIST's own format, which can carry float32), runs its `train` command with the recipe,
+turns each epoch line it prints into the same report and dvclive curves as the other
+frameworks, and returns the weights it wrote (stages/frameworks/c/model.py's formats).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from stages.frameworks.c.model import MODEL_FILE, decode
 from stages.runtime.failures import PipelineError, stop_if_interrupted
 from stages.training.epochs import Curves
 
-SOURCE = Path(__file__).with_name("mnist_mlp.c")
+HERE = Path(__file__).parent
+SOURCES = {"mlp": HERE / "mnist_mlp.c", "cnn": HERE / "mnist_cnn.c"}  # one program per model
+HEADER = HERE / "mnist.h"  # what both include
 BUILD_DIR = Path(__file__).resolve().parents[3] / "build" / "c"  # the project root's build/
 BUILD_TIMEOUT = 300  # seconds: far more than one compile of the file takes
 
@@ -36,7 +39,7 @@ def fit(cfg: dict, data: dict, curves_dir):
     Under deferred_interrupts, Ctrl-C stops it at the next line the program prints (one
     per epoch; the program itself takes the terminal's Ctrl-C and ends at once).
     """
-    program = build()
+    program = build(cfg["model"])
     stop_if_interrupted()
     with tempfile.TemporaryDirectory(prefix="mnist-c-") as tmp:
         tmp = Path(tmp)
@@ -63,7 +66,7 @@ def fit(cfg: dict, data: dict, curves_dir):
                 stderr.seek(0)
                 said = stderr.read().strip().splitlines()
                 raise PipelineError(said[-1] if said else
-                                    f"mnist_mlp train exited with {process.returncode}")
+                                    f"{program.name} train exited with {process.returncode}")
         curves.close(validated=cfg["val_fraction"] > 0)
         if summary:
             print(f"arithmetic: {float(summary['executed_gflop']):.1f} GFLOP executed "
@@ -73,19 +76,21 @@ def fit(cfg: dict, data: dict, curves_dir):
         return decode((tmp / MODEL_FILE).read_bytes(), "the program's model file")
 
 
-def build() -> Path:
-    """The program, compiled unless this source, compiler and flags were built before.
+def build(model: str = "mlp") -> Path:
+    """The program that trains `model`, compiled unless this source (and header), compiler
+    and flags were built before.
 
     With OpenMP when the compiler has it, else single-threaded (same bits either way).
     """
     cc = env.compiler()
-    source = SOURCE.read_bytes()
+    source_path = SOURCES[model]
+    source = source_path.read_bytes() + b"\0" + HEADER.read_bytes()
     version = env.compiler_version(cc)
     for openmp in (True, False):
         flags = [*env.CFLAGS, *([env.OPENMP] if openmp else [])]
         key = hashlib.sha256(b"\0".join([source, version.encode(), cc.encode(),
                                          " ".join(flags).encode()])).hexdigest()[:16]
-        program = BUILD_DIR / key / "mnist_mlp"
+        program = BUILD_DIR / key / source_path.stem
         # Recorded: the compiler and flags. Not the source's hash: the source is a dep, and
         # an edit that changes no result (a comment) must leave the model folder as it was.
         env.built.update(cc=cc, cc_version=version, cflags=" ".join(flags), openmp=openmp)
@@ -94,23 +99,24 @@ def build() -> Path:
         program.parent.mkdir(parents=True, exist_ok=True)
         # Built aside and renamed in: a half-written program is never run, and two runs
         # building at once both end with a complete one.
-        partial = program.with_name(f".mnist_mlp.{os.getpid()}.tmp")
+        partial = program.with_name(f".{program.name}.{os.getpid()}.tmp")
         started = time.perf_counter()
         try:
-            done = subprocess.run([cc, *flags, "-o", str(partial), str(SOURCE), *env.LIBS],
+            done = subprocess.run([cc, *flags, "-I", str(HEADER.parent), "-o", str(partial),
+                                   str(source_path), *env.LIBS],
                                   capture_output=True, text=True, timeout=BUILD_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired) as err:
-            raise PipelineError(f"building {SOURCE.name} with {cc} failed: {err}") from None
+            raise PipelineError(f"building {source_path.name} with {cc} failed: {err}") from None
         if done.returncode == 0:
             partial.replace(program)
-            print(f"built {SOURCE.name} in {time.perf_counter() - started:.1f}s: {cc} "
+            print(f"built {source_path.name} in {time.perf_counter() - started:.1f}s: {cc} "
                   f"{' '.join(flags)} ({version})", flush=True)
             return program
         partial.unlink(missing_ok=True)
         if not openmp:
             first = next((line for line in done.stderr.splitlines() if "error" in line),
                          done.stderr.strip()[:200])
-            raise PipelineError(f"{cc} could not build {SOURCE.name}: {first}")
+            raise PipelineError(f"{cc} could not build {source_path.name}: {first}")
     raise AssertionError("unreachable")
 
 
