@@ -21,7 +21,8 @@ SECTIONS = ("dataset", "download", "normalize", "train", "evaluate", "render", "
 CLASSES = 10  # every network ends in 10 softmax outputs
 MODEL_NAMES = ("mlp", "cnn", "cnn_large")  # the networks of stages/frameworks/*/model.py
 FRAMEWORKS = ("keras", "torch", "c")  # each one folder: stages/frameworks/F/
-C_MODELS = ("mlp",)  # what the plain-C program (stages/frameworks/c/mnist_mlp.c) implements
+C_MODELS = ("mlp", "cnn")  # what the plain-C programs implement (stages/frameworks/c/mnist_*.c)
+C_CNN_MAX_BATCH = 4096  # mnist_cnn.c's MAX_CNN_BATCH: its activations take ~0.5 MB an image
 DEVICES = ("cpu", "cuda")
 FORMATS = ("npz", "idx")
 IDX_NAMES = (  # the four files of a source in the original idx format
@@ -242,8 +243,9 @@ def speed(p: dict) -> dict:
 
 def check_c_model(framework: str, model: str, model_key: str, framework_key: str) -> None:
     if framework == "c" and model not in C_MODELS:
-        raise _bad(model_key, model, f"{', '.join(C_MODELS)} with {framework_key} c "
-                   "(the plain-C program implements the original network only)")
+        raise _bad(model_key, model, f"{' or '.join(C_MODELS)} with {framework_key} c "
+                   "(the plain-C programs implement the original network and the default "
+                   "convnet)")
 
 
 def train(p: dict, fast: dict, framework_key: str = "train.framework") -> dict:
@@ -264,6 +266,9 @@ def train(p: dict, fast: dict, framework_key: str = "train.framework") -> dict:
             raise _bad(f"{where}.{model}.{key}", recipes[model][key], f"0 with {framework_key} "
                        f"c (the plain-C program {missing})")
     batch = recipes[model]["batch_size"]
+    if framework == "c" and model == "cnn" and batch > C_CNN_MAX_BATCH:
+        raise _bad(f"{where}.cnn.batch_size", batch, f"at most {C_CNN_MAX_BATCH} with "
+                   f"{framework_key} c (the program holds a batch's activations in memory)")
     if batch % settings["workers"]:
         raise _bad(f"{where}.torch.workers", settings["workers"], f"a divisor of "
                    f"train.{model}.batch_size ({batch}): every worker takes an equal share of "

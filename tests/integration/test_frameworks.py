@@ -96,6 +96,44 @@ def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
     assert out_hashes(repo) == keras_results
 
 
+def test_c_trains_the_default_convnet_behind_the_same_stages_bit_reproducibly(trained_copy):
+    repo = trained_copy
+    recipe = yaml.safe_load((repo / "params.yaml").read_text())["train"]["cnn"]
+
+    run = dvc(repo, "exp", "run", "-S", "train.framework=c", "-S", "train.model=cnn")
+    assert stages_run(run.stdout) == ["train", "evaluate", "render-errors"], run.stdout
+    assert "train: cnn in c on " in run.stdout and "GFLOP/s on 2 threads" in run.stdout
+    assert len([line for line in run.stdout.splitlines() if line.startswith("epoch ")]) == (
+        recipe["epochs"])
+    assert [line.split()[1] for line in run.stdout.splitlines()
+            if line.startswith("layer ")] == ["conv1", "conv2", "conv3", "dense"]
+    model_dir = repo / PATHS["model_dir"]
+    info = json.loads((model_dir / "run_info.json").read_text())
+    assert (info["framework"], info["model"], info["model_file"]) == ("c", "cnn", "model.bin")
+    assert list((repo / "build" / "c").glob("*/mnist_cnn"))
+    metrics = json.loads((repo / PATHS["metrics"]).read_text())
+    assert 0.5 < metrics["accuracy"] <= 1  # the fixture's 1500 images, a few epochs
+
+    c_results = out_hashes(repo)
+    forced_rerun_gives_the_same_bits(repo, c_results)
+    # The program's thread count is a speed knob: one thread writes the same bits.
+    set_params(repo, speed={"c_threads": 1})
+    assert status(repo) == {}
+    one = dvc(repo, "repro", "--force", "train")
+    assert "on 1 threads" in one.stdout
+    assert out_hashes(repo) == c_results
+
+    # Its source and the header both programs include are train's deps (and the C audit's).
+    with open(repo / "stages/frameworks/c/mnist_cnn.c", "a") as f:
+        f.write("/* edited by a test: a comment changes no result */\n")
+    assert sorted(status(repo)) == ["audit-labels", "train"]
+    dvc(repo, "repro")
+    with open(repo / "stages/frameworks/c/mnist.h", "a") as f:
+        f.write("/* edited by a test */\n")
+    assert sorted(status(repo)) == ["audit-labels", "train"]
+    assert out_hashes(repo) == c_results
+
+
 def test_c_trains_the_original_network_behind_the_same_stages_bit_reproducibly(trained_copy):
     repo = trained_copy
     keras_results = out_hashes(repo)

@@ -128,21 +128,22 @@ def test_ctrl_c_in_pytorch_training_is_one_line_and_keeps_the_previous_model(tra
     assert temporaries(repo) == []
 
 
-@pytest.mark.parametrize("signum, to_group, code", [
-    (signal.SIGINT, True, 130),    # Ctrl-C in a terminal: the stage and the program get it
-    (signal.SIGINT, False, 130),   # the stage alone: it stops the program
-    (signal.SIGTERM, False, 143),
-], ids=["ctrl-c", "sigint-to-the-stage", "sigterm-to-the-stage"])
+@pytest.mark.parametrize("model, signum, to_group, code", [
+    ("mlp", signal.SIGINT, True, 130),   # Ctrl-C in a terminal: the stage and the program get it
+    ("mlp", signal.SIGINT, False, 130),  # the stage alone: it stops the program
+    ("mlp", signal.SIGTERM, False, 143),
+    ("cnn", signal.SIGINT, True, 130),
+], ids=["ctrl-c", "sigint-to-the-stage", "sigterm-to-the-stage", "ctrl-c-cnn"])
 def test_interrupting_c_training_is_one_line_and_leaves_no_program_running(
-        trained, tmp_path, signum, to_group, code):
+        trained, tmp_path, model, signum, to_group, code):
     """The C program runs as a child of the stage; however the signal arrives, the stage
     ends with its one line, keeps the previous model and leaves no program behind."""
     repo = copy_project(trained, tmp_path / "p")
     before = snapshot(repo, *TRAIN_OUTS)
-    set_params(repo, train={"framework": "c", "mlp": {"epochs": 10_000}})
+    set_params(repo, train={"framework": "c", "model": model, model: {"epochs": 10_000}})
     proc, lines = start(repo, sys.executable, "-m", "stages.train", *TRAIN_ARGS)
     lines.wait_for("epoch 2/10000 ")
-    programs = [c for c in psutil.Process(proc.pid).children() if c.name() == "mnist_mlp"]
+    programs = [c for c in psutil.Process(proc.pid).children() if c.name() == f"mnist_{model}"]
     assert len(programs) == 1
     if to_group:
         os.killpg(proc.pid, signum)

@@ -229,15 +229,25 @@ def test_a_gpu_is_for_torch_only():
         "device": "cuda"}
 
 
-def test_c_trains_the_original_network_on_the_cpu_only():
+def test_c_trains_the_original_network_and_the_default_convnet_only():
     values = edited("train.framework", "c")  # the shipped model is the cnn
+    assert params.check(values)["train"] == expected_train("cnn", "c")
+    values["train"]["model"] = "mlp"
+    assert params.check(values)["train"] == expected_train("mlp", "c")
+    values["train"]["model"] = "cnn_large"
     with pytest.raises(ParamError) as info:
         params.check(values)
     assert str(info.value) == (
-        "train.model: got 'cnn'; allowed: mlp with train.framework c (the plain-C program "
-        "implements the original network only)")
-    values["train"]["model"] = "mlp"
-    assert params.check(values)["train"] == expected_train("mlp", "c")
+        "train.model: got 'cnn_large'; allowed: mlp or cnn with train.framework c (the "
+        "plain-C programs implement the original network and the default convnet)")
+
+
+def test_c_refuses_a_convnet_batch_it_would_hold_in_unbounded_memory():
+    values = edited("train.framework", "c")
+    values["train"]["cnn"]["batch_size"] = 4097
+    with pytest.raises(ParamError, match=r"^train\.cnn\.batch_size: got 4097; allowed: at "
+                                         r"most 4096 with train\.framework c"):
+        params.check(values)
 
 
 @pytest.mark.parametrize("key, value, missing", [
@@ -626,7 +636,8 @@ def test_a_recipe_the_auditor_cannot_train_is_refused_only_when_it_trains():
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("model", "cnn", r"^audit\.model: got 'cnn'; allowed: mlp with audit\.framework c"),
+    ("model", "cnn_large", r"^audit\.model: got 'cnn_large'; allowed: mlp or cnn with "
+                           r"audit\.framework c"),
     ("framework", "jax", r"^audit\.framework: got 'jax'"),
     ("seed", -1, r"^audit\.seed: got -1"),
     ("model", DELETE, r"^audit\.model: missing from params\.yaml"),

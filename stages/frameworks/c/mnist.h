@@ -62,16 +62,16 @@ static double seconds_now(void)
 
 #ifdef _OPENMP
 #define OMP(directive) _Pragma(directive)
-static int thread_index(void) { return omp_get_thread_num(); }
-static int thread_count(void) { return omp_get_num_threads(); }
+static inline int thread_index(void) { return omp_get_thread_num(); }
+static inline int thread_count(void) { return omp_get_num_threads(); }
 #else
 #define OMP(directive)
-static int thread_index(void) { return 0; }
-static int thread_count(void) { return 1; }
+static inline int thread_index(void) { return 0; }
+static inline int thread_count(void) { return 1; }
 #endif
 
 /* Part `part` of `parts` near-equal contiguous shares of 0..n-1: [*begin, *end). */
-static void share(int n, int parts, int part, int *begin, int *end)
+static inline void share(int n, int parts, int part, int *begin, int *end)
 {
     *begin = (int)((int64_t)n * part / parts);
     *end = (int)((int64_t)n * (part + 1) / parts);
@@ -262,13 +262,13 @@ static int write_idx(const char *path, const void *values, int n, int width, int
 /* ---------------------------------------------------------------------------------------- */
 /* Augmentation                                                                               */
 
-/* Augmentation: the nonzero pixels of one randomly warped image. Output pixel (x column,
-   y row) samples the input at (a0 x + a1 y + a2, b0 x + b1 y + b2), bilinearly; neighbours
-   outside the image count as 0. */
+/* A random warp: a rotation, zoom and shift folded into one affine map, drawn from five
+   uniform numbers (counters draw * 5 + k of the AUGMENT stream). Output pixel (x column, y row)
+   samples the input at (m[0] x + m[1] y + m[2], m[3] x + m[4] y + m[5]), bilinearly;
+   neighbours outside the image count as 0. */
 typedef struct { double rotation, shift, zoom; } Augment;
 
-static int warp_nonzeros(const float *image, const Augment *aug, uint64_t key, uint64_t draw,
-                         uint16_t *pixel, float *value)
+static void affine_map(const Augment *aug, uint64_t key, uint64_t draw, float m[6])
 {
     double u[5];
     for (int k = 0; k < 5; k++)
@@ -277,32 +277,36 @@ static int warp_nonzeros(const float *image, const Augment *aug, uint64_t key, u
     double sx = 1.0 + u[1] * aug->zoom, sy = 1.0 + u[2] * aug->zoom;
     double mx = u[3] * aug->shift * SIDE, my = u[4] * aug->shift * SIDE, centre = 13.5;
     double a0 = c / sx, a1 = -s / sx, b0 = s / sy, b1 = c / sy;
-    float fa0 = (float)a0, fa1 = (float)a1, fa2 = (float)(centre - (a0 + a1) * centre - mx);
-    float fb0 = (float)b0, fb1 = (float)b1, fb2 = (float)(centre - (b0 + b1) * centre - my);
-    int n = 0;
-    for (int y = 0; y < SIDE; y++)
-        for (int x = 0; x < SIDE; x++) {
-            float px = fa0 * (float)x + fa1 * (float)y + fa2;
-            float py = fb0 * (float)x + fb1 * (float)y + fb2;
-            if (!(px > -1.0f && px < SIDE && py > -1.0f && py < SIDE))
-                continue; /* all four neighbours outside (or NaN) */
-            float x0 = floorf(px), y0 = floorf(py), fx = px - x0, fy = py - y0, v[4];
-            for (int i = 0; i < 4; i++) { /* (x0,y0) (x0+1,y0) (x0,y0+1) (x0+1,y0+1) */
-                int xi = (int)x0 + (i & 1), yi = (int)y0 + (i >> 1);
-                v[i] = xi >= 0 && xi < SIDE && yi >= 0 && yi < SIDE ? image[yi * SIDE + xi] : 0;
-            }
-            float top = (1.0f - fx) * v[0] + fx * v[1], bottom = (1.0f - fx) * v[2] + fx * v[3];
-            float out = (1.0f - fy) * top + fy * bottom;
-            if (out != 0.0f)
-                pixel[n] = (uint16_t)(y * SIDE + x), value[n++] = out;
-        }
-    return n;
+    m[0] = (float)a0, m[1] = (float)a1, m[2] = (float)(centre - (a0 + a1) * centre - mx);
+    m[3] = (float)b0, m[4] = (float)b1, m[5] = (float)(centre - (b0 + b1) * centre - my);
+}
+
+/* The warped image's pixel (x, y). */
+static inline float warp_pixel(const float *image, const float m[6], int x, int y)
+{
+    float px = m[0] * (float)x + m[1] * (float)y + m[2];
+    float py = m[3] * (float)x + m[4] * (float)y + m[5];
+    if (!(px > -1.0f && px < SIDE && py > -1.0f && py < SIDE))
+        return 0.0f; /* all four neighbours outside (or NaN) */
+    float x0 = floorf(px), y0 = floorf(py), fx = px - x0, fy = py - y0, v[4];
+    for (int i = 0; i < 4; i++) { /* (x0,y0) (x0+1,y0) (x0,y0+1) (x0+1,y0+1) */
+        int xi = (int)x0 + (i & 1), yi = (int)y0 + (i >> 1);
+        v[i] = xi >= 0 && xi < SIDE && yi >= 0 && yi < SIDE ? image[yi * SIDE + xi] : 0;
+    }
+    float top = (1.0f - fx) * v[0] + fx * v[1], bottom = (1.0f - fx) * v[2] + fx * v[3];
+    return (1.0f - fy) * top + fy * bottom;
 }
 
 /* ---------------------------------------------------------------------------------------- */
 /* Adam and the learning rate                                                                 */
 
 typedef struct { float lr_t, one_minus_beta1, one_minus_beta2, epsilon; } AdamStep;
+
+/* The learning rate of step `step` of `total`: constant, or Keras' CosineDecay (alpha 0). */
+static double learning_rate_at(double base, int cosine, uint64_t step, uint64_t total)
+{
+    return cosine ? base * 0.5 * (1.0 + cos(PI * (double)step / (double)total)) : base;
+}
 
 /* Keras 3's Adam at step `step` (0-based): lr_t = lr(step) sqrt(1 - beta2^t) / (1 - beta1^t)
    with t = step + 1, in double, rounded once. */

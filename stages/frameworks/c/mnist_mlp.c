@@ -265,6 +265,22 @@ static int argmax(const float *v)
 }
 
 
+/* Augmentation: the nonzero pixels of one randomly warped image (mnist.h's warp). */
+static int warp_nonzeros(const float *image, const Augment *aug, uint64_t key, uint64_t draw,
+                         uint16_t *pixel, float *value)
+{
+    float map[6];
+    affine_map(aug, key, draw, map);
+    int n = 0;
+    for (int y = 0; y < SIDE; y++)
+        for (int x = 0; x < SIDE; x++) {
+            float out = warp_pixel(image, map, x, y);
+            if (out != 0.0f)
+                pixel[n] = (uint16_t)(y * SIDE + x), value[n++] = out;
+        }
+    return n;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Adam                                                                                       */
 
@@ -644,10 +660,8 @@ static void train(const TrainOptions *o)
         shuffle(order, n, o->seed, epoch);
         for (int first = 0; first < n; first += o->batch_size, step++) {
             int batch = n - first < o->batch_size ? n - first : o->batch_size;
-            double lr = o->learning_rate; /* cosine: Keras' CosineDecay, alpha 0 */
-            if (o->cosine)
-                lr *= 0.5 * (1.0 + cos(PI * (double)step / (double)total_steps));
-            AdamStep s = adam_step(lr, step);
+            AdamStep s = adam_step(learning_rate_at(o->learning_rate, o->cosine, step,
+                                                    total_steps), step);
             train_step(&t, order + first, batch, step, &s);
             for (int b = 0; b < batch; b++) { /* in batch order, so these sums are fixed too */
                 loss_sum += t.loss[b], hits += t.hit[b];

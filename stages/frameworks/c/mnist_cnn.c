@@ -1,0 +1,1093 @@
+/*
+ * mnist_cnn.c: the pipeline's default convnet, trained the way Keras 3 trains it, in one C11
+ * file (libc and libm; OpenMP when the compiler has it) and the mnist.h it shares with the mlp.
+ *
+ *     28x28x1 -> Conv 5x5 32 -> MaxPool 2 -> BatchNorm -> ReLU        (24x24 -> 12x12x32)
+ *             -> Conv 5x5 64 -> MaxPool 2 -> BatchNorm -> ReLU        ( 8x8  ->  4x4x64)
+ *             -> Conv 3x3 128, padded ("same") -> BatchNorm -> ReLU   (          4x4x128)
+ *             -> Flatten (2,048) -> Dropout 0.3 -> Dense 10 softmax
+ *
+ * The convolutions have no bias (BatchNorm's beta shifts). About 4.94M multiply-adds per image.
+ *
+ * Build (with or without -fopenmp; either way the model file has the same bits):
+ *     cc -std=c11 -O3 -march=native -ffp-contract=fast -fopenmp -o mnist_cnn \
+ *        stages/frameworks/c/mnist_cnn.c -lm
+ * Run:
+ *     mnist_cnn train --images X.idx --labels Y.idx [--val-images VX.idx --val-labels VY.idx]
+ *                     --out MODEL.bin [--epochs 24] [--batch-size 128] [--learning-rate 0.002]
+ *                     [--schedule constant|cosine] [--label-smoothing 0] [--rotation 0]
+ *                     [--shift 0] [--zoom 0] [--restore-best 0|1] [--seed 42] [--threads 1]
+ *     mnist_cnn predict --model MODEL.bin --images X.idx --out P.idx [--threads 1]
+ *     mnist_cnn grad --model MODEL.bin --images X.idx --labels Y.idx --out G.bin --mask M.idx
+ *                    [--seed 42] [--label-smoothing 0] [--threads 1]
+ * grad runs one training-mode forward and backward pass of all the images as one batch
+ * (BatchNorm on the batch's statistics, dropout drawn as in training step 0) and writes, in
+ * the model file's layout, the loss's gradient of every trainable array and, in each
+ * BatchNorm's moving mean and variance, the batch mean and (biased) variance it used; the
+ * dropout mask (uint8 idx N x 2048, 1 = kept) and `loss=L` on stdout, for gradient checks.
+ * On any error: one line `mnist_cnn: error: ...` on stderr, exit status 1, no output file.
+ *
+ * Files. Data: MNIST's idx format as for the mlp (mnist.h). The model file is little-endian
+ * and byte-stable; its arrays are Keras' cnn().get_weights(), in that order and layout:
+ *     bytes 0-7   "MNISTCNN"
+ *     uint32 x 5  version 1, channels 32, 64, 128, classes 10
+ *     float32     conv1 [5][5][1][32] ([row][column][in][out]), bn1 gamma, beta, moving mean,
+ *                 moving variance [32 each], conv2 [5][5][32][64], bn2 x 4 [64],
+ *                 conv3 [3][3][64][128], bn3 x 4 [128], dense [2048][10] ([in][out], in =
+ *                 (row * 4 + column) * 128 + channel), dense bias [10]     (588,484 bytes)
+ *
+ * The math is Keras 3's: Glorot-uniform kernels (fan in and out over the kernel's window),
+ * zero bias, BatchNorm gamma 1 and beta 0 with moving statistics 0 and 1; BatchNorm in
+ * training normalises by the batch's mean and biased variance over images and positions,
+ * epsilon 1e-3, and moves its statistics by momentum 0.99 (new = 0.99 old + 0.01 batch); in
+ * inference it uses the moving ones. Inverted dropout (keep a unit when its uniform draw
+ * u >= 0.3, scale kept ones by 1/0.7); softmax cross-entropy, optionally label-smoothed,
+ * averaged over the batch; a fresh Fisher-Yates shuffle per epoch, the last batch shorter;
+ * Adam (beta1 0.9, beta2 0.999, epsilon 1e-7) on every trainable array every step; a
+ * constant or cosine-decayed learning rate; and optional augmentation, a random rotation,
+ * zoom and shift folded into one affine map and resampled bilinearly (mnist.h).
+ *
+ * Randomness is mnist.h's counter-based hash(seed, stream, counter). INIT: the parameter's
+ * index in the model file; SHUFFLE: the epoch; DROPOUT: draw * 2048 + unit; AUGMENT:
+ * draw * 5 + k; draw = step * batch_size + the image's place in its batch.
+ *
+ * Layout and speed. Activations are NHWC, a batch at a time: images x rows x columns x
+ * channels, channels contiguous. Each convolution is one matrix product over the whole batch:
+ * im2col lays every output position's input window out as a row (k = (row * K + column) *
+ * in + channel, the kernel's own order), so with M = images x positions
+ *     forward      Z [M x out]   = X [M x K] W [K x out]
+ *     weights      dW^T [out x K] = dZ^T [out x M] X [M x K]   (a sum over the whole batch)
+ *     inputs       dX [M x K]    = dZ [M x out] W^T [out x K], then folded back (col2im).
+ * All three go through one register-tiled micro-kernel (gemm below): a tile of MR = 6 rows by
+ * NR = 2 vectors of columns is held in 12 vector registers while it runs down the shared
+ * dimension, one broadcast and two fused multiply-adds per row and term, in GCC/Clang vector
+ * extensions (256-bit with AVX2, 512-bit with AVX-512). Terms come in blocks of KC, rows in
+ * blocks of MC, so each block of A stays in L2 and each panel of B in L1 while it is reused.
+ * conv1's window (25 pixels) is padded to 32 so that it fills whole panels.
+ *
+ * Threads, and why their number changes no bit. Every parallel loop hands out whole outputs:
+ * a block of a product's rows (forward, dX) or a panel of its columns (dW^T), an image (im2col,
+ * col2im, pooling, BatchNorm's normalising, dropout, softmax, the augmentation warp), a row of
+ * the dense kernel's gradient, a range of parameters (Adam). Each output is computed by one
+ * thread, in an order that only the shapes decide: every element of a product sums its terms
+ * in ascending order, term by term into one fused multiply-add chain, whether a block boundary
+ * falls between two terms or not (the partial sum goes to memory as a float and comes back as
+ * the same float), and the edge tile of a product (rows beyond a multiple of MR) runs the same
+ * kernel on zero-padded copies. The two reductions over the batch are fixed the same way:
+ *   - a weight gradient is a product whose shared dimension is the batch (dW^T = dZ^T X above,
+ *     and the dense kernel's, a row per thread): each element sums the images in order;
+ *   - BatchNorm's statistics (mean, variance, and in the backward pass the sums of dY and of
+ *     dY x-hat) are summed per image in double (one thread per image), then over the images
+ *     in image order by one thread.
+ * No sum is split between threads, there are no atomics and no OpenMP reductions, and the
+ * model file is the same for any --threads, and without OpenMP. (Compilers and CPUs may differ
+ * in the last bits, as -march=native picks the instructions and the vector width. Never use
+ * -ffast-math: it lets the compiler reorder sums.)
+ *
+ * Output. train prints after each epoch
+ *     epoch E/N S.Ss loss=L accuracy=A[ val_loss=VL val_accuracy=VA]
+ * (L: mean plain cross-entropy of the epoch's training images, dropout and augmentation on, no
+ * smoothing; A: training hits / N; validation runs in inference mode), then one line per layer
+ *     layer NAME forward_gflop=F forward_seconds=S backward_gflop=G backward_seconds=T
+ * (the training steps' multiply-adds x 2 and wall time of each layer's forward and backward
+ * passes; pooling, BatchNorm, ReLU and dropout go with the convolution before them), and
+ *     train: images=N epochs=E seconds=T executed_gflop=X dense_gflop=X gflops=G threads=K
+ * T: the training loop's wall time (validation included, file loading not); X: the multiply-
+ * adds x 2 of the forward and backward passes (conv1 has no input gradient), of validation and
+ * Adam's 12 operations per parameter and step; the elementwise work is left out; G = X / T.
+ */
+#define PROGRAM "mnist_cnn"
+#include "mnist.h"
+#include <stddef.h>
+
+enum {
+    C1 = 32, C2 = 64, C3 = 128,              /* channels of the three convolutions */
+    S1 = 24, P1 = 12, S2 = 8, P2 = 4, S3 = 4, /* sides: conv1, pool1, conv2, pool2, conv3 */
+    K1 = 5 * 5, K2 = 5 * 5 * C1, K3 = 3 * 3 * C2, /* window lengths */
+    FEATURES = S3 * S3 * C3,                  /* 2,048 */
+    MAX_CNN_BATCH = 4096,                     /* ~0.5 MB of activations per image */
+    EVAL_BATCH = 256,
+};
+static const float DROPOUT = 0.3f, BN_EPSILON = 1e-3f, BN_MOMENTUM = 0.99f;
+
+/* ---------------------------------------------------------------------------------------- */
+/* The model                                                                                  */
+
+/* The parameters in the model file's order; Adam's moments and the gradients share it. */
+typedef struct {
+    float conv1[K1 * C1], bn1[4][C1]; /* bn: gamma, beta, moving mean, moving variance */
+    float conv2[K2 * C2], bn2[4][C2];
+    float conv3[K3 * C3], bn3[4][C3];
+    float dense[FEATURES * CLASSES], dense_bias[CLASSES];
+} Params;
+enum { GAMMA, BETA, MEAN, VAR };
+enum { PARAM_COUNT = sizeof(Params) / sizeof(float) };              /* 147,114 */
+enum { MODEL_HEADER = 28, MODEL_BYTES = MODEL_HEADER + 4 * PARAM_COUNT }; /* 588,484 */
+
+static float *flat(Params *p) { return (float *)p; }
+
+/* Glorot-uniform limit of a kernel with `window` inputs per output and `in`/`out` channels. */
+static double glorot(int window, int in, int out) { return sqrt(6.0 / (window * (in + out))); }
+
+static void init_params(Params *p, uint64_t seed)
+{
+    memset(p, 0, sizeof *p);
+    uint64_t key = stream_key(seed, STREAM_INIT);
+    struct { float *w; int n; double limit; } kernels[] = {
+        {p->conv1, K1 * C1, glorot(25, 1, C1)}, {p->conv2, K2 * C2, glorot(25, C1, C2)},
+        {p->conv3, K3 * C3, glorot(9, C2, C3)}, {p->dense, FEATURES * CLASSES,
+                                                  glorot(1, FEATURES, CLASSES)}};
+    for (int k = 0; k < 4; k++)
+        for (int i = 0; i < kernels[k].n; i++) {
+            uint64_t index = (uint64_t)(kernels[k].w + i - flat(p));
+            kernels[k].w[i] = (float)((2.0 * uniform01(random_bits(key, index)) - 1.0) *
+                                      kernels[k].limit);
+        }
+    for (int c = 0; c < C1; c++) p->bn1[GAMMA][c] = p->bn1[VAR][c] = 1.0f;
+    for (int c = 0; c < C2; c++) p->bn2[GAMMA][c] = p->bn2[VAR][c] = 1.0f;
+    for (int c = 0; c < C3; c++) p->bn3[GAMMA][c] = p->bn3[VAR][c] = 1.0f;
+}
+
+static int save_params(const char *path, Params *p)
+{
+    unsigned char *bytes = allocate(MODEL_BYTES, 1);
+    memcpy(bytes, "MNISTCNN", 8);
+    uint32_t header[5] = {1, C1, C2, C3, CLASSES};
+    for (int i = 0; i < 5; i++)
+        put_32(bytes + 8 + 4 * i, header[i], 0);
+    for (int i = 0; i < PARAM_COUNT; i++)
+        put_32(bytes + MODEL_HEADER + 4 * i, float_bits(flat(p)[i]), 0);
+    int ok = write_file(path, bytes, MODEL_BYTES);
+    free(bytes);
+    return ok;
+}
+
+static void load_params(const char *path, Params *p)
+{
+    long size;
+    FILE *f = open_input(path, &size);
+    if (size != MODEL_BYTES)
+        fail("%s: %ld bytes; a model file of this program has %d", path, size, MODEL_BYTES);
+    unsigned char *bytes = allocate(MODEL_BYTES, 1);
+    read_exact(f, bytes, MODEL_BYTES, path);
+    fclose(f);
+    if (memcmp(bytes, "MNISTCNN", 8) != 0)
+        fail("%s: not a model file of this program (no MNISTCNN header)", path);
+    uint32_t expected[5] = {1, C1, C2, C3, CLASSES};
+    for (int i = 0; i < 5; i++)
+        if (get_le32(bytes + 8 + 4 * i) != expected[i])
+            fail("%s: header field %d is %lu, expected %lu (version 1, 32, 64, 128, 10)", path,
+                 i, (unsigned long)get_le32(bytes + 8 + 4 * i), (unsigned long)expected[i]);
+    for (int i = 0; i < PARAM_COUNT; i++)
+        if (!isfinite(flat(p)[i] = bits_float(get_le32(bytes + MODEL_HEADER + 4 * i))))
+            fail("%s: parameter %d is not a finite number", path, i);
+    float *vars[3] = {p->bn1[VAR], p->bn2[VAR], p->bn3[VAR]};
+    int widths[3] = {C1, C2, C3};
+    for (int l = 0; l < 3; l++)
+        for (int c = 0; c < widths[l]; c++)
+            if (vars[l][c] < 0)
+                fail("%s: BatchNorm %d's moving variance is negative", path, l + 1);
+    free(bytes);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Matrix products: one register-tiled micro-kernel                                           */
+
+#if defined(__AVX512F__)
+enum { VL = 16 };
+#elif defined(__AVX__)
+enum { VL = 8 };
+#else
+enum { VL = 4 };
+#endif
+/* VL floats, loadable from any float address (aligned(4)), aliasing float (may_alias). */
+typedef float vec __attribute__((vector_size(4 * VL), aligned(4), may_alias));
+enum { MR = 6, NR = 2 * VL, KC = 256, MC = 96 };
+
+/* c[i][j] (+)= sum over p < kc of a[i * ai + p * ap] * b[p * bp + j], for i < MR, j < NR:
+   twelve accumulators that stay in registers; each term one fused multiply-add per vector. */
+static inline void micro_kernel(int kc, const float *restrict a, ptrdiff_t ai, ptrdiff_t ap,
+                                const float *restrict b, ptrdiff_t bp, float *restrict c,
+                                ptrdiff_t ci, int add)
+{
+    vec acc[MR][2];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 2; j++)
+            acc[i][j] = add ? *(const vec *)(c + i * ci + j * VL) : (vec){0};
+    for (int p = 0; p < kc; p++) {
+        vec b0 = *(const vec *)(b + p * bp), b1 = *(const vec *)(b + p * bp + VL);
+        for (int i = 0; i < MR; i++) {
+            float x = a[i * ai + p * ap];
+            acc[i][0] += x * b0;
+            acc[i][1] += x * b1;
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 2; j++)
+            *(vec *)(c + i * ci + j * VL) = acc[i][j];
+}
+
+static int min_int(int a, int b) { return a < b ? a : b; }
+
+/* One tile of `rows` <= MR rows; a short one runs the same kernel on zero-padded copies. */
+static void tile(int rows, int kc, const float *a, ptrdiff_t ai, ptrdiff_t ap, const float *b,
+                 ptrdiff_t bp, float *c, ptrdiff_t ci, int add)
+{
+    if (rows == MR) {
+        micro_kernel(kc, a, ai, ap, b, bp, c, ci, add);
+        return;
+    }
+    float a_pad[KC * MR], c_pad[MR * NR];
+    for (int p = 0; p < kc; p++)
+        for (int i = 0; i < MR; i++)
+            a_pad[p * MR + i] = i < rows ? a[i * ai + p * ap] : 0.0f;
+    for (int i = 0; i < rows; i++)
+        memcpy(c_pad + i * NR, c + i * ci, sizeof(float) * NR);
+    micro_kernel(kc, a_pad, 1, MR, b, bp, c_pad, NR, add);
+    for (int i = 0; i < rows; i++)
+        memcpy(c + i * ci, c_pad + i * NR, sizeof(float) * NR);
+}
+
+/* C [m x n] (+)= A [m x k] B [k x n]: A(i, p) = a[i * ai + p * ap], B and C row-major (ldb,
+   ldc), n a multiple of NR. Threads take (block of MC rows, panel of NR columns) pairs, a
+   block's panels one after another so that its rows of A stay in L2; each element is one
+   thread's, its k terms summed in ascending order. */
+static void gemm(int m, int n, int k, const float *a, ptrdiff_t ai, ptrdiff_t ap,
+                 const float *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int add)
+{
+    int panels = n / NR, blocks = (m + MC - 1) / MC;
+    OMP("omp parallel for schedule(static)")
+    for (int item = 0; item < blocks * panels; item++) {
+        int block = item / panels, jr = item % panels, end = min_int(m, block * MC + MC);
+        for (int p0 = 0; p0 < k; p0 += KC)
+            for (int i0 = block * MC; i0 < end; i0 += MR)
+                tile(min_int(MR, end - i0), min_int(KC, k - p0), a + i0 * ai + p0 * ap, ai, ap,
+                     b + p0 * ldb + jr * NR, ldb, c + i0 * ldc + jr * NR, ldc, add || p0 > 0);
+    }
+}
+
+/* out [cols x rows] = in [rows x cols] transposed. */
+static void transpose(float *restrict out, const float *restrict in, int rows, int cols)
+{
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++)
+            out[c * rows + r] = in[r * cols + c];
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Layers, forward and backward side by side                                                  */
+
+/* im2col of one image: conv1's 5x5 windows of the 28x28 input. */
+static void im2col1(const float *restrict x, float *restrict col)
+{
+    for (int y = 0; y < S1; y++)
+        for (int xx = 0; xx < S1; xx++, col += K1)
+            for (int dy = 0; dy < 5; dy++)
+                for (int dx = 0; dx < 5; dx++)
+                    col[dy * 5 + dx] = x[(y + dy) * SIDE + xx + dx];
+}
+
+/* im2col of one image for conv2: each 5x5 window of the 12x12x32 map is 5 runs of 160. */
+static void im2col2(const float *restrict x, float *restrict col)
+{
+    for (int y = 0; y < S2; y++)
+        for (int xx = 0; xx < S2; xx++, col += K2)
+            for (int dy = 0; dy < 5; dy++)
+                memcpy(col + dy * 5 * C1, x + ((y + dy) * P1 + xx) * C1, sizeof(float) * 5 * C1);
+}
+
+/* col2im: the gradient of conv2's windows added back into the 12x12x32 map, in window order. */
+static void col2im2(const float *restrict col, float *restrict dx)
+{
+    memset(dx, 0, sizeof(float) * P1 * P1 * C1);
+    for (int y = 0; y < S2; y++)
+        for (int xx = 0; xx < S2; xx++, col += K2)
+            for (int dy = 0; dy < 5; dy++) {
+                float *to = dx + ((y + dy) * P1 + xx) * C1;
+                for (int k = 0; k < 5 * C1; k++)
+                    to[k] += col[dy * 5 * C1 + k];
+            }
+}
+
+/* im2col of one image for conv3: 3x3 windows of the 4x4x64 map, zero outside ("same"). */
+static void im2col3(const float *restrict x, float *restrict col)
+{
+    for (int y = 0; y < S3; y++)
+        for (int xx = 0; xx < S3; xx++, col += K3)
+            for (int dy = 0; dy < 3; dy++)
+                for (int dx = 0; dx < 3; dx++) {
+                    int sy = y + dy - 1, sx = xx + dx - 1;
+                    float *to = col + (dy * 3 + dx) * C2;
+                    if (sy >= 0 && sy < P2 && sx >= 0 && sx < P2)
+                        memcpy(to, x + (sy * P2 + sx) * C2, sizeof(float) * C2);
+                    else
+                        memset(to, 0, sizeof(float) * C2);
+                }
+}
+
+static void col2im3(const float *restrict col, float *restrict d_x)
+{
+    memset(d_x, 0, sizeof(float) * P2 * P2 * C2);
+    for (int y = 0; y < S3; y++)
+        for (int xx = 0; xx < S3; xx++, col += K3)
+            for (int dy = 0; dy < 3; dy++)
+                for (int dx = 0; dx < 3; dx++) {
+                    int sy = y + dy - 1, sx = xx + dx - 1;
+                    if (sy < 0 || sy >= P2 || sx < 0 || sx >= P2)
+                        continue;
+                    float *to = d_x + (sy * P2 + sx) * C2;
+                    const float *from = col + (dy * 3 + dx) * C2;
+                    for (int c = 0; c < C2; c++)
+                        to[c] += from[c];
+                }
+}
+
+/* 2x2 max-pooling of one side x side x channels map; `which` keeps the winner (0-3) of each
+   output for the backward pass, which routes the gradient to it alone. */
+static void pool_forward(const float *restrict z, int side, int channels, float *restrict out,
+                         uint8_t *restrict which)
+{
+    int half = side / 2;
+    for (int y = 0; y < half; y++)
+        for (int x = 0; x < half; x++)
+            for (int c = 0; c < channels; c++) {
+                int o = (y * half + x) * channels + c;
+                float best = z[((2 * y) * side + 2 * x) * channels + c];
+                uint8_t w = 0;
+                for (uint8_t q = 1; q < 4; q++) {
+                    float v = z[((2 * y + (q >> 1)) * side + 2 * x + (q & 1)) * channels + c];
+                    if (v > best)
+                        best = v, w = q;
+                }
+                out[o] = best, which[o] = w;
+            }
+}
+
+static void pool_backward(const float *restrict d_out, const uint8_t *restrict which, int side,
+                          int channels, float *restrict dz)
+{
+    int half = side / 2;
+    memset(dz, 0, sizeof(float) * side * side * channels);
+    for (int y = 0; y < half; y++)
+        for (int x = 0; x < half; x++)
+            for (int c = 0; c < channels; c++) {
+                int o = (y * half + x) * channels + c, q = which[o];
+                dz[((2 * y + (q >> 1)) * side + 2 * x + (q & 1)) * channels + c] = d_out[o];
+            }
+}
+
+/* BatchNorm + ReLU over `images` x `positions` rows of `channels`. Training: the batch's mean
+   and biased variance (written to mean/var), x-hat kept; inference: mean/var are the moving
+   statistics. Sums: per image in double, then over images in order (see the header). */
+typedef struct {
+    int channels, positions;
+    const float *gamma, *beta;
+    float *mean, *var, *inv_std; /* [channels] */
+    double *partial;             /* [images][channels], scratch */
+} Norm;
+
+static void norm_sums(const Norm *n, int images, const float *z, const float *center,
+                      int squares, double *total)
+{
+    int C = n->channels, P = n->positions;
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < images; b++) {
+        double *s = n->partial + (size_t)b * C;
+        for (int c = 0; c < C; c++)
+            s[c] = 0.0;
+        const float *row = z + (size_t)b * P * C;
+        for (int q = 0; q < P; q++, row += C)
+            for (int c = 0; c < C; c++) {
+                double v = squares ? (double)row[c] - center[c] : row[c];
+                s[c] += squares ? v * v : v;
+            }
+    }
+    for (int c = 0; c < C; c++)
+        total[c] = 0.0;
+    for (int b = 0; b < images; b++)
+        for (int c = 0; c < C; c++)
+            total[c] += n->partial[(size_t)b * C + c];
+}
+
+static void norm_forward(const Norm *n, int images, const float *z, int training,
+                         float *restrict xhat, float *restrict out)
+{
+    int C = n->channels, P = n->positions;
+    double total[C3], count = (double)images * P;
+    float scale[C3], shift[C3];
+    if (training) {
+        norm_sums(n, images, z, NULL, 0, total);
+        for (int c = 0; c < C; c++)
+            n->mean[c] = (float)(total[c] / count);
+        norm_sums(n, images, z, n->mean, 1, total);
+        for (int c = 0; c < C; c++)
+            n->var[c] = (float)(total[c] / count);
+    }
+    for (int c = 0; c < C; c++) {
+        n->inv_std[c] = 1.0f / sqrtf(n->var[c] + BN_EPSILON);
+        scale[c] = n->inv_std[c] * n->gamma[c];     /* Keras: x inv + (beta - mean inv) */
+        shift[c] = n->beta[c] - n->mean[c] * scale[c];
+    }
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < images; b++) {
+        size_t first = (size_t)b * P * C;
+        for (int q = 0; q < P; q++)
+            for (int c = 0; c < C; c++) {
+                size_t i = first + (size_t)q * C + c;
+                float y;
+                if (training) {
+                    xhat[i] = (z[i] - n->mean[c]) * n->inv_std[c];
+                    y = xhat[i] * n->gamma[c] + n->beta[c];
+                } else {
+                    y = z[i] * scale[c] + shift[c];
+                }
+                out[i] = y > 0.0f ? y : 0.0f;
+            }
+    }
+}
+
+/* Back through ReLU and BatchNorm: d_out (the gradient of the ReLU's output) -> dz, and the
+   gradients of gamma and beta. dy = d_out where the output was positive; with N rows,
+   dz = gamma inv_std (dy - sum(dy) / N - x-hat sum(dy x-hat) / N). */
+static void norm_backward(const Norm *n, int images, const float *out, const float *xhat,
+                          float *d_out, float *dz, float *d_gamma, float *d_beta) /* dz may be d_out */
+{
+    int C = n->channels, P = n->positions;
+    double sum_dy[C3], sum_dyx[C3], count = (double)images * P;
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < images; b++) {
+        size_t first = (size_t)b * P * C;
+        double *s = n->partial + (size_t)b * 2 * C;
+        for (int c = 0; c < 2 * C; c++)
+            s[c] = 0.0;
+        for (int q = 0; q < P; q++)
+            for (int c = 0; c < C; c++) {
+                size_t i = first + (size_t)q * C + c;
+                float dy = out[i] > 0.0f ? d_out[i] : 0.0f;
+                d_out[i] = dy;
+                s[c] += dy, s[C + c] += (double)dy * xhat[i];
+            }
+    }
+    for (int c = 0; c < C; c++)
+        sum_dy[c] = sum_dyx[c] = 0.0;
+    for (int b = 0; b < images; b++)
+        for (int c = 0; c < C; c++)
+            sum_dy[c] += n->partial[(size_t)b * 2 * C + c],
+                sum_dyx[c] += n->partial[(size_t)b * 2 * C + C + c];
+    float k[C3], mean_dy[C3], mean_dyx[C3];
+    for (int c = 0; c < C; c++) {
+        d_gamma[c] = (float)sum_dyx[c], d_beta[c] = (float)sum_dy[c];
+        k[c] = n->gamma[c] * n->inv_std[c];
+        mean_dy[c] = (float)(sum_dy[c] / count), mean_dyx[c] = (float)(sum_dyx[c] / count);
+    }
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < images; b++) {
+        size_t first = (size_t)b * P * C;
+        for (int q = 0; q < P; q++)
+            for (int c = 0; c < C; c++) {
+                size_t i = first + (size_t)q * C + c;
+                dz[i] = k[c] * (d_out[i] - mean_dy[c] - xhat[i] * mean_dyx[c]);
+            }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* The network on a batch                                                                     */
+
+enum { CONV1, CONV2, CONV3, DENSE, LAYERS };
+static const char *const LAYER_NAMES[LAYERS] = {"conv1", "conv2", "conv3", "dense"};
+/* Multiply-adds per image of each layer's forward pass. */
+static const double LAYER_MACS[LAYERS] = {(double)S1 * S1 * K1 * C1, (double)S2 * S2 * K2 * C2,
+                                          (double)S3 * S3 * K3 * C3, (double)FEATURES * CLASSES};
+
+typedef struct {
+    int capacity;                         /* images the buffers hold */
+    float *x, *col1, *z1, *p1, *xhat1, *a1, *col2, *z2, *p2, *xhat2, *a2, *col3, *z3, *xhat3,
+        *a3, *kept, *logits;              /* activations, batch-wide, NHWC */
+    uint8_t *which1, *which2, *mask;
+    float *d_a3, *d_z3, *d_col3, *d_a2, *d_z2, *d_col2, *d_a1, *d_z1, *d_logits; /* gradients */
+    float *w_t;                           /* a kernel transposed, [out][window] */
+    Norm norm[3];
+    double *partial;
+    double seconds[LAYERS][2];            /* forward, backward wall time */
+} Net;
+
+static Net make_net(int capacity)
+{
+    Net t;
+    memset(&t, 0, sizeof t);
+    t.capacity = capacity;
+    size_t n = (size_t)capacity;
+#define BUFFER(name, per_image) t.name = allocate(n * (per_image), sizeof *t.name)
+    BUFFER(x, INPUTS);
+    BUFFER(col1, S1 * S1 * K1), BUFFER(z1, S1 * S1 * C1), BUFFER(p1, P1 * P1 * C1);
+    BUFFER(xhat1, P1 * P1 * C1), BUFFER(a1, P1 * P1 * C1), BUFFER(which1, P1 * P1 * C1);
+    BUFFER(col2, S2 * S2 * K2), BUFFER(z2, S2 * S2 * C2), BUFFER(p2, P2 * P2 * C2);
+    BUFFER(xhat2, P2 * P2 * C2), BUFFER(a2, P2 * P2 * C2), BUFFER(which2, P2 * P2 * C2);
+    BUFFER(col3, S3 * S3 * K3), BUFFER(z3, FEATURES), BUFFER(xhat3, FEATURES);
+    BUFFER(a3, FEATURES), BUFFER(kept, FEATURES), BUFFER(mask, FEATURES);
+    BUFFER(logits, CLASSES), BUFFER(d_logits, CLASSES);
+    BUFFER(d_a3, FEATURES), BUFFER(d_z3, FEATURES), BUFFER(d_col3, S3 * S3 * K3);
+    BUFFER(d_a2, P2 * P2 * C2), BUFFER(d_z2, S2 * S2 * C2), BUFFER(d_col2, S2 * S2 * K2);
+    BUFFER(d_a1, P1 * P1 * C1), BUFFER(d_z1, S1 * S1 * C1);
+    BUFFER(partial, 2 * C3);
+#undef BUFFER
+    t.w_t = allocate(K2 * C2 > K3 * C3 ? K2 * C2 : K3 * C3, sizeof(float));
+    int channels[3] = {C1, C2, C3}, positions[3] = {P1 * P1, P2 * P2, S3 * S3};
+    for (int l = 0; l < 3; l++) {
+        t.norm[l].channels = channels[l], t.norm[l].positions = positions[l];
+        t.norm[l].partial = t.partial;
+        t.norm[l].inv_std = allocate(C3, sizeof(float));
+    }
+    return t;
+}
+
+static void bind_norms(Net *t, Params *p, Params *batch_stats)
+{
+    float *g[3] = {p->bn1[GAMMA], p->bn2[GAMMA], p->bn3[GAMMA]};
+    float *be[3] = {p->bn1[BETA], p->bn2[BETA], p->bn3[BETA]};
+    float *mean[3] = {batch_stats->bn1[MEAN], batch_stats->bn2[MEAN], batch_stats->bn3[MEAN]};
+    float *var[3] = {batch_stats->bn1[VAR], batch_stats->bn2[VAR], batch_stats->bn3[VAR]};
+    for (int l = 0; l < 3; l++)
+        t->norm[l].gamma = g[l], t->norm[l].beta = be[l], t->norm[l].mean = mean[l],
+        t->norm[l].var = var[l];
+}
+
+/* Forward pass of the `images` in t->x. Training: BatchNorm on the batch's statistics (into
+   `stats`' mean and variance slots), dropout with the mask in t->mask; inference: BatchNorm
+   on p's moving statistics (stats == p), no dropout. Leaves the logits in t->logits. */
+static void forward(Net *t, Params *p, Params *stats, int images, int training)
+{
+    int B = images;
+    double start = seconds_now();
+    bind_norms(t, p, stats);
+    /* conv1 -> pool -> BatchNorm -> ReLU */
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++)
+        im2col1(t->x + (size_t)b * INPUTS, t->col1 + (size_t)b * S1 * S1 * K1);
+    gemm(B * S1 * S1, C1, K1, t->col1, K1, 1, p->conv1, C1, t->z1, C1, 0);
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++)
+        pool_forward(t->z1 + (size_t)b * S1 * S1 * C1, S1, C1, t->p1 + (size_t)b * P1 * P1 * C1,
+                     t->which1 + (size_t)b * P1 * P1 * C1);
+    norm_forward(&t->norm[0], B, t->p1, training, t->xhat1, t->a1);
+    double now = seconds_now();
+    t->seconds[CONV1][0] += now - start, start = now;
+
+    /* conv2 -> pool -> BatchNorm -> ReLU */
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++)
+        im2col2(t->a1 + (size_t)b * P1 * P1 * C1, t->col2 + (size_t)b * S2 * S2 * K2);
+    gemm(B * S2 * S2, C2, K2, t->col2, K2, 1, p->conv2, C2, t->z2, C2, 0);
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++)
+        pool_forward(t->z2 + (size_t)b * S2 * S2 * C2, S2, C2, t->p2 + (size_t)b * P2 * P2 * C2,
+                     t->which2 + (size_t)b * P2 * P2 * C2);
+    norm_forward(&t->norm[1], B, t->p2, training, t->xhat2, t->a2);
+    now = seconds_now();
+    t->seconds[CONV2][0] += now - start, start = now;
+
+    /* conv3 (padded) -> BatchNorm -> ReLU -> dropout */
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++)
+        im2col3(t->a2 + (size_t)b * P2 * P2 * C2, t->col3 + (size_t)b * S3 * S3 * K3);
+    gemm(B * S3 * S3, C3, K3, t->col3, K3, 1, p->conv3, C3, t->z3, C3, 0);
+    norm_forward(&t->norm[2], B, t->z3, training, t->xhat3, t->a3);
+    const float scale = 1.0f / (1.0f - DROPOUT);
+    OMP("omp parallel for schedule(static)")
+    for (size_t i = 0; i < (size_t)B * FEATURES; i++)
+        t->kept[i] = training ? (t->mask[i] ? t->a3[i] * scale : 0.0f) : t->a3[i];
+    now = seconds_now();
+    t->seconds[CONV3][0] += now - start, start = now;
+
+    /* dense -> logits */
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++) {
+        float acc[CLASSES];
+        memcpy(acc, p->dense_bias, sizeof acc);
+        const float *f = t->kept + (size_t)b * FEATURES;
+        for (int u = 0; u < FEATURES; u++)
+            for (int j = 0; j < CLASSES; j++)
+                acc[j] += f[u] * p->dense[u * CLASSES + j];
+        memcpy(t->logits + (size_t)b * CLASSES, acc, sizeof acc);
+    }
+    t->seconds[DENSE][0] += seconds_now() - start;
+}
+
+/* Softmax probabilities of one image's logits; returns log(sum(exp(logits - max))). */
+static double softmax(const float *logits, float *probs, float *max_out)
+{
+    float max = logits[0];
+    for (int j = 1; j < CLASSES; j++)
+        max = logits[j] > max ? logits[j] : max;
+    double sum = 0.0;
+    for (int j = 0; j < CLASSES; j++)
+        sum += exp((double)logits[j] - max);
+    for (int j = 0; j < CLASSES; j++)
+        probs[j] = (float)(exp((double)logits[j] - max) / sum);
+    *max_out = max;
+    return log(sum);
+}
+
+static int argmax(const float *v)
+{
+    int best = 0;
+    for (int j = 1; j < CLASSES; j++)
+        best = v[j] > v[best] ? j : best;
+    return best;
+}
+
+/* The backward pass from t->d_logits (already divided by the batch size) to every trainable
+   array's gradient in g. */
+static void backward(Net *t, Params *p, Params *g, int images)
+{
+    int B = images;
+    double start = seconds_now();
+    /* dense: dW[u][j] = sum over images of kept[b][u] d_logits[b][j], a row per thread */
+    OMP("omp parallel for schedule(static)")
+    for (int u = 0; u < FEATURES; u++) {
+        float acc[CLASSES] = {0};
+        for (int b = 0; b < B; b++) {
+            float f = t->kept[(size_t)b * FEATURES + u];
+            for (int j = 0; j < CLASSES; j++)
+                acc[j] += f * t->d_logits[(size_t)b * CLASSES + j];
+        }
+        memcpy(g->dense + u * CLASSES, acc, sizeof acc);
+    }
+    for (int j = 0; j < CLASSES; j++) {
+        float acc = 0.0f;
+        for (int b = 0; b < B; b++)
+            acc += t->d_logits[(size_t)b * CLASSES + j];
+        g->dense_bias[j] = acc;
+    }
+    /* d kept = d_logits W^T, then back through dropout */
+    const float scale = 1.0f / (1.0f - DROPOUT);
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++) {
+        const float *d = t->d_logits + (size_t)b * CLASSES;
+        for (int u = 0; u < FEATURES; u++) {
+            float acc = 0.0f;
+            for (int j = 0; j < CLASSES; j++)
+                acc += d[j] * p->dense[u * CLASSES + j];
+            size_t i = (size_t)b * FEATURES + u;
+            t->d_a3[i] = t->mask[i] ? acc * scale : 0.0f;
+        }
+    }
+    double now = seconds_now();
+    t->seconds[DENSE][1] += now - start, start = now;
+
+    /* conv3 */
+    norm_backward(&t->norm[2], B, t->a3, t->xhat3, t->d_a3, t->d_z3, g->bn3[GAMMA], g->bn3[BETA]);
+    int M = B * S3 * S3;
+    gemm(K3, C3, M, t->col3, 1, K3, t->d_z3, C3, g->conv3, C3, 0); /* dW = X^T dZ */
+    transpose(t->w_t, p->conv3, K3, C3);
+    gemm(M, K3, C3, t->d_z3, C3, 1, t->w_t, K3, t->d_col3, K3, 0); /* dX = dZ W^T */
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++)
+        col2im3(t->d_col3 + (size_t)b * S3 * S3 * K3, t->d_a2 + (size_t)b * P2 * P2 * C2);
+    now = seconds_now();
+    t->seconds[CONV3][1] += now - start, start = now;
+
+    /* conv2 */
+    norm_backward(&t->norm[1], B, t->a2, t->xhat2, t->d_a2, t->d_a2, g->bn2[GAMMA], g->bn2[BETA]);
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++)
+        pool_backward(t->d_a2 + (size_t)b * P2 * P2 * C2, t->which2 + (size_t)b * P2 * P2 * C2,
+                      S2, C2, t->d_z2 + (size_t)b * S2 * S2 * C2);
+    M = B * S2 * S2;
+    gemm(K2, C2, M, t->col2, 1, K2, t->d_z2, C2, g->conv2, C2, 0);
+    transpose(t->w_t, p->conv2, K2, C2);
+    gemm(M, K2, C2, t->d_z2, C2, 1, t->w_t, K2, t->d_col2, K2, 0);
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++)
+        col2im2(t->d_col2 + (size_t)b * S2 * S2 * K2, t->d_a1 + (size_t)b * P1 * P1 * C1);
+    now = seconds_now();
+    t->seconds[CONV2][1] += now - start, start = now;
+
+    /* conv1: the kernel's gradient only */
+    norm_backward(&t->norm[0], B, t->a1, t->xhat1, t->d_a1, t->d_a1, g->bn1[GAMMA], g->bn1[BETA]);
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < B; b++)
+        pool_backward(t->d_a1 + (size_t)b * P1 * P1 * C1, t->which1 + (size_t)b * P1 * P1 * C1,
+                      S1, C1, t->d_z1 + (size_t)b * S1 * S1 * C1);
+    M = B * S1 * S1;
+    gemm(K1, C1, M, t->col1, 1, K1, t->d_z1, C1, g->conv1, C1, 0);
+    t->seconds[CONV1][1] += seconds_now() - start;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Training and evaluation                                                                    */
+
+typedef struct {
+    const float *pixels;
+    const uint8_t *labels;
+    int n, batch_size;
+    double label_smoothing;
+    uint64_t seed, dropout_key, augment_key;
+    const Augment *augment; /* NULL: off */
+    Params *p, *grads, *stats, *adam_m, *adam_v;
+    Net net;
+    double *loss, *objective; /* per image of the batch: plain and smoothed cross-entropy */
+    int *hit;
+} Trainer;
+
+/* The trainable arrays as [first, end) ranges of the flat parameters (not the moving stats). */
+static int trainable_ranges(int ranges[][2])
+{
+#define RANGE(member, count) ranges[n][0] = (int)(offsetof(Params, member) / sizeof(float)), \
+                             ranges[n][1] = ranges[n][0] + (count), n++
+    int n = 0; /* gamma and beta are adjacent rows, the dense kernel and bias adjacent arrays */
+    RANGE(conv1, K1 * C1), RANGE(bn1, 2 * C1), RANGE(conv2, K2 * C2), RANGE(bn2, 2 * C2);
+    RANGE(conv3, K3 * C3), RANGE(bn3, 2 * C3), RANGE(dense, FEATURES * CLASSES + CLASSES);
+#undef RANGE
+    return n;
+}
+
+static void adam(Trainer *t, const AdamStep *s)
+{
+    int ranges[8][2], count = trainable_ranges(ranges);
+    float *w = flat(t->p), *g = flat(t->grads), *m = flat(t->adam_m), *v = flat(t->adam_v);
+    for (int r = 0; r < count; r++) {
+        int first = ranges[r][0], n = ranges[r][1] - first;
+        OMP("omp parallel for schedule(static)")
+        for (int chunk = 0; chunk < (n + 1023) / 1024; chunk++) {
+            int i0 = first + chunk * 1024, len = min_int(1024, first + n - i0);
+            float root[1024];
+            for (int i = i0; i < i0 + len; i++) {
+                m[i] += (g[i] - m[i]) * s->one_minus_beta1;
+                v[i] += (g[i] * g[i] - v[i]) * s->one_minus_beta2;
+            }
+            square_roots(root, v + i0, len);
+            for (int i = 0; i < len; i++)
+                w[i0 + i] -= s->lr_t * m[i0 + i] / (root[i] + s->epsilon);
+        }
+    }
+}
+
+/* The moving statistics move towards the batch's. */
+static void move_statistics(Params *p, const Params *batch)
+{
+    float *moving[3][2] = {{p->bn1[MEAN], p->bn1[VAR]}, {p->bn2[MEAN], p->bn2[VAR]},
+                           {p->bn3[MEAN], p->bn3[VAR]}};
+    const float *now[3][2] = {{batch->bn1[MEAN], batch->bn1[VAR]},
+                              {batch->bn2[MEAN], batch->bn2[VAR]},
+                              {batch->bn3[MEAN], batch->bn3[VAR]}};
+    int widths[3] = {C1, C2, C3};
+    for (int l = 0; l < 3; l++)
+        for (int s = 0; s < 2; s++)
+            for (int c = 0; c < widths[l]; c++)
+                moving[l][s][c] = moving[l][s][c] * BN_MOMENTUM + now[l][s][c] * (1.0f - BN_MOMENTUM);
+}
+
+/* One step on the images order[0..batch-1]: the batch in, forward, loss, backward; Adam
+   when s is given (grad passes NULL). */
+static void train_step(Trainer *t, const int *order, int batch, uint64_t step, const AdamStep *s)
+{
+    Net *net = &t->net;
+    double smooth = t->label_smoothing;
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < batch; b++) {
+        uint64_t draw = step * (uint64_t)t->batch_size + (uint64_t)b;
+        const float *image = t->pixels + (size_t)order[b] * INPUTS;
+        float *x = net->x + (size_t)b * INPUTS;
+        if (t->augment) {
+            float map[6];
+            affine_map(t->augment, t->augment_key, draw, map);
+            for (int y = 0; y < SIDE; y++)
+                for (int xx = 0; xx < SIDE; xx++)
+                    x[y * SIDE + xx] = warp_pixel(image, map, xx, y);
+        } else {
+            memcpy(x, image, sizeof(float) * INPUTS);
+        }
+        uint8_t *mask = net->mask + (size_t)b * FEATURES;
+        for (int u = 0; u < FEATURES; u++)
+            mask[u] = uniform01(random_bits(t->dropout_key, draw * FEATURES + (uint64_t)u)) >=
+                      DROPOUT;
+    }
+    forward(net, t->p, t->stats, batch, 1);
+    OMP("omp parallel for schedule(static)")
+    for (int b = 0; b < batch; b++) {
+        const float *logits = net->logits + (size_t)b * CLASSES;
+        float probs[CLASSES], max;
+        double lse = softmax(logits, probs, &max);
+        int label = t->labels[order[b]];
+        double objective = 0.0;
+        for (int j = 0; j < CLASSES; j++) {
+            double target = (j == label ? 1.0 - smooth : 0.0) + smooth / CLASSES;
+            objective -= target * ((double)logits[j] - max - lse);
+            net->d_logits[(size_t)b * CLASSES + j] = (float)((probs[j] - target) / batch);
+        }
+        t->loss[b] = lse - ((double)logits[label] - max), t->objective[b] = objective;
+        t->hit[b] = argmax(logits) == label;
+    }
+    backward(net, t->p, t->grads, batch);
+    if (s) {
+        adam(t, s);
+        move_statistics(t->p, t->stats);
+    }
+}
+
+static uint64_t forward_flops(void)
+{
+    double macs = 0;
+    for (int l = 0; l < LAYERS; l++)
+        macs += LAYER_MACS[l];
+    return (uint64_t)(2 * macs);
+}
+
+/* Multiply-adds x 2 of one training image: forward, and backward (weights and inputs; conv1
+   has no input gradient). */
+static uint64_t train_flops(void) { return 3 * forward_flops() - (uint64_t)(2 * LAYER_MACS[CONV1]); }
+
+enum { ADAM_FLOPS = 12 };
+
+/* Probabilities (if probs), mean plain cross-entropy and accuracy (if labels) of n images in
+   inference mode, EVAL_BATCH at a time. */
+static void evaluate(Net *net, Params *p, const float *pixels, int n, const uint8_t *labels,
+                     float *probs, double *loss_out, double *accuracy_out)
+{
+    double loss = 0.0, hits = 0.0;
+    for (int first = 0; first < n; first += EVAL_BATCH) {
+        int batch = min_int(EVAL_BATCH, n - first);
+        memcpy(net->x, pixels + (size_t)first * INPUTS, sizeof(float) * INPUTS * batch);
+        forward(net, p, p, batch, 0);
+        for (int b = 0; b < batch; b++) { /* in image order */
+            float pr[CLASSES], max;
+            const float *logits = net->logits + (size_t)b * CLASSES;
+            double lse = softmax(logits, pr, &max);
+            if (probs)
+                memcpy(probs + (size_t)(first + b) * CLASSES, pr, sizeof pr);
+            if (labels)
+                loss += lse - ((double)logits[labels[first + b]] - max),
+                    hits += argmax(logits) == labels[first + b];
+        }
+    }
+    if (labels)
+        *loss_out = loss / n, *accuracy_out = hits / n;
+}
+
+typedef struct {
+    const char *images, *labels, *val_images, *val_labels, *out;
+    int epochs, batch_size, cosine, restore_best;
+    double learning_rate, label_smoothing;
+    Augment augment;
+    uint64_t seed;
+} TrainOptions;
+
+static Trainer make_trainer(Params *p, const float *pixels, const uint8_t *labels, int n,
+                            int batch_size, uint64_t seed, double smoothing, const Augment *aug)
+{
+    Trainer t;
+    memset(&t, 0, sizeof t);
+    t.p = p, t.pixels = pixels, t.labels = labels, t.n = n, t.batch_size = batch_size;
+    t.seed = seed, t.label_smoothing = smoothing, t.augment = aug;
+    t.dropout_key = stream_key(seed, STREAM_DROPOUT), t.augment_key = stream_key(seed, STREAM_AUGMENT);
+    t.grads = calloc(1, sizeof(Params)), t.stats = calloc(1, sizeof(Params));
+    t.loss = allocate((size_t)batch_size, sizeof(double));
+    t.objective = allocate((size_t)batch_size, sizeof(double));
+    t.hit = allocate((size_t)batch_size, sizeof(int));
+    if (!t.grads || !t.stats)
+        fail("out of memory");
+    t.net = make_net(batch_size > EVAL_BATCH ? batch_size : EVAL_BATCH);
+    return t;
+}
+
+static int max_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static void train(const TrainOptions *o)
+{
+    int n, val_n = 0;
+    float *pixels = load_images(o->images, &n), *val_pixels = NULL;
+    uint8_t *labels = load_labels(o->labels, n, o->images), *val_labels = NULL;
+    if (o->val_images) {
+        val_pixels = load_images(o->val_images, &val_n);
+        val_labels = load_labels(o->val_labels, val_n, o->val_images);
+    }
+    check_writable(o->out);
+
+    const Augment *aug = &o->augment;
+    int augmenting = aug->rotation > 0 || aug->shift > 0 || aug->zoom > 0;
+    Params *params = allocate(1, sizeof(Params)), *best = allocate(1, sizeof(Params));
+    init_params(params, o->seed);
+    Trainer t = make_trainer(params, pixels, labels, n, o->batch_size, o->seed,
+                             o->label_smoothing, augmenting ? aug : NULL);
+    t.adam_m = calloc(1, sizeof(Params)), t.adam_v = calloc(1, sizeof(Params));
+    if (!t.adam_m || !t.adam_v)
+        fail("out of memory");
+    int *order = allocate((size_t)n, sizeof(int)), best_epoch = 0, ranges[8][2];
+    int trainable = 0, range_count = trainable_ranges(ranges);
+    for (int r = 0; r < range_count; r++)
+        trainable += ranges[r][1] - ranges[r][0];
+    uint64_t steps_per_epoch = ((uint64_t)n + o->batch_size - 1) / o->batch_size;
+    uint64_t total_steps = steps_per_epoch * o->epochs, step = 0, flops = 0;
+    double best_accuracy = -1.0, start = seconds_now();
+    for (int epoch = 0; epoch < o->epochs; epoch++) {
+        double epoch_start = seconds_now(), loss_sum = 0.0, hits = 0.0;
+        shuffle(order, n, o->seed, epoch);
+        for (int first = 0; first < n; first += o->batch_size, step++) {
+            int batch = min_int(n - first, o->batch_size);
+            AdamStep s = adam_step(learning_rate_at(o->learning_rate, o->cosine, step,
+                                                    total_steps), step);
+            train_step(&t, order + first, batch, step, &s);
+            for (int b = 0; b < batch; b++) /* in batch order, so these sums are fixed too */
+                loss_sum += t.loss[b], hits += t.hit[b];
+            flops += (uint64_t)batch * train_flops() + (uint64_t)ADAM_FLOPS * trainable;
+        }
+        double val_loss = 0.0, val_accuracy = 0.0;
+        if (val_pixels) {
+            evaluate(&t.net, params, val_pixels, val_n, val_labels, NULL, &val_loss,
+                     &val_accuracy);
+            flops += (uint64_t)val_n * forward_flops();
+            if (o->restore_best && val_accuracy > best_accuracy)
+                best_accuracy = val_accuracy, best_epoch = epoch + 1, *best = *params;
+        }
+        printf("epoch %d/%d %.1fs loss=%.6f accuracy=%.6f", epoch + 1, o->epochs,
+               seconds_now() - epoch_start, loss_sum / n, hits / n);
+        if (val_pixels)
+            printf(" val_loss=%.6f val_accuracy=%.6f", val_loss, val_accuracy);
+        printf("\n");
+        fflush(stdout);
+    }
+    if (o->restore_best && best_epoch != o->epochs) {
+        printf("restoring epoch %d: best validation accuracy %.4f\n", best_epoch, best_accuracy);
+        *params = *best;
+    }
+    double seconds = seconds_now() - start;
+    double images = (double)n * o->epochs;
+    for (int l = 0; l < LAYERS; l++) {
+        double backward_macs = l == CONV1 ? LAYER_MACS[l] : 2 * LAYER_MACS[l];
+        printf("layer %s forward_gflop=%.3f forward_seconds=%.3f backward_gflop=%.3f "
+               "backward_seconds=%.3f\n", LAYER_NAMES[l], 2e-9 * LAYER_MACS[l] * images,
+               t.net.seconds[l][0], 2e-9 * backward_macs * images, t.net.seconds[l][1]);
+    }
+    printf("train: images=%d epochs=%d seconds=%.3f executed_gflop=%.3f dense_gflop=%.3f "
+           "gflops=%.2f threads=%d\n", n, o->epochs, seconds, (double)flops * 1e-9,
+           (double)flops * 1e-9, (double)flops * 1e-9 / seconds, max_threads());
+    fflush(stdout);
+    for (int i = 0; i < PARAM_COUNT; i++)
+        if (!isfinite(flat(params)[i]))
+            fail("training diverged (weights not finite), %s not written: lower "
+                 "--learning-rate", o->out);
+    if (!save_params(o->out, params))
+        fail("%s: cannot write the model", o->out);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Commands                                                                                   */
+
+static void command_train(int argc, char **argv)
+{
+    static const char *const names[] = {
+        "--images", "--labels", "--val-images", "--val-labels", "--out", "--epochs",
+        "--batch-size", "--learning-rate", "--schedule", "--label-smoothing", "--rotation",
+        "--shift", "--zoom", "--restore-best", "--seed", "--threads", NULL};
+    Flags f = {"train", names, {NULL}};
+    parse_flags(&f, argc, argv);
+    TrainOptions o;
+    o.images = text_flag(&f, "--images", NULL), o.labels = text_flag(&f, "--labels", NULL);
+    o.out = text_flag(&f, "--out", NULL);
+    o.val_images = *flag(&f, "--val-images"), o.val_labels = *flag(&f, "--val-labels");
+    if (!o.val_images != !o.val_labels)
+        fail("--val-images and --val-labels go together");
+    o.epochs = (int)int_flag(&f, "--epochs", 24, 1, 10000);
+    o.batch_size = (int)int_flag(&f, "--batch-size", 128, 1, MAX_CNN_BATCH);
+    o.learning_rate = real_flag(&f, "--learning-rate", 0.002, positive, "(0, inf)");
+    const char *schedule = text_flag(&f, "--schedule", "constant");
+    if (strcmp(schedule, "constant") != 0 && strcmp(schedule, "cosine") != 0)
+        fail("--schedule: '%s'; expected constant or cosine", schedule);
+    o.cosine = strcmp(schedule, "cosine") == 0;
+    o.label_smoothing = real_flag(&f, "--label-smoothing", 0, fraction, "[0, 1)");
+    o.augment.rotation = real_flag(&f, "--rotation", 0, degrees, "[0, 180]");
+    o.augment.shift = real_flag(&f, "--shift", 0, fraction, "[0, 1)");
+    o.augment.zoom = real_flag(&f, "--zoom", 0, fraction, "[0, 1)");
+    o.restore_best = (int)int_flag(&f, "--restore-best", 0, 0, 1);
+    if (o.restore_best && !o.val_images)
+        fail("--restore-best 1 needs --val-images and --val-labels");
+    o.seed = int_flag(&f, "--seed", 42, 0, UINT64_MAX);
+    set_threads(&f);
+    train(&o);
+}
+
+static void command_predict(int argc, char **argv)
+{
+    static const char *const names[] = {"--model", "--images", "--out", "--threads", NULL};
+    Flags f = {"predict", names, {NULL}};
+    parse_flags(&f, argc, argv);
+    const char *model = text_flag(&f, "--model", NULL), *images = text_flag(&f, "--images", NULL);
+    const char *out = text_flag(&f, "--out", NULL);
+    set_threads(&f);
+    Params *p = allocate(1, sizeof(Params));
+    load_params(model, p);
+    int n;
+    float *pixels = load_images(images, &n), *probs = allocate((size_t)n * CLASSES, sizeof(float));
+    check_writable(out);
+    Net net = make_net(EVAL_BATCH);
+    evaluate(&net, p, pixels, n, NULL, probs, NULL, NULL);
+    if (!write_idx(out, probs, n, CLASSES, 1))
+        fail("%s: cannot write the predictions", out);
+}
+
+static void command_grad(int argc, char **argv)
+{
+    static const char *const names[] = {"--model", "--images", "--labels", "--out", "--mask",
+                                        "--seed", "--label-smoothing", "--threads", NULL};
+    Flags f = {"grad", names, {NULL}};
+    parse_flags(&f, argc, argv);
+    const char *model = text_flag(&f, "--model", NULL), *images = text_flag(&f, "--images", NULL);
+    const char *labels_path = text_flag(&f, "--labels", NULL), *out = text_flag(&f, "--out", NULL);
+    const char *mask_path = text_flag(&f, "--mask", NULL);
+    uint64_t seed = int_flag(&f, "--seed", 42, 0, UINT64_MAX);
+    double smoothing = real_flag(&f, "--label-smoothing", 0, fraction, "[0, 1)");
+    set_threads(&f);
+    Params *p = allocate(1, sizeof(Params));
+    load_params(model, p);
+    int n;
+    float *pixels = load_images(images, &n);
+    uint8_t *labels = load_labels(labels_path, n, images);
+    if (n > MAX_CNN_BATCH)
+        fail("%s: %d images; grad takes at most %d (one batch)", images, n, MAX_CNN_BATCH);
+    check_writable(out), check_writable(mask_path);
+
+    /* All n images as one batch of size n, drawn as training step 0. */
+    Trainer t = make_trainer(p, pixels, labels, n, n, seed, smoothing, NULL);
+    int *order = allocate((size_t)n, sizeof(int));
+    for (int i = 0; i < n; i++)
+        order[i] = i;
+    train_step(&t, order, n, 0, NULL);
+    double loss = 0.0;
+    for (int b = 0; b < n; b++)
+        loss += t.objective[b];
+    /* The batch statistics go where the moving ones are. */
+    memcpy(t.grads->bn1[MEAN], t.stats->bn1[MEAN], sizeof(float) * 2 * C1);
+    memcpy(t.grads->bn2[MEAN], t.stats->bn2[MEAN], sizeof(float) * 2 * C2);
+    memcpy(t.grads->bn3[MEAN], t.stats->bn3[MEAN], sizeof(float) * 2 * C3);
+    if (!save_params(out, t.grads))
+        fail("%s: cannot write the gradients", out);
+    if (!write_idx(mask_path, t.net.mask, n, FEATURES, 0)) {
+        remove(out);
+        fail("%s: cannot write the dropout mask", mask_path);
+    }
+    printf("loss=%.9g\n", loss / n);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc >= 2 && strcmp(argv[1], "train") == 0)
+        command_train(argc, argv);
+    else if (argc >= 2 && strcmp(argv[1], "predict") == 0)
+        command_predict(argc, argv);
+    else if (argc >= 2 && strcmp(argv[1], "grad") == 0)
+        command_grad(argc, argv);
+    else if (argc >= 2)
+        fail("unknown command '%s'; expected train, predict or grad", argv[1]);
+    else
+        fail("usage: mnist_cnn train|predict|grad --flag value ... (see the source's header)");
+    return 0;
+}

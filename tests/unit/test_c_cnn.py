@@ -1,0 +1,346 @@
+"""stages/frameworks/c: the plain-C convnet (mnist_cnn.c, Keras' cnn) against references.
+
+Its model file is checked here for round trips and one-line refusals; its NumPy forward pass
+(what evaluate runs) against Keras on the same weights; a float64 NumPy reference of one
+training step (batch-statistics BatchNorm, an explicit dropout mask, smoothed labels)
+against central finite differences; and the program, run as a real process, against both:
+its gradients and batch statistics against the reference, its predictions against NumPy's
+and against themselves on another thread count.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+from stages.data import idx
+from stages.frameworks.c import fit, model
+from stages.normalize import normalize
+from stages.runtime.failures import DataError
+from tests.helpers import fixture_data
+
+EPSILON, RATE = model.BN_EPSILON, model.DROPOUT
+
+
+@pytest.fixture(scope="module")
+def program():
+    return fit.build("cnn")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The fixture's scaled images and labels: train and test."""
+    return normalize(fixture_data())[0]
+
+
+def run(program, *args, check=True, timeout=300):
+    proc = subprocess.run([str(program), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def write_idx(path, array):
+    path.write_bytes(idx.encode(array))
+    return path
+
+
+def read_idx(path) -> np.ndarray:
+    data = path.read_bytes()
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dtype = np.uint8 if data[2] == 0x08 else np.dtype(">f4")
+    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(dims)
+
+
+def lively(seed: int, readout: float = 0.1) -> model.CNN:
+    """Weights under which every part of the network shows in its output: He-scaled kernels
+    (activations of order 1 through the stack), BatchNorm scales, shifts and moving
+    statistics far from the identity, a read-out whose probabilities spread (its columns
+    sum to zero: the ReLU features, all positive, would otherwise favour one class)."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for side, _, inputs, channels in model.CNN_SHAPES[:-2:5]:
+        arrays += [rng.normal(0, np.sqrt(2 / (side * side * inputs)),
+                              (side, side, inputs, channels)),
+                   rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.3, channels),
+                   rng.normal(0.3, 0.3, channels), rng.uniform(0.5, 2, channels)]
+    dense = rng.normal(0, readout, (model.FEATURES, 10))
+    arrays += [dense - dense.mean(0), rng.normal(0, 0.3, 10)]
+    return model.CNN(*(a.astype(np.float32) for a in arrays))
+
+
+def offset(field: str) -> int:
+    """Where the array `field` starts in a cnn model file."""
+    before = model.CNN_SHAPES[:model.CNN._fields.index(field)]
+    return model.CNN_HEADER.size + 4 * sum(int(np.prod(s)) for s in before)
+
+
+# --- the model file ---------------------------------------------------------------------------
+
+
+def test_model_file_round_trips_byte_for_byte(tmp_path):
+    net = lively(3)
+    model.save(net, tmp_path)
+    data = (tmp_path / model.MODEL_FILE).read_bytes()
+    assert len(data) == model.CNN_SIZE == 588_484 and data[:8] == b"MNISTCNN"
+    assert struct.unpack_from("<5I", data, 8) == (1, 32, 64, 128, 10)
+    loaded = model.load(tmp_path)
+    assert isinstance(loaded, model.CNN) and loaded._fields == model.CNN._fields
+    assert all(a.dtype == np.float32 and np.array_equal(a, b) for a, b in zip(loaded, net))
+    assert model.encode(loaded) == data
+    # C order, Keras' shapes, in get_weights() order: two entries where they must be.
+    at = offset("conv2") + 4 * (((1 * 5 + 2) * 32 + 3) * 64 + 4)  # [1][2][3][4] of [5][5][32][64]
+    assert struct.unpack_from("<f", data, at)[0] == net.conv2[1, 2, 3, 4]
+    assert struct.unpack_from("<f", data, len(data) - 4)[0] == net.dense_bias[-1]
+    # The mlp's file is still the mlp's, through the same functions.
+    model.save(model.build("mlp", seed=3), tmp_path)
+    assert isinstance(model.load(tmp_path), model.MLP)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d[:-4], "588480 bytes; a model file has 588484"),
+    (lambda d: d[:20], "20 bytes; a MNISTCNN model file has 588484"),
+    (lambda d: b"MNISTCNX" + d[8:], "not a model file of the C program"),
+    (lambda d: d[:8] + struct.pack("<I", 2) + d[12:], "version 2"),
+    (lambda d: d[:12] + struct.pack("<I", 16) + d[16:], r"sizes \(16, 64, 128, 10\)"),
+    (lambda d: d[:-4] + struct.pack("<f", float("nan")), "not finite"),
+    (lambda d: d[:offset("conv3") + 8] + struct.pack("<f", float("inf"))
+     + d[offset("conv3") + 12:], "not finite"),
+    (lambda d: d[:offset("bn2_var") + 4] + struct.pack("<f", -0.5) + d[offset("bn2_var") + 8:],
+     "BatchNorm 2 has a negative moving variance"),
+], ids=["truncated", "header only", "wrong magic", "wrong version", "wrong sizes",
+        "NaN weight", "infinite weight", "negative variance"])
+def test_a_damaged_model_file_is_refused_in_one_line(tmp_path, damage, message):
+    model.save(lively(0), tmp_path)
+    path = tmp_path / model.MODEL_FILE
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError, match=message) as err:
+        model.load(tmp_path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_negative_gammas_and_a_zero_variance_are_weights_like_any(tmp_path):
+    net = lively(1)._replace(bn1_gamma=-np.ones(32, np.float32),
+                             bn3_var=np.zeros(128, np.float32))
+    model.save(net, tmp_path)
+    assert model.encode(model.load(tmp_path)) == model.encode(net)
+
+
+def test_build_is_keras_initialisation():
+    from stages.frameworks.keras import model as keras_model
+
+    keras_weights = keras_model.build("cnn").get_weights()
+    net = model.build("cnn", seed=4)
+    assert [a.shape for a in net] == [w.shape for w in keras_weights] == list(model.CNN_SHAPES)
+    for name, ours, theirs in zip(model.CNN._fields, net, keras_weights):
+        assert ours.dtype == np.float32, name
+        if ours.ndim == 1:  # gamma 1, beta 0, moving mean 0, moving variance 1, bias 0
+            assert np.array_equal(ours, theirs), name
+        else:  # Glorot-uniform over the same fans: the same bound, filled
+            limit = np.abs(theirs).max()
+            assert 0.9 * limit < np.abs(ours).max() <= limit * 1.001, name
+            assert ours.std() == pytest.approx(limit / np.sqrt(3), rel=0.1), name
+    assert model.encode(model.build("cnn", seed=4)) == model.encode(net)
+    assert model.encode(model.build("cnn", seed=5)) != model.encode(net)
+
+
+# --- the forward pass -------------------------------------------------------------------------
+
+
+def test_numpy_predicts_as_keras_on_the_same_weights(digits, tmp_path):
+    from stages.frameworks.keras import model as keras_model
+
+    keras_net = keras_model.build("cnn")
+    keras_net.set_weights(list(lively(5)))
+    net = model.CNN(*keras_net.get_weights())  # the layouts agree: no reordering
+    model.save(net, tmp_path)
+    net = model.load(tmp_path)
+    x = digits["x_test"][:300]
+    keras_probs = keras_model.predict(keras_net, x, 100)
+    # Neither saturated nor flat: the comparison has teeth.
+    assert 0.25 < keras_probs.max(1).mean() < 0.99
+    assert len(np.unique(keras_probs.argmax(1))) >= 3
+    probs = model.predict(net, x, 1000)
+    assert probs.shape == (300, 10) and probs.dtype == np.float32
+    assert np.abs(probs - keras_probs).max() < 1e-5
+    assert np.array_equal(probs.argmax(1), keras_probs.argmax(1))
+    # The batch size bounds memory only.
+    assert np.abs(model.predict(net, x, 7) - probs).max() < 1e-6
+    assert model.predict(net, x[:0], 100).shape == (0, 10)
+
+
+# --- the arithmetic ---------------------------------------------------------------------------
+
+
+def windows(x, side):
+    """x's side×side windows, NHWC -> N, H', W', kh, kw, C."""
+    return sliding_window_view(x, (side, side), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+
+
+def conv(x, kernel):
+    """Valid cross-correlation, NHWC by HWIO."""
+    return np.tensordot(windows(x, kernel.shape[0]), kernel, axes=((3, 4, 5), (0, 1, 2)))
+
+
+def conv_backward(x, kernel, d_out):
+    """The gradients of conv(x, kernel) for the kernel and for x."""
+    side = kernel.shape[0]
+    d_kernel = np.tensordot(windows(x, side), d_out, axes=((0, 1, 2), (0, 1, 2)))
+    padded = np.pad(d_out, ((0, 0), (side - 1,) * 2, (side - 1,) * 2, (0, 0)))
+    return d_kernel, conv(padded, kernel[::-1, ::-1].transpose(0, 1, 3, 2))
+
+
+def pool(z):
+    """2×2 max-pooling; and which of each window's four (row-major) is the first largest."""
+    n, h, w, c = z.shape
+    blocks = z.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(
+        n, h // 2, w // 2, c, 4)
+    return blocks.max(-1), blocks.argmax(-1)
+
+
+def pool_backward(d_pooled, first, shape):
+    n, h, w, c = shape
+    routed = d_pooled[..., None] * (np.arange(4) == first[..., None])
+    return routed.reshape(n, h // 2, w // 2, c, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(shape)
+
+
+def batch_norm(h, gamma, beta):
+    """Training-mode BatchNorm: the batch's mean and biased variance over (N, H, W)."""
+    mean, var = h.mean((0, 1, 2)), h.var((0, 1, 2))
+    normalized = (h - mean) / np.sqrt(var + EPSILON)
+    return gamma * normalized + beta, normalized, mean, var
+
+
+def batch_norm_backward(d_out, normalized, var, gamma):
+    d_gamma, d_beta = (d_out * normalized).sum((0, 1, 2)), d_out.sum((0, 1, 2))
+    d_in = gamma / np.sqrt(var + EPSILON) * (
+        d_out - d_out.mean((0, 1, 2)) - normalized * (d_out * normalized).mean((0, 1, 2)))
+    return d_in, d_gamma, d_beta
+
+
+def reference(net: model.CNN, x, y, mask, smoothing) -> tuple[float, model.CNN]:
+    """One training step's mean smoothed cross-entropy of a batch, float64 NumPy, and a
+    CNN laid out as the program's gradient file: the loss's gradient in each trainable
+    slot, each BatchNorm's batch mean and biased batch variance in its moving ones."""
+    w = model.CNN(*(np.asarray(a, np.float64) for a in net))
+    n = len(x)
+    a0 = np.asarray(x, np.float64).reshape(n, 28, 28, 1)
+    z1 = conv(a0, w.conv1)
+    p1, first1 = pool(z1)
+    b1, hat1, mean1, var1 = batch_norm(p1, w.bn1_gamma, w.bn1_beta)
+    a1 = np.maximum(b1, 0)
+    z2 = conv(a1, w.conv2)
+    p2, first2 = pool(z2)
+    b2, hat2, mean2, var2 = batch_norm(p2, w.bn2_gamma, w.bn2_beta)
+    a2 = np.maximum(b2, 0)
+    a2_padded = np.pad(a2, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    z3 = conv(a2_padded, w.conv3)
+    b3, hat3, mean3, var3 = batch_norm(z3, w.bn3_gamma, w.bn3_beta)
+    a3 = np.maximum(b3, 0)
+    dropped = a3.reshape(n, model.FEATURES) * mask / (1 - RATE)
+    logits = dropped @ w.dense + w.dense_bias
+    shifted = logits - logits.max(1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    target = np.full(logits.shape, smoothing / 10)
+    target[np.arange(n), y] += 1 - smoothing
+    loss = -(target * log_p).sum(1).mean()
+
+    d_logits = (np.exp(log_p) - target) / n
+    d_dense, d_bias = dropped.T @ d_logits, d_logits.sum(0)
+    d_a3 = ((d_logits @ w.dense.T) * mask / (1 - RATE)).reshape(a3.shape)
+    d_z3, d_gamma3, d_beta3 = batch_norm_backward(d_a3 * (b3 > 0), hat3, var3, w.bn3_gamma)
+    d_conv3, d_a2_padded = conv_backward(a2_padded, w.conv3, d_z3)
+    d_b2 = d_a2_padded[:, 1:-1, 1:-1] * (b2 > 0)
+    d_p2, d_gamma2, d_beta2 = batch_norm_backward(d_b2, hat2, var2, w.bn2_gamma)
+    d_conv2, d_a1 = conv_backward(a1, w.conv2, pool_backward(d_p2, first2, z2.shape))
+    d_p1, d_gamma1, d_beta1 = batch_norm_backward(d_a1 * (b1 > 0), hat1, var1, w.bn1_gamma)
+    d_conv1, _ = conv_backward(a0, w.conv1, pool_backward(d_p1, first1, z1.shape))
+    return loss, model.CNN(d_conv1, d_gamma1, d_beta1, mean1, var1,
+                           d_conv2, d_gamma2, d_beta2, mean2, var2,
+                           d_conv3, d_gamma3, d_beta3, mean3, var3, d_dense, d_bias)
+
+
+def batch(digits, n=8):
+    return digits["x_train"][:n], digits["y_train"][:n].astype(np.uint8)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_reference_agrees_with_central_differences(digits, smoothing):
+    x, y = batch(digits)
+    rng = np.random.default_rng(1)
+    mask = (rng.random((len(x), model.FEATURES)) >= RATE).astype(np.float64)
+    net = lively(7, readout=0.03)  # about ln 10 after BatchNorm on the batch
+    loss, grads = reference(net, x, y, mask, smoothing)
+    assert np.log(10) / 3 < loss < 3 * np.log(10)
+    # The batch statistics are the batch's: BatchNorm's output is centred and scaled.
+    assert np.all(grads.bn3_var > 0) and not np.allclose(grads.bn1_mean, net.bn1_mean)
+    for name in model.TRAINABLE:
+        which = model.CNN._fields.index(name)
+        grad = getattr(grads, name)
+        assert np.abs(grad).max() > 0, name
+        # The steepest entry, and three anywhere.
+        picks = [np.unravel_index(np.abs(grad).argmax(), grad.shape)]
+        picks += [tuple(rng.integers(0, s) for s in grad.shape) for _ in range(3)]
+        for at in picks:
+            arrays = [np.asarray(a, np.float64).copy() for a in net]
+            h = 1e-6
+            arrays[which][at] += h
+            up = reference(model.CNN(*arrays), x, y, mask, smoothing)[0]
+            arrays[which][at] -= 2 * h
+            down = reference(model.CNN(*arrays), x, y, mask, smoothing)[0]
+            assert (up - down) / (2 * h) == pytest.approx(grad[at], rel=1e-4, abs=1e-8), (
+                name, at)
+
+
+# --- the program ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_programs_backward_pass_agrees_with_the_reference(program, digits, tmp_path,
+                                                             smoothing):
+    net = lively(5, readout=0.03)  # moving statistics unlike the batch's: using them shows
+    model.save(net, tmp_path)
+    x, y = batch(digits)
+    proc = run(program, "grad", "--model", tmp_path / model.MODEL_FILE,
+               "--images", write_idx(tmp_path / "x.idx", x),
+               "--labels", write_idx(tmp_path / "y.idx", y), "--seed", 11,
+               "--label-smoothing", smoothing, "--out", tmp_path / "g.bin",
+               "--mask", tmp_path / "m.idx", "--threads", 1)
+    mask = read_idx(tmp_path / "m.idx")
+    assert mask.dtype == np.uint8 and mask.shape == (8, model.FEATURES)
+    assert set(np.unique(mask)) <= {0, 1} and 0.65 < mask.mean() < 0.75  # dropout 0.3 on
+    data = (tmp_path / "g.bin").read_bytes()
+    assert data[:model.CNN_HEADER.size] == model.encode(net)[:model.CNN_HEADER.size]
+    c_grads = model.decode(data, "gradients")
+    loss, grads = reference(net, x, y, mask.astype(np.float64), smoothing)
+    assert float(proc.stdout.split("loss=")[1].split()[0]) == pytest.approx(loss, rel=1e-5)
+    for name, c, ref in zip(model.CNN._fields, c_grads, grads):
+        scale = np.abs(ref).max()
+        assert scale > 0, name
+        tolerance = 1e-4 if name in model.TRAINABLE else 1e-5  # statistics: forward only
+        assert np.abs(c - ref).max() < tolerance * scale, name
+
+
+def test_the_program_predicts_as_numpy_whatever_the_thread_count(program, digits, tmp_path):
+    net = lively(6)
+    model.save(net, tmp_path)
+    x = digits["x_test"][:300]
+    images = write_idx(tmp_path / "x.idx", x)
+    outputs = []
+    for threads in (1, 2):
+        out = tmp_path / f"p{threads}.idx"
+        run(program, "predict", "--model", tmp_path / model.MODEL_FILE, "--images", images,
+            "--out", out, "--threads", threads)
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    probs = read_idx(tmp_path / "p1.idx")
+    assert probs.shape == (300, 10)
+    expected = model.predict(net, x, 1000)
+    assert 0.25 < expected.max(1).mean() < 0.99
+    assert np.abs(probs - expected).max() < 1e-5
