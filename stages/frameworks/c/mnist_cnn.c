@@ -77,8 +77,8 @@
  *   - a weight gradient is a product whose shared dimension is the batch (dW^T = dZ^T X above,
  *     and the dense kernel's, a row per thread): each element sums the images in order;
  *   - BatchNorm's statistics (mean, variance, and in the backward pass the sums of dY and of
- *     dY x-hat) are summed per image in double (one thread per image), then over the images
- *     in image order by one thread.
+ *     dY x-hat) are summed per image (one thread per image, positions in order), then over
+ *     the images in image order, in double, by one thread.
  * No sum is split between threads, there are no atomics and no OpenMP reductions, and the
  * model file is the same for any --threads, and without OpenMP. (Compilers and CPUs may differ
  * in the last bits, as -march=native picks the instructions and the vector width. Never use
@@ -227,51 +227,110 @@ static inline void micro_kernel(int kc, const float *restrict a, ptrdiff_t ai, p
             *(vec *)(c + i * ci + j * VL) = acc[i][j];
 }
 
+
 static int min_int(int a, int b) { return a < b ? a : b; }
 
-/* One tile of `rows` <= MR rows; a short one runs the same kernel on zero-padded copies. */
-static void tile(int rows, int kc, const float *a, ptrdiff_t ai, ptrdiff_t ap, const float *b,
-                 ptrdiff_t bp, float *c, ptrdiff_t ci, int add)
+/* A matrix operand read through strides: element (r, q) is at[r * row + q * col]. */
+typedef struct { const float *at; ptrdiff_t row, col; } Operand;
+
+/* Packs rows [r0, r0 + rows) x terms [p0, p0 + kc) of A into micro-panels of MR rows,
+   term-major ([tile][p][MR], rows beyond `rows` zero), as the kernel reads them. */
+static void pack_a(float *restrict out, Operand a, int r0, int rows, int p0, int kc)
 {
-    if (rows == MR) {
-        micro_kernel(kc, a, ai, ap, b, bp, c, ci, add);
-        return;
+    for (int t = 0; t < rows; t += MR) {
+        int n = min_int(MR, rows - t);
+        const float *from = a.at + (ptrdiff_t)(r0 + t) * a.row + (ptrdiff_t)p0 * a.col;
+        float *to = out + (size_t)t * kc;
+        if (n == MR && a.row == 1) /* a tile's rows are adjacent: six floats a term */
+            for (int p = 0; p < kc; p++)
+                for (int i = 0; i < MR; i++)
+                    to[p * MR + i] = from[(ptrdiff_t)p * a.col + i];
+        else
+            for (int p = 0; p < kc; p++)
+                for (int i = 0; i < MR; i++)
+                    to[p * MR + i] = i < n ? from[i * a.row + (ptrdiff_t)p * a.col] : 0.0f;
     }
-    float a_pad[KC * MR], c_pad[MR * NR];
-    for (int p = 0; p < kc; p++)
-        for (int i = 0; i < MR; i++)
-            a_pad[p * MR + i] = i < rows ? a[i * ai + p * ap] : 0.0f;
-    for (int i = 0; i < rows; i++)
-        memcpy(c_pad + i * NR, c + i * ci, sizeof(float) * NR);
-    micro_kernel(kc, a_pad, 1, MR, b, bp, c_pad, NR, add);
-    for (int i = 0; i < rows; i++)
-        memcpy(c + i * ci, c_pad + i * NR, sizeof(float) * NR);
 }
 
-/* C [m x n] (+)= A [m x k] B [k x n]: A(i, p) = a[i * ai + p * ap], B and C row-major (ldb,
-   ldc), n a multiple of NR. Threads take (block of MC rows, panel of NR columns) pairs, a
-   block's panels one after another so that its rows of A stay in L2; each element is one
-   thread's, its k terms summed in ascending order. */
-static void gemm(int m, int n, int k, const float *a, ptrdiff_t ai, ptrdiff_t ap,
-                 const float *b, ptrdiff_t ldb, float *c, ptrdiff_t ldc, int add)
+/* Packs B (k x n) into panels of NR columns, each term-major ([panel][p][NR]): a panel's
+   block of KC terms is then KC x NR contiguous floats that stay in L1 while it is used. */
+static void pack_b(float *restrict out, Operand b, int k, int n)
+{
+    OMP("omp parallel for schedule(static)")
+    for (int jr = 0; jr < n / NR; jr++)
+        for (int p = 0; p < k; p++)
+            for (int j = 0; j < NR; j++)
+                out[((size_t)jr * k + p) * NR + j] = b.at[p * b.row + (jr * NR + j) * b.col];
+}
+
+typedef struct {
+    float *packed_b, *partial; /* scratch: k x n, and (PARTS - 1) x m x n floats */
+} Scratch;
+enum { PARTS = 4 }; /* ranges of terms a weight gradient's product is split into */
+
+/* C [m x n] = A [m x k] B [k x n], C row-major (ldc), n a multiple of NR.
+   The terms go in `parts` (1 or PARTS) fixed consecutive ranges: each element sums each range
+   in ascending order and then the ranges' sums in order; so a product with few rows and many
+   terms (a weight gradient, whose terms are the batch) still splits between threads. Threads
+   take (block of MC rows, range) pairs; every element of a pair is that thread's alone, and
+   the shapes alone decide every sum's order. */
+static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, float *c,
+                 ptrdiff_t ldc, int parts)
 {
     int panels = n / NR, blocks = (m + MC - 1) / MC;
+    /* B is packed unless its rows are contiguous and at most two panels wide (then a
+       panel's block of terms is KC short rows that the caches already hold well). */
+    int direct_b = b.col == 1 && panels <= 2;
+    if (!direct_b)
+        pack_b(scratch->packed_b, b, k, n);
     OMP("omp parallel for schedule(static)")
-    for (int item = 0; item < blocks * panels; item++) {
-        int block = item / panels, jr = item % panels, end = min_int(m, block * MC + MC);
-        for (int p0 = 0; p0 < k; p0 += KC)
-            for (int i0 = block * MC; i0 < end; i0 += MR)
-                tile(min_int(MR, end - i0), min_int(KC, k - p0), a + i0 * ai + p0 * ap, ai, ap,
-                     b + p0 * ldb + jr * NR, ldb, c + i0 * ldc + jr * NR, ldc, add || p0 > 0);
+    for (int item = 0; item < blocks * parts; item++) {
+        int block = item / parts, part = item % parts, r0 = block * MC;
+        int rows = min_int(MC, m - r0), first, end;
+        share(k, parts, part, &first, &end);
+        float *out = part == 0 ? c : scratch->partial + (size_t)(part - 1) * m * n;
+        ptrdiff_t ld = part == 0 ? ldc : n;
+        _Alignas(64) float a_packed[MC * KC];
+        for (int p0 = first; p0 < end; p0 += KC) {
+            int kc = min_int(KC, end - p0), add = p0 > first;
+            /* Packing A pays when its tiles serve several panels; rows whose terms are
+               already contiguous are read in place when they serve two or fewer. */
+            int direct = a.col == 1 && panels <= 2;
+            if (!direct)
+                pack_a(a_packed, a, r0, rows, p0, kc);
+            else if (rows % MR)
+                pack_a(a_packed, a, r0 + rows / MR * MR, rows % MR, p0, kc);
+            for (int jr = 0; jr < panels; jr++) {
+                const float *bp = direct_b ? b.at + (ptrdiff_t)p0 * b.row + jr * NR
+                                           : scratch->packed_b + ((size_t)jr * k + p0) * NR;
+                ptrdiff_t bs = direct_b ? b.row : NR;
+                for (int t = 0; t < rows; t += MR) {
+                    float *ct = out + (size_t)(r0 + t) * ld + jr * NR;
+                    if (t + MR <= rows && direct) {
+                        micro_kernel(kc, a.at + (ptrdiff_t)(r0 + t) * a.row + p0, a.row, 1, bp,
+                                     bs, ct, ld, add);
+                    } else if (t + MR <= rows) {
+                        micro_kernel(kc, a_packed + (size_t)t * kc, 1, MR, bp, bs, ct, ld, add);
+                    } else { /* the last rows of C: through a full tile's copy */
+                        float c_pad[MR * NR];
+                        const float *at = a_packed + (direct ? 0 : (size_t)t * kc);
+                        for (int i = 0; i < rows - t; i++)
+                            memcpy(c_pad + i * NR, ct + i * ld, sizeof(float) * NR);
+                        micro_kernel(kc, at, 1, MR, bp, bs, c_pad, NR, add);
+                        for (int i = 0; i < rows - t; i++)
+                            memcpy(ct + i * ld, c_pad + i * NR, sizeof(float) * NR);
+                    }
+                }
+            }
+        }
     }
-}
-
-/* out [cols x rows] = in [rows x cols] transposed. */
-static void transpose(float *restrict out, const float *restrict in, int rows, int cols)
-{
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++)
-            out[c * rows + r] = in[r * cols + c];
+    if (parts > 1) { /* C += the other ranges' sums, in order */
+        OMP("omp parallel for schedule(static)")
+        for (int i = 0; i < m; i++)
+            for (int part = 1; part < parts; part++)
+                for (int j = 0; j < n; j++)
+                    c[(size_t)i * ldc + j] += scratch->partial[((size_t)(part - 1) * m + i) * n + j];
+    }
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -367,18 +426,20 @@ static void pool_backward(const float *restrict d_out, const uint8_t *restrict w
                           int channels, float *restrict dz)
 {
     int half = side / 2;
-    memset(dz, 0, sizeof(float) * side * side * channels);
     for (int y = 0; y < half; y++)
         for (int x = 0; x < half; x++)
-            for (int c = 0; c < channels; c++) {
-                int o = (y * half + x) * channels + c, q = which[o];
-                dz[((2 * y + (q >> 1)) * side + 2 * x + (q & 1)) * channels + c] = d_out[o];
+            for (int q = 0; q < 4; q++) { /* every input written once: no clearing pass */
+                const float *d = d_out + (y * half + x) * channels;
+                const uint8_t *w = which + (y * half + x) * channels;
+                float *to = dz + ((2 * y + (q >> 1)) * side + 2 * x + (q & 1)) * channels;
+                for (int c = 0; c < channels; c++)
+                    to[c] = w[c] == q ? d[c] : 0.0f;
             }
 }
 
 /* BatchNorm + ReLU over `images` x `positions` rows of `channels`. Training: the batch's mean
    and biased variance (written to mean/var), x-hat kept; inference: mean/var are the moving
-   statistics. Sums: per image in double, then over images in order (see the header). */
+   statistics. Sums: per image in float, then over images in order in double (the header). */
 typedef struct {
     int channels, positions;
     const float *gamma, *beta;
@@ -387,20 +448,22 @@ typedef struct {
 } Norm;
 
 static void norm_sums(const Norm *n, int images, const float *z, const float *center,
-                      int squares, double *total)
+                      double *total)
 {
     int C = n->channels, P = n->positions;
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < images; b++) {
-        double *s = n->partial + (size_t)b * C;
-        for (int c = 0; c < C; c++)
-            s[c] = 0.0;
+        float s[C3] = {0};
         const float *row = z + (size_t)b * P * C;
         for (int q = 0; q < P; q++, row += C)
-            for (int c = 0; c < C; c++) {
-                double v = squares ? (double)row[c] - center[c] : row[c];
-                s[c] += squares ? v * v : v;
-            }
+            if (center)
+                for (int c = 0; c < C; c++)
+                    s[c] += (row[c] - center[c]) * (row[c] - center[c]);
+            else
+                for (int c = 0; c < C; c++)
+                    s[c] += row[c];
+        for (int c = 0; c < C; c++)
+            n->partial[(size_t)b * C + c] = s[c];
     }
     for (int c = 0; c < C; c++)
         total[c] = 0.0;
@@ -416,10 +479,10 @@ static void norm_forward(const Norm *n, int images, const float *z, int training
     double total[C3], count = (double)images * P;
     float scale[C3], shift[C3];
     if (training) {
-        norm_sums(n, images, z, NULL, 0, total);
+        norm_sums(n, images, z, NULL, total);
         for (int c = 0; c < C; c++)
             n->mean[c] = (float)(total[c] / count);
-        norm_sums(n, images, z, n->mean, 1, total);
+        norm_sums(n, images, z, n->mean, total);
         for (int c = 0; c < C; c++)
             n->var[c] = (float)(total[c] / count);
     }
@@ -457,16 +520,16 @@ static void norm_backward(const Norm *n, int images, const float *out, const flo
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < images; b++) {
         size_t first = (size_t)b * P * C;
-        double *s = n->partial + (size_t)b * 2 * C;
-        for (int c = 0; c < 2 * C; c++)
-            s[c] = 0.0;
+        float s[C3] = {0}, sx[C3] = {0};
         for (int q = 0; q < P; q++)
             for (int c = 0; c < C; c++) {
                 size_t i = first + (size_t)q * C + c;
                 float dy = out[i] > 0.0f ? d_out[i] : 0.0f;
                 d_out[i] = dy;
-                s[c] += dy, s[C + c] += (double)dy * xhat[i];
+                s[c] += dy, sx[c] += dy * xhat[i];
             }
+        for (int c = 0; c < C; c++)
+            n->partial[(size_t)b * 2 * C + c] = s[c], n->partial[(size_t)b * 2 * C + C + c] = sx[c];
     }
     for (int c = 0; c < C; c++)
         sum_dy[c] = sum_dyx[c] = 0.0;
@@ -506,7 +569,7 @@ typedef struct {
         *a3, *kept, *logits;              /* activations, batch-wide, NHWC */
     uint8_t *which1, *which2, *mask;
     float *d_a3, *d_z3, *d_col3, *d_a2, *d_z2, *d_col2, *d_a1, *d_z1, *d_logits; /* gradients */
-    float *w_t;                           /* a kernel transposed, [out][window] */
+    Scratch scratch;                      /* the products' packed operands */
     Norm norm[3];
     double *partial;
     double seconds[LAYERS][2];            /* forward, backward wall time */
@@ -532,7 +595,9 @@ static Net make_net(int capacity)
     BUFFER(d_a1, P1 * P1 * C1), BUFFER(d_z1, S1 * S1 * C1);
     BUFFER(partial, 2 * C3);
 #undef BUFFER
-    t.w_t = allocate(K2 * C2 > K3 * C3 ? K2 * C2 : K3 * C3, sizeof(float));
+    size_t widest = n * S1 * S1 * C1 > K3 * C3 ? n * S1 * S1 * C1 : K3 * C3;
+    t.scratch.packed_b = allocate(widest, sizeof(float)); /* conv1's dZ, or a kernel */
+    t.scratch.partial = allocate((PARTS - 1) * K3 * C3, sizeof(float)); /* conv3's dW */
     int channels[3] = {C1, C2, C3}, positions[3] = {P1 * P1, P2 * P2, S3 * S3};
     for (int l = 0; l < 3; l++) {
         t.norm[l].channels = channels[l], t.norm[l].positions = positions[l];
@@ -565,7 +630,8 @@ static void forward(Net *t, Params *p, Params *stats, int images, int training)
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         im2col1(t->x + (size_t)b * INPUTS, t->col1 + (size_t)b * S1 * S1 * K1);
-    gemm(B * S1 * S1, C1, K1, t->col1, K1, 1, p->conv1, C1, t->z1, C1, 0);
+    gemm(&t->scratch, B * S1 * S1, C1, K1, (Operand){t->col1, K1, 1}, (Operand){p->conv1, C1, 1},
+         t->z1, C1, 1);
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         pool_forward(t->z1 + (size_t)b * S1 * S1 * C1, S1, C1, t->p1 + (size_t)b * P1 * P1 * C1,
@@ -578,7 +644,8 @@ static void forward(Net *t, Params *p, Params *stats, int images, int training)
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         im2col2(t->a1 + (size_t)b * P1 * P1 * C1, t->col2 + (size_t)b * S2 * S2 * K2);
-    gemm(B * S2 * S2, C2, K2, t->col2, K2, 1, p->conv2, C2, t->z2, C2, 0);
+    gemm(&t->scratch, B * S2 * S2, C2, K2, (Operand){t->col2, K2, 1}, (Operand){p->conv2, C2, 1},
+         t->z2, C2, 1);
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         pool_forward(t->z2 + (size_t)b * S2 * S2 * C2, S2, C2, t->p2 + (size_t)b * P2 * P2 * C2,
@@ -591,7 +658,8 @@ static void forward(Net *t, Params *p, Params *stats, int images, int training)
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         im2col3(t->a2 + (size_t)b * P2 * P2 * C2, t->col3 + (size_t)b * S3 * S3 * K3);
-    gemm(B * S3 * S3, C3, K3, t->col3, K3, 1, p->conv3, C3, t->z3, C3, 0);
+    gemm(&t->scratch, B * S3 * S3, C3, K3, (Operand){t->col3, K3, 1}, (Operand){p->conv3, C3, 1},
+         t->z3, C3, 1);
     norm_forward(&t->norm[2], B, t->z3, training, t->xhat3, t->a3);
     const float scale = 1.0f / (1.0f - DROPOUT);
     OMP("omp parallel for schedule(static)")
@@ -679,9 +747,10 @@ static void backward(Net *t, Params *p, Params *g, int images)
     /* conv3 */
     norm_backward(&t->norm[2], B, t->a3, t->xhat3, t->d_a3, t->d_z3, g->bn3[GAMMA], g->bn3[BETA]);
     int M = B * S3 * S3;
-    gemm(K3, C3, M, t->col3, 1, K3, t->d_z3, C3, g->conv3, C3, 0); /* dW = X^T dZ */
-    transpose(t->w_t, p->conv3, K3, C3);
-    gemm(M, K3, C3, t->d_z3, C3, 1, t->w_t, K3, t->d_col3, K3, 0); /* dX = dZ W^T */
+    gemm(&t->scratch, K3, C3, M, (Operand){t->col3, 1, K3}, (Operand){t->d_z3, C3, 1}, g->conv3,
+         C3, PARTS);                                                      /* dW = X^T dZ */
+    gemm(&t->scratch, M, K3, C3, (Operand){t->d_z3, C3, 1}, (Operand){p->conv3, 1, C3},
+         t->d_col3, K3, 1);                                               /* dX = dZ W^T */
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         col2im3(t->d_col3 + (size_t)b * S3 * S3 * K3, t->d_a2 + (size_t)b * P2 * P2 * C2);
@@ -695,9 +764,10 @@ static void backward(Net *t, Params *p, Params *g, int images)
         pool_backward(t->d_a2 + (size_t)b * P2 * P2 * C2, t->which2 + (size_t)b * P2 * P2 * C2,
                       S2, C2, t->d_z2 + (size_t)b * S2 * S2 * C2);
     M = B * S2 * S2;
-    gemm(K2, C2, M, t->col2, 1, K2, t->d_z2, C2, g->conv2, C2, 0);
-    transpose(t->w_t, p->conv2, K2, C2);
-    gemm(M, K2, C2, t->d_z2, C2, 1, t->w_t, K2, t->d_col2, K2, 0);
+    gemm(&t->scratch, K2, C2, M, (Operand){t->col2, 1, K2}, (Operand){t->d_z2, C2, 1}, g->conv2,
+         C2, PARTS);
+    gemm(&t->scratch, M, K2, C2, (Operand){t->d_z2, C2, 1}, (Operand){p->conv2, 1, C2},
+         t->d_col2, K2, 1);
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         col2im2(t->d_col2 + (size_t)b * S2 * S2 * K2, t->d_a1 + (size_t)b * P1 * P1 * C1);
@@ -711,7 +781,8 @@ static void backward(Net *t, Params *p, Params *g, int images)
         pool_backward(t->d_a1 + (size_t)b * P1 * P1 * C1, t->which1 + (size_t)b * P1 * P1 * C1,
                       S1, C1, t->d_z1 + (size_t)b * S1 * S1 * C1);
     M = B * S1 * S1;
-    gemm(K1, C1, M, t->col1, 1, K1, t->d_z1, C1, g->conv1, C1, 0);
+    gemm(&t->scratch, K1, C1, M, (Operand){t->col1, 1, K1}, (Operand){t->d_z1, C1, 1}, g->conv1,
+         C1, PARTS);
     t->seconds[CONV1][1] += seconds_now() - start;
 }
 
