@@ -6,10 +6,12 @@
 2. Rendering: every mosaic, pasted one tile at a time with PIL as the original did,
    against stages.analysis.mosaic.tile (benchmarks/mosaics.py).
 3. Frameworks: each of `--models` (default: mlp) trained by the train stage in Keras, in
-   PyTorch and (the mlp) in plain C with the shipped params, twice each, alternating:
-   training time, images/s, the arithmetic (dense GFLOP/s against the CPU's peak; C's
-   executed GFLOP/s, which skips zero pixels), peak RSS, test accuracy, and whether the
-   forced rerun gave the same model bytes.
+   PyTorch and (the mlp and the cnn) in plain C with the shipped params, twice each,
+   alternating: training time, images/s, the arithmetic (dense GFLOP/s against this
+   machine's measured peak, benchmarks/fma_peak.c, probed before every run; the mlp's
+   executed GFLOP/s in C, which skips zero pixels), peak RSS, test accuracy, and whether
+   the forced rerun gave the same model bytes; and the C cnn's GFLOP/s layer by layer,
+   forward and backward, from the program's own timers.
    `--epochs N` shortens every recipe (for the convnets: speed and determinism in minutes;
    their accuracy over seeds comes from 5.).
 4. Workers: each of `--models` trained in PyTorch by 1 and by 2 data-parallel workers
@@ -32,7 +34,7 @@
 Usage: python -m benchmarks.run [--data PATH] [--repeats N]
        [--only train|mosaics|frameworks|workers|predict|frontier|cnn|hosts]
        [--models mlp cnn] [--epochs N]
-       [--model cnn|cnn_large] [--framework keras|torch] [--seeds 1 2 3]
+       [--model cnn|cnn_large] [--framework keras|torch|c] [--seeds 1 2 3]
        [--set KEY=VALUE ...]   (--only frontier: a variant of each preset's recipe)
 """
 
@@ -55,6 +57,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.pipeline import paths, stage_command
+from stages.runtime.params import C_MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist.npz"
@@ -281,7 +284,7 @@ def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[
     frameworks, so machine noise hits both alike); evaluated after the first run."""
     variants = {}
     for model in models:
-        for framework in ("keras", "torch", "c") if model == "mlp" else ("keras", "torch"):
+        for framework in ("keras", "torch", "c") if model in C_MODELS else ("keras", "torch"):
             variants[model, framework, 1] = {"framework": framework, "model": model}
     return bench_variants(data, variants, epochs)
 
@@ -306,9 +309,11 @@ def bench_variants(data: Path, variants: dict, epochs: int | None) -> list[dict]
     try:
         for attempt in range(2):
             for key, project in projects.items():
+                probed = fma_peak()[os.cpu_count()]  # just before: these machines are noisy
                 child = run_child(stage_command("train"), project)
                 runs[key].append({"seconds": train_seconds(child["stdout"]),
                                   "images": trained_images(child["stdout"]),
+                                  "peak_gflops": probed, "layers": layer_times(child["stdout"]),
                                   **arithmetic(child["stdout"]),
                                   "peak_rss_mb": child["peak_rss_mb"],
                                   "digest": model_digest(project)})
@@ -329,6 +334,9 @@ def bench_variants(data: Path, variants: dict, epochs: int | None) -> list[dict]
                 extra["dense_gflops"] = n_epochs * first["images"] * per_image / seconds / 1e9
             if "executed_gflop" in fastest:
                 extra["executed_gflops"] = fastest["executed_gflop"] / fastest["program_seconds"]
+            extra["peak_gflops"] = max(first["peak_gflops"], second["peak_gflops"])
+            if fastest["layers"]:
+                extra["layers"] = fastest["layers"]
             rows.append({"model": model, "framework": framework, "workers": workers,
                          "epochs": n_epochs, **extra,
                          "train_seconds": [first["seconds"], second["seconds"]],
@@ -344,17 +352,68 @@ def bench_variants(data: Path, variants: dict, epochs: int | None) -> list[dict]
     return rows
 
 
+# Multiply-adds of one image's forward pass through the cnn, layer by layer: conv1 (24×24
+# outputs, 5×5 window, 32 channels), conv2 (8×8, 5×5×32, 64), conv3 (4×4, 3×3×64, 128), dense.
+CNN_MACS = {"conv1": 24 * 24 * 25 * 32, "conv2": 8 * 8 * 800 * 64, "conv3": 4 * 4 * 576 * 128,
+            "dense": 2048 * 10}
+
+
 def dense_flops_per_image(model: str) -> int | None:
-    """Floating-point operations one training image costs a dense implementation of the
-    mlp (a multiply-add counts 2): forward 784×128 and 128×10, backward the gradients of
-    both weight matrices and of the hidden layer (none for the input). The per-step Adam
-    update and the elementwise work (ReLU, dropout, softmax) are left out: under 3%."""
-    if model != "mlp":
-        return None
-    return 2 * (784 * 128 + 128 * 10) + 2 * (784 * 128 + 128 * 10 + 128 * 10)
+    """Floating-point operations one training image costs a dense implementation (a
+    multiply-add counts 2). mlp: forward 784×128 and 128×10, backward the gradients of both
+    weight matrices and of the hidden layer (none for the input). cnn: forward, and
+    backward the weights' and the inputs' gradients of every layer but conv1 (no input
+    gradient): 28.7M. The per-step Adam update and the elementwise work (ReLU, dropout,
+    softmax, pooling, BatchNorm) are left out: under 3% of either."""
+    if model == "mlp":
+        return 2 * (784 * 128 + 128 * 10) + 2 * (784 * 128 + 128 * 10 + 128 * 10)
+    if model == "cnn":
+        return 2 * (3 * sum(CNN_MACS.values()) - CNN_MACS["conv1"])
+    return None
 
 
-def peak_gflops() -> tuple[float, str]:
+def fma_peak(threads: tuple[int, ...] | None = None) -> dict[int, float]:
+    """This machine's float32 GFLOP/s now, for each thread count (default: 1 and all
+    cores): benchmarks/fma_peak.c, built once with the C programs' compiler and flags."""
+    from stages.frameworks.c import env
+
+    threads = threads or tuple(sorted({1, os.cpu_count()}))
+    source = ROOT / "benchmarks" / "fma_peak.c"
+    program = ROOT / "build" / "bench" / "fma_peak"
+    if not program.exists() or program.stat().st_mtime < source.stat().st_mtime:
+        program.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([env.compiler(), *env.CFLAGS, env.OPENMP, "-o", str(program),
+                        str(source)], check=True, timeout=300)
+    out = subprocess.run([str(program), *map(str, threads)], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    return {int(t): float(g) for t, g in re.findall(r"threads=(\d+) gflops=([\d.]+)", out)}
+
+
+def layer_times(stdout: str) -> dict:
+    """The C cnn's `layer NAME forward_gflop=F forward_seconds=S backward_gflop=G
+    backward_seconds=T` lines: {NAME: (F, S, G, T)}."""
+    return {m[0]: tuple(map(float, m[1:])) for m in re.findall(
+        r"^layer (\w+) forward_gflop=([\d.]+) forward_seconds=([\d.]+) "
+        r"backward_gflop=([\d.]+) backward_seconds=([\d.]+)", stdout, re.M)}
+
+
+def layers_table(row: dict) -> str:
+    """One C cnn run's GFLOP/s layer by layer against the measured peak."""
+    peak = row["peak_gflops"]
+    lines = ["| layer | forward GFLOP/s (% of peak) | backward GFLOP/s (% of peak) | share of "
+             "the program's time |", "|---|---|---|---|"]
+    layers = row["layers"]
+    total = sum(f_s + b_s for _, f_s, _, b_s in layers.values())
+    for name, (f, f_s, b, b_s) in layers.items():
+        lines.append(f"| {name} | {f / f_s:.1f} ({f / f_s / peak:.0%}) | "
+                     f"{b / b_s:.1f} ({b / b_s / peak:.0%}) | {(f_s + b_s) / total:.0%} |")
+    flops = sum(f + b for f, _, b, _ in layers.values())
+    lines.append(f"| all | | {flops / total:.1f} ({flops / total / peak:.0%}) over both | "
+                 "100% |")
+    return "\n".join(lines)
+
+
+def nominal_peak() -> tuple[float, str]:
     """The CPU's peak float32 GFLOP/s for the widest FMA it has, on all its cores, at the
     clock /proc/cpuinfo reports (a VM's nominal clock: boost would raise it)."""
     info = Path("/proc/cpuinfo").read_text()
@@ -381,7 +440,8 @@ def arithmetic(stdout: str) -> dict:
 
 
 def runs_table(rows: list[dict]) -> str:
-    peak, how = peak_gflops()
+    peak = max(r["peak_gflops"] for r in rows)
+    nominal, how = nominal_peak()
     lines = ["| model | framework | workers | epochs | training (s), run / rerun | images/s | "
              "dense GFLOP/s (% of peak) | peak RSS (MB) | test accuracy (errors) | rerun "
              "bit-identical |", "|---" * 10 + "|"]
@@ -396,9 +456,15 @@ def runs_table(rows: list[dict]) -> str:
                      f"{second:.1f} | {r['images_per_second']:.0f} | {dense} | "
                      f"{r['peak_rss_mb']:.0f} | {r['test_accuracy']:.2%} "
                      f"({r['test_errors']}) | {'yes' if r['rerun_bit_identical'] else 'NO'} |")
-    lines.append(f"\nPeak: {how}. Dense GFLOP/s: the dense implementation's operations "
-                 "(benchmarks/run.py dense_flops_per_image) over the training time; "
-                 "executed: what the C program counted doing (it skips zero pixels).")
+    lines.append(f"\nPeak: {peak:.1f} GFLOP/s on {os.cpu_count()} threads, the best of "
+                 "benchmarks/fma_peak.c's probes before each run (nominal: "
+                 f"{how}). Dense GFLOP/s: the dense implementation's operations "
+                 "(benchmarks/run.py dense_flops_per_image) over the train stage's training "
+                 "time; executed: what the C mlp counted doing (it skips zero pixels).")
+    for r in rows:
+        if r.get("layers"):
+            lines.append(f"\n{r['model']} in {r['framework']}, layer by layer (the program's "
+                         "own timers, its faster run):\n" + layers_table(r))
     return "\n".join(lines)
 
 
@@ -428,7 +494,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="shorten every recipe (frameworks)")
     parser.add_argument("--model", choices=("cnn", "cnn_large"), default="cnn")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
-    parser.add_argument("--framework", choices=("keras", "torch"), default="keras",
+    parser.add_argument("--framework", choices=("keras", "torch", "c"), default="keras",
                         help="who trains --only cnn")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="--only frontier: change each preset's recipe (e.g. ema=0)")

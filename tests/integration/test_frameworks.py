@@ -99,6 +99,8 @@ def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
 def test_c_trains_the_default_convnet_behind_the_same_stages_bit_reproducibly(trained_copy):
     repo = trained_copy
     recipe = yaml.safe_load((repo / "params.yaml").read_text())["train"]["cnn"]
+    keras = {"metrics": json.loads((repo / PATHS["metrics"]).read_text())}
+    keras_curves = json.loads((repo / PATHS["curves"] / "metrics.json").read_text())
 
     run = dvc(repo, "exp", "run", "-S", "train.framework=c", "-S", "train.model=cnn")
     assert stages_run(run.stdout) == ["train", "evaluate", "render-errors"], run.stdout
@@ -111,8 +113,13 @@ def test_c_trains_the_default_convnet_behind_the_same_stages_bit_reproducibly(tr
     info = json.loads((model_dir / "run_info.json").read_text())
     assert (info["framework"], info["model"], info["model_file"]) == ("c", "cnn", "model.bin")
     assert list((repo / "build" / "c").glob("*/mnist_cnn"))
+    # The fixture's recipe (2 epochs of 1,425 images) trains the network, but leaves
+    # BatchNorm's moving statistics (momentum 0.99) far from the batches': Keras' test
+    # accuracy is low too. C's agrees with Keras' on the same recipe.
     metrics = json.loads((repo / PATHS["metrics"]).read_text())
-    assert 0.5 < metrics["accuracy"] <= 1  # the fixture's 1500 images, a few epochs
+    curves = json.loads((repo / PATHS["curves"] / "metrics.json").read_text())
+    assert curves["train"]["loss"] < 1.0 and keras_curves["train"]["loss"] < 1.0
+    assert abs(metrics["accuracy"] - keras["metrics"]["accuracy"]) < 0.1
 
     c_results = out_hashes(repo)
     forced_rerun_gives_the_same_bits(repo, c_results)

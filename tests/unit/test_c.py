@@ -335,3 +335,20 @@ def test_a_source_that_does_not_compile_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(fit, "BUILD_DIR", tmp_path / "build")
     with pytest.raises(PipelineError, match="could not build mnist_mlp.c: .*undefined_name"):
         fit.build()
+
+
+def fused_multiply_adds(program) -> int:
+    """Fused multiply-add instructions in the program's disassembly (x86-64: vfmadd*/
+    vfnmadd*; AArch64: fmla/fmadd)."""
+    text = subprocess.run(["objdump", "-d", str(program)], capture_output=True, text=True,
+                          timeout=120, check=True).stdout
+    return sum(1 for line in text.splitlines()
+               if any(m in line for m in ("vfmadd", "vfnmadd", "\tfmla", "\tfmadd")))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_both_programs_compute_with_fused_multiply_adds(name):
+    """-std=c11 alone makes GCC keep a*b+c as two roundings (ISO C's FP_CONTRACT off):
+    env.CFLAGS asks for the fused instruction, and the build really has it."""
+    assert "-ffp-contract=fast" in env.CFLAGS
+    assert fused_multiply_adds(fit.build(name)) >= 10

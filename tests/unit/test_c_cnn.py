@@ -344,3 +344,100 @@ def test_the_program_predicts_as_numpy_whatever_the_thread_count(program, digits
     expected = model.predict(net, x, 1000)
     assert 0.25 < expected.max(1).mean() < 0.99
     assert np.abs(probs - expected).max() < 1e-5
+
+
+def test_the_program_predicts_as_keras_on_weights_exported_from_keras(program, digits,
+                                                                      tmp_path):
+    from stages.frameworks.keras import model as keras_model
+
+    keras_net = keras_model.build("cnn")
+    keras_net.set_weights(list(lively(5)))
+    model.save(model.CNN(*keras_net.get_weights()), tmp_path)
+    x = digits["x_test"][:300]
+    run(program, "predict", "--model", tmp_path / model.MODEL_FILE,
+        "--images", write_idx(tmp_path / "x.idx", x), "--out", tmp_path / "p.idx")
+    keras_probs = keras_model.predict(keras_net, x, 100)
+    assert 0.25 < keras_probs.max(1).mean() < 0.99  # inference-mode BatchNorm, unsaturated
+    probs = read_idx(tmp_path / "p.idx")
+    assert np.abs(probs - keras_probs).max() < 1e-5
+    assert np.array_equal(probs.argmax(1), keras_probs.argmax(1))
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def train(program, tmp_path, digits, name, *options, n=400):
+    images = tmp_path / "x.idx"
+    if not images.exists():
+        write_idx(images, digits["x_train"][:n])
+        write_idx(tmp_path / "y.idx", digits["y_train"][:n].astype(np.uint8))
+        write_idx(tmp_path / "vx.idx", digits["x_test"][:200])
+        write_idx(tmp_path / "vy.idx", digits["y_test"][:200].astype(np.uint8))
+    out = tmp_path / name
+    proc = run(program, "train", "--images", images, "--labels", tmp_path / "y.idx",
+               "--out", out, *options)
+    return out.read_bytes(), proc.stdout
+
+
+def test_training_gives_the_same_bits_whatever_the_thread_count(program, digits, tmp_path):
+    """Every knob on: augmentation, cosine decay, label smoothing, validation, restore_best;
+    a last batch shorter than the others (400 = 3 x 128 + 16)."""
+    recipe = ("--epochs", 3, "--batch-size", 128, "--schedule", "cosine", "--rotation", 10,
+              "--shift", 0.1, "--zoom", 0.1, "--label-smoothing", 0.1, "--restore-best", 1,
+              "--val-images", tmp_path / "vx.idx", "--val-labels", tmp_path / "vy.idx",
+              "--learning-rate", 0.002, "--seed", 3)
+    one, report = train(program, tmp_path, digits, "a.bin", *recipe, "--threads", 1)
+    assert one == train(program, tmp_path, digits, "b.bin", *recipe, "--threads", 2)[0]
+    assert one == train(program, tmp_path, digits, "c.bin", *recipe, "--threads", 3)[0]
+    assert one != train(program, tmp_path, digits, "d.bin", *recipe[:-1], 4, "--threads", 2)[0]
+    net = model.decode(one, "the trained model")
+    assert isinstance(net, model.CNN)
+    assert not np.array_equal(net.bn2_mean, np.zeros_like(net.bn2_mean))  # statistics moved
+    epochs = [fit.fields(line) for line in report.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 3 and all("val_accuracy" in e for e in epochs)
+    assert float(epochs[2]["loss"]) < float(epochs[0]["loss"])  # it learns
+    layers = [line.split()[1] for line in report.splitlines() if line.startswith("layer ")]
+    assert layers == ["conv1", "conv2", "conv3", "dense"]
+    summary = fit.fields(report.splitlines()[-1])
+    # 3 epochs of 400 images: forward + backward, conv1 without an input gradient.
+    per_image = 2 * (3 * (64 * 800 * 64 + 16 * 576 * 128 + 2048 * 10) + 2 * 576 * 25 * 32)
+    assert float(summary["executed_gflop"]) > 3 * 400 * per_image * 1e-9
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--epochs", 0), "--epochs"),
+    (("--batch-size", 4097), "--batch-size: 4097 is out of range 1..4096"),
+    (("--schedule", "linear"), "--schedule"),
+    (("--label-smoothing", 1), "--label-smoothing"),
+    (("--frobnicate", 1), "--frobnicate"),
+])
+def test_bad_options_are_refused_in_one_line_before_any_work(program, digits, tmp_path,
+                                                            args, message):
+    write_idx(tmp_path / "x.idx", digits["x_train"][:50])
+    write_idx(tmp_path / "y.idx", digits["y_train"][:50].astype(np.uint8))
+    proc = run(program, "train", "--images", tmp_path / "x.idx", "--labels",
+               tmp_path / "y.idx", "--out", tmp_path / "m.bin", *args, check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.startswith("mnist_cnn: error: ") and proc.stderr.count("\n") == 1
+    assert message in proc.stderr
+    assert not (tmp_path / "m.bin").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:-4], "588480 bytes; a model file of this program has 588484"),
+    (lambda data: b"MNISTMLP" + data[8:], "no MNISTCNN header"),
+    (lambda data: data[:8] + struct.pack("<I", 2) + data[12:], "header field 0 is 2"),
+    (lambda data: data[:offset("conv2")] + struct.pack("<f", float("inf"))
+     + data[offset("conv2") + 4:], "is not a finite number"),
+    (lambda data: data[:offset("bn3_var")] + struct.pack("<f", -1.0)
+     + data[offset("bn3_var") + 4:], "BatchNorm 3's moving variance is negative"),
+])
+def test_the_program_refuses_a_damaged_model_file_in_one_line(program, digits, tmp_path,
+                                                              damage, message):
+    (tmp_path / "m.bin").write_bytes(damage(model.encode(lively(1))))
+    proc = run(program, "predict", "--model", tmp_path / "m.bin",
+               "--images", write_idx(tmp_path / "x.idx", digits["x_test"][:5]),
+               "--out", tmp_path / "p.idx", check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("mnist_cnn: error: ") and message in proc.stderr
+    assert not (tmp_path / "p.idx").exists()

@@ -15,8 +15,10 @@
  * Run:
  *     mnist_cnn train --images X.idx --labels Y.idx [--val-images VX.idx --val-labels VY.idx]
  *                     --out MODEL.bin [--epochs 24] [--batch-size 128] [--learning-rate 0.002]
- *                     [--schedule constant|cosine] [--label-smoothing 0] [--rotation 0]
- *                     [--shift 0] [--zoom 0] [--restore-best 0|1] [--seed 42] [--threads 1]
+ *                     [--schedule constant|cosine (cosine)] [--label-smoothing 0.1]
+ *                     [--rotation 10] [--shift 0.1] [--zoom 0.1] [--restore-best 0|1 (0)]
+ *                     [--seed 42] [--threads 1]
+ * (the defaults: the pipeline's shipped cnn recipe, params.yaml's train.cnn)
  *     mnist_cnn predict --model MODEL.bin --images X.idx --out P.idx [--threads 1]
  *     mnist_cnn grad --model MODEL.bin --images X.idx --labels Y.idx --out G.bin --mask M.idx
  *                    [--seed 42] [--label-smoothing 0] [--threads 1]
@@ -1070,14 +1072,14 @@ static void command_train(int argc, char **argv)
     o.epochs = (int)int_flag(&f, "--epochs", 24, 1, 10000);
     o.batch_size = (int)int_flag(&f, "--batch-size", 128, 1, MAX_CNN_BATCH);
     o.learning_rate = real_flag(&f, "--learning-rate", 0.002, positive, "(0, inf)");
-    const char *schedule = text_flag(&f, "--schedule", "constant");
+    const char *schedule = text_flag(&f, "--schedule", "cosine");
     if (strcmp(schedule, "constant") != 0 && strcmp(schedule, "cosine") != 0)
         fail("--schedule: '%s'; expected constant or cosine", schedule);
     o.cosine = strcmp(schedule, "cosine") == 0;
-    o.label_smoothing = real_flag(&f, "--label-smoothing", 0, fraction, "[0, 1)");
-    o.augment.rotation = real_flag(&f, "--rotation", 0, degrees, "[0, 180]");
-    o.augment.shift = real_flag(&f, "--shift", 0, fraction, "[0, 1)");
-    o.augment.zoom = real_flag(&f, "--zoom", 0, fraction, "[0, 1)");
+    o.label_smoothing = real_flag(&f, "--label-smoothing", 0.1, fraction, "[0, 1)");
+    o.augment.rotation = real_flag(&f, "--rotation", 10, degrees, "[0, 180]");
+    o.augment.shift = real_flag(&f, "--shift", 0.1, fraction, "[0, 1)");
+    o.augment.zoom = real_flag(&f, "--zoom", 0.1, fraction, "[0, 1)");
     o.restore_best = (int)int_flag(&f, "--restore-best", 0, 0, 1);
     if (o.restore_best && !o.val_images)
         fail("--restore-best 1 needs --val-images and --val-labels");
