@@ -260,9 +260,9 @@ def train(p: dict, fast: dict, framework_key: str = "train.framework") -> dict:
     settings = {name: framework_settings(p[name], name) for name in FRAMEWORKS}[framework]
     model = choice(p, where, "model", MODEL_NAMES)
     check_c_model(framework, model, f"{where}.model", framework_key)
-    for key, missing in (("ema", "keeps no average of its weights"),
-                         ("elastic", "has no elastic distortion")):
-        if framework == "c" and recipes[model][key]:
+    for key, missing, models in (("ema", "keeps no average of its weights", ("mlp",)),
+                                 ("elastic", "has no elastic distortion", C_MODELS)):
+        if framework == "c" and model in models and recipes[model][key]:
             raise _bad(f"{where}.{model}.{key}", recipes[model][key], f"0 with {framework_key} "
                        f"c (the plain-C program {missing})")
     batch = recipes[model]["batch_size"]

@@ -285,7 +285,7 @@ def test_readme_code_map_names_what_is_there():
 @pytest.fixture(scope="module")
 def switched(trained_project, tmp_path_factory):
     """A copy of the trained project in which the README's one-`-S` block ran: Keras' mlp,
-    PyTorch's cnn and C's mlp, each an experiment; the workspace holds the last (C)."""
+    PyTorch's cnn, C's mlp and C's cnn, each an experiment; the workspace holds the last."""
     repo = copy_project(trained_project.repo, tmp_path_factory.mktemp("switched") / "project")
     output = run_sh(block("README.md", "dvc exp show --only-changed"), repo)
     return SimpleNamespace(repo=repo, output=output)
@@ -295,15 +295,16 @@ def switched(trained_project, tmp_path_factory):
 @claims(("README.md", "dvc exp show --only-changed"))
 def test_one_set_switches_framework_or_model(switched):
     out = switched.output
-    assert out.count("Ran experiment(s)") == 3, out
+    assert out.count("Ran experiment(s)") == 4, out
     # Download and normalize never rerun for this; train, evaluate and render-errors do.
     assert "Running stage 'download'" not in out and "Running stage 'normalize'" not in out
     for stage in ("train", "evaluate", "render-errors"):
-        assert out.count(f"Running stage '{stage}'") == 3, stage
-    for line in ("train: mlp in keras", "train: cnn in torch"):
+        assert out.count(f"Running stage '{stage}'") == 4, stage
+    for line in ("train: mlp in keras", "train: cnn in torch", "train: mlp in c",
+                 "train: cnn in c"):
         assert line in out, line
     info = yaml.safe_load((switched.repo / PATHS["model_dir"] / "run_info.json").read_text())
-    assert (info["framework"], info["model"]) == ("c", "mlp")
+    assert (info["framework"], info["model"]) == ("c", "cnn")
     table_ = out[out.rindex("Experiment"):]
     for framework in ("keras", "torch", "c"):
         assert f" {framework} " in table_, table_
@@ -346,9 +347,12 @@ def test_the_concept_table_names_real_functions():
 def test_the_c_program_by_hand(trained_project, tmp_path):
     repo = copy_project(trained_project.repo, tmp_path / "project")
     run_sh(block("docs/frameworks.md", "./mnist_mlp train"), repo)
-    assert (repo / "model.bin").stat().st_size == 407_104  # the model file's documented size
+    # The model files' documented sizes, and N x 10 probabilities from each program.
+    assert (repo / "model.bin").stat().st_size == 407_104
+    assert (repo / "cnn.bin").stat().st_size == 588_484
     n_test = len(np.load(repo / PATHS["processed"])["y_test"])
-    assert (repo / "probabilities.idx").stat().st_size == 4 + 2 * 4 + n_test * 10 * 4
+    for name in ("probabilities.idx", "cnn-probabilities.idx"):
+        assert (repo / name).stat().st_size == 4 + 2 * 4 + n_test * 10 * 4
 
 
 # --- docs/params.md -------------------------------------------------------------------------

@@ -441,3 +441,30 @@ def test_the_program_refuses_a_damaged_model_file_in_one_line(program, digits, t
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("mnist_cnn: error: ") and message in proc.stderr
     assert not (tmp_path / "p.idx").exists()
+
+
+def test_ema_keeps_validates_and_saves_an_average_of_every_parameter(program, digits,
+                                                                     tmp_path):
+    """--ema d: the saved model is avg = d avg + (1 - d) p over the steps (BatchNorm's moving
+    statistics included), validated in place of the trained weights; its bits still do not
+    depend on the threads."""
+    recipe = ("--epochs", 2, "--batch-size", 100, "--seed", 9, "--val-images",
+              tmp_path / "vx.idx", "--val-labels", tmp_path / "vy.idx")
+    trained, plain = train(program, tmp_path, digits, "p.bin", *recipe)
+    averaged, report = train(program, tmp_path, digits, "a.bin", *recipe, "--ema", 0.9,
+                             "--threads", 1)
+    assert averaged == train(program, tmp_path, digits, "b.bin", *recipe, "--ema", 0.9,
+                             "--threads", 2)[0]
+    net, avg = model.decode(trained, "plain"), model.decode(averaged, "averaged")
+    for name in model.CNN._fields:  # every array differs from the trained one, statistics too
+        assert not np.array_equal(getattr(net, name), getattr(avg, name)), name
+    # 8 steps with d = 0.9: the average trails the trained weights, closer to the
+    # initial ones (same seed, same initialisation).
+    start = model.decode(train(program, tmp_path, digits, "s.bin", "--epochs", 1,
+                               "--learning-rate", 1e-9, "--seed", 9, "--rotation", 0,
+                               "--shift", 0, "--zoom", 0)[0], "start")
+    assert (np.abs(avg.conv2 - start.conv2).mean() < np.abs(net.conv2 - start.conv2).mean())
+    val = [fit.fields(line)["val_accuracy"] for line in report.splitlines()
+           if line.startswith("epoch ")]
+    assert val != [fit.fields(line)["val_accuracy"] for line in plain.splitlines()
+                   if line.startswith("epoch ")]

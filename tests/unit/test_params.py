@@ -242,6 +242,17 @@ def test_c_trains_the_original_network_and_the_default_convnet_only():
         "plain-C programs implement the original network and the default convnet)")
 
 
+def test_c_averages_the_convnets_weights_but_not_the_mlps():
+    values = edited("train.cnn.ema", 0.999)
+    values["train"]["framework"] = "c"
+    assert params.check(values)["train"]["ema"] == 0.999
+    values["train"]["cnn"]["elastic"] = 34.0
+    with pytest.raises(ParamError, match=r"^train\.cnn\.elastic: got 34\.0; allowed: 0 with "
+                                         r"train\.framework c \(the plain-C program has no "
+                                         r"elastic distortion\)"):
+        params.check(values)
+
+
 def test_c_refuses_a_convnet_batch_it_would_hold_in_unbounded_memory():
     values = edited("train.framework", "c")
     values["train"]["cnn"]["batch_size"] = 4097

@@ -121,12 +121,14 @@ def build(model: str = "mlp") -> Path:
 
 
 def recipe_args(cfg: dict) -> list[str]:
-    """The recipe as the program's options."""
+    """The recipe as the program's options (the mlp's program keeps no weight average: the
+    params check refuses its `ema`)."""
     return ["--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]),
             "--learning-rate", repr(cfg["learning_rate"]), "--schedule", cfg["lr_schedule"],
             "--label-smoothing", repr(cfg["label_smoothing"]),
             "--rotation", repr(cfg["rotation"]), "--shift", repr(cfg["shift"]),
             "--zoom", repr(cfg["zoom"]), "--restore-best", str(int(cfg["restore_best"])),
+            *(["--ema", repr(cfg["ema"])] if cfg["model"] == "cnn" else []),
             "--seed", str(cfg["seed"]), "--threads", str(env.threads())]
 
 

@@ -17,8 +17,11 @@
  *                     --out MODEL.bin [--epochs 24] [--batch-size 128] [--learning-rate 0.002]
  *                     [--schedule constant|cosine (cosine)] [--label-smoothing 0.1]
  *                     [--rotation 10] [--shift 0.1] [--zoom 0.1] [--restore-best 0|1 (0)]
- *                     [--seed 42] [--threads 1]
- * (the defaults: the pipeline's shipped cnn recipe, params.yaml's train.cnn)
+ *                     [--ema 0] [--seed 42] [--threads 1]
+ * (the defaults: the pipeline's shipped cnn recipe, params.yaml's train.cnn). --ema d > 0
+ * keeps an exponential moving average of every parameter, BatchNorm's moving statistics
+ * included (avg = d avg + (1 - d) p after each step; the first step copies), and validates,
+ * restores and saves the average instead of the trained weights.
  *     mnist_cnn predict --model MODEL.bin --images X.idx --out P.idx [--threads 1]
  *     mnist_cnn grad --model MODEL.bin --images X.idx --labels Y.idx --out G.bin --mask M.idx
  *                    [--seed 42] [--label-smoothing 0] [--threads 1]
@@ -837,6 +840,16 @@ static void adam(Trainer *t, const AdamStep *s)
     }
 }
 
+/* `ema`: avg = decay avg + (1 - decay) p over every parameter (decay 0: a copy). */
+static void average_into(Params *avg, const Params *p, float decay)
+{
+    float *a = flat(avg);
+    const float *w = flat((Params *)p);
+    OMP("omp parallel for schedule(static)")
+    for (int i = 0; i < PARAM_COUNT; i++)
+        a[i] = decay * a[i] + (1.0f - decay) * w[i];
+}
+
 /* The moving statistics move towards the batch's. */
 static void move_statistics(Params *p, const Params *batch)
 {
@@ -942,7 +955,7 @@ static void evaluate(Net *net, Params *p, const float *pixels, int n, const uint
 typedef struct {
     const char *images, *labels, *val_images, *val_labels, *out;
     int epochs, batch_size, cosine, restore_best;
-    double learning_rate, label_smoothing;
+    double learning_rate, label_smoothing, ema;
     Augment augment;
     uint64_t seed;
 } TrainOptions;
@@ -988,6 +1001,8 @@ static void train(const TrainOptions *o)
     const Augment *aug = &o->augment;
     int augmenting = aug->rotation > 0 || aug->shift > 0 || aug->zoom > 0;
     Params *params = allocate(1, sizeof(Params)), *best = allocate(1, sizeof(Params));
+    Params *average = o->ema > 0 ? allocate(1, sizeof(Params)) : NULL;
+    Params *kept = average ? average : params; /* what is validated, restored and saved */
     init_params(params, o->seed);
     Trainer t = make_trainer(params, pixels, labels, n, o->batch_size, o->seed,
                              o->label_smoothing, augmenting ? aug : NULL);
@@ -1009,17 +1024,19 @@ static void train(const TrainOptions *o)
             AdamStep s = adam_step(learning_rate_at(o->learning_rate, o->cosine, step,
                                                     total_steps), step);
             train_step(&t, order + first, batch, step, &s);
+            if (average)
+                average_into(average, params, step == 0 ? 0.0f : (float)o->ema);
             for (int b = 0; b < batch; b++) /* in batch order, so these sums are fixed too */
                 loss_sum += t.loss[b], hits += t.hit[b];
             flops += (uint64_t)batch * train_flops() + (uint64_t)ADAM_FLOPS * trainable;
         }
         double val_loss = 0.0, val_accuracy = 0.0;
         if (val_pixels) {
-            evaluate(&t.net, params, val_pixels, val_n, val_labels, NULL, &val_loss,
+            evaluate(&t.net, kept, val_pixels, val_n, val_labels, NULL, &val_loss,
                      &val_accuracy);
             flops += (uint64_t)val_n * forward_flops();
             if (o->restore_best && val_accuracy > best_accuracy)
-                best_accuracy = val_accuracy, best_epoch = epoch + 1, *best = *params;
+                best_accuracy = val_accuracy, best_epoch = epoch + 1, *best = *kept;
         }
         printf("epoch %d/%d %.1fs loss=%.6f accuracy=%.6f", epoch + 1, o->epochs,
                seconds_now() - epoch_start, loss_sum / n, hits / n);
@@ -1030,7 +1047,7 @@ static void train(const TrainOptions *o)
     }
     if (o->restore_best && best_epoch != o->epochs) {
         printf("restoring epoch %d: best validation accuracy %.4f\n", best_epoch, best_accuracy);
-        *params = *best;
+        *kept = *best;
     }
     double seconds = seconds_now() - start;
     double images = (double)n * o->epochs;
@@ -1045,10 +1062,10 @@ static void train(const TrainOptions *o)
            (double)flops * 1e-9, (double)flops * 1e-9 / seconds, max_threads());
     fflush(stdout);
     for (int i = 0; i < PARAM_COUNT; i++)
-        if (!isfinite(flat(params)[i]))
+        if (!isfinite(flat(kept)[i]))
             fail("training diverged (weights not finite), %s not written: lower "
                  "--learning-rate", o->out);
-    if (!save_params(o->out, params))
+    if (!save_params(o->out, kept))
         fail("%s: cannot write the model", o->out);
 }
 
@@ -1060,7 +1077,7 @@ static void command_train(int argc, char **argv)
     static const char *const names[] = {
         "--images", "--labels", "--val-images", "--val-labels", "--out", "--epochs",
         "--batch-size", "--learning-rate", "--schedule", "--label-smoothing", "--rotation",
-        "--shift", "--zoom", "--restore-best", "--seed", "--threads", NULL};
+        "--shift", "--zoom", "--restore-best", "--ema", "--seed", "--threads", NULL};
     Flags f = {"train", names, {NULL}};
     parse_flags(&f, argc, argv);
     TrainOptions o;
@@ -1083,6 +1100,7 @@ static void command_train(int argc, char **argv)
     o.restore_best = (int)int_flag(&f, "--restore-best", 0, 0, 1);
     if (o.restore_best && !o.val_images)
         fail("--restore-best 1 needs --val-images and --val-labels");
+    o.ema = real_flag(&f, "--ema", 0, fraction, "[0, 1)");
     o.seed = int_flag(&f, "--seed", 42, 0, UINT64_MAX);
     set_threads(&f);
     train(&o);

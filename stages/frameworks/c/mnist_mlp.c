@@ -1,11 +1,14 @@
 /*
  * mnist_mlp.c: the classic MNIST multilayer perceptron, trained the way Keras 3 trains it, in
- * one C11 file (libc and libm; OpenMP when the compiler has it).
+ * one C11 file (libc and libm; OpenMP when the compiler has it) and the mnist.h it shares with
+ * the convnet (mnist_cnn.c): errors, threads, randomness, idx files, augmentation, flags.
  *
  *     784 pixels -> Dense 128 ReLU -> Dropout 0.2 -> Dense 10 softmax; Adam; cross-entropy
  *
  * Build (with or without -fopenmp; either way the model file has the same bits):
- *     cc -std=c11 -O3 -march=native -fopenmp -o mnist_mlp stages/frameworks/c/mnist_mlp.c -lm
+ *     cc -std=c11 -O3 -march=native -ffp-contract=fast -fopenmp -o mnist_mlp \
+ *        stages/frameworks/c/mnist_mlp.c -lm
+ * (-ffp-contract=fast: a*b+c as one fused multiply-add, which -std=c11 alone forbids.)
  * Run:
  *     mnist_mlp train --images X.idx --labels Y.idx [--val-images VX.idx --val-labels VY.idx]
  *                     --out MODEL.bin [--epochs 5] [--batch-size 32] [--learning-rate 0.001]
