@@ -1,11 +1,24 @@
-"""benchmarks/run.py's frontier arithmetic: the train stage's epoch lines read back, the
-time to a validation accuracy, and one table row per preset."""
+"""benchmarks/run.py's arithmetic: the train stage's epoch lines read back, the time to a
+validation accuracy, one frontier row per preset; the C cnn's layer lines against the
+measured peak (benchmarks/fma_peak.c, built and run for real)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from benchmarks.run import epoch_log, frontier_table, recipe_changes, time_to, variant
+from benchmarks.run import (
+    dense_flops_per_image,
+    epoch_log,
+    fma_peak,
+    frontier_table,
+    layer_times,
+    layers_table,
+    recipe_changes,
+    time_to,
+    variant,
+)
 
 STDOUT = """train: cnn in keras on 57000 images, 3000 held out for validation
 epoch 1/3 63.1s train/loss=0.2867 eval/loss=0.3092 eval/accuracy=0.9713 train/accuracy=0.9417
@@ -47,3 +60,32 @@ def test_a_recipe_variant_is_read_as_yaml_and_names_its_row():
     assert variant("cnn", {}) == "cnn"
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
         recipe_changes(["ema"])
+
+
+LAYERS = "\n".join([
+    "epoch 1/1 14.7s loss=0.17 accuracy=0.98",
+    *(f"layer {name} forward_gflop={f} forward_seconds={f_s} backward_gflop={b} "
+      f"backward_seconds={b_s}" for name, f, f_s, b, b_s in (
+          ("conv1", "105.062", "1.656", "105.062", "1.997"),
+          ("conv2", "747.110", "6.903", "1494.221", "11.233"),
+          ("conv3", "268.960", "2.479", "537.919", "3.551"),
+          ("dense", "4.669", "0.213", "9.339", "0.959"))),
+    "train: images=57000 epochs=2 seconds=29.671 executed_gflop=3333.166"])
+
+
+def test_the_c_cnn_layers_are_read_back_and_set_against_the_peak():
+    layers = layer_times(LAYERS)
+    assert list(layers) == ["conv1", "conv2", "conv3", "dense"]
+    assert layers["conv2"] == (747.110, 6.903, 1494.221, 11.233)
+    table = layers_table({"peak_gflops": 200.0, "layers": layers}).splitlines()
+    assert table[3] == "| conv2 | 108.2 (54%) | 133.0 (67%) | 63% |"
+    assert table[-1] == "| all | | 112.9 (56%) over both | 100% |"
+    # The program counts what the benchmark's dense formula counts, per training image.
+    flops = sum(f + b for f, _, b, _ in layers.values()) * 1e9
+    assert flops / (57000 * 2) == pytest.approx(dense_flops_per_image("cnn"), rel=1e-5)
+
+
+def test_the_fma_probe_measures_every_thread_count_asked():
+    peaks = fma_peak((1, os.cpu_count()))
+    assert set(peaks) == {1, os.cpu_count()}
+    assert all(g > 1.0 for g in peaks.values())  # a real FMA loop, not an empty one
