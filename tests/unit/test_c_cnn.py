@@ -406,7 +406,7 @@ def test_training_gives_the_same_bits_whatever_the_thread_count(program, digits,
 
 @pytest.mark.parametrize("args, message", [
     (("--epochs", 0), "--epochs"),
-    (("--batch-size", 4097), "--batch-size: 4097 is out of range 1..4096"),
+    (("--batch-size", 2049), "--batch-size: 2049 is out of range 1..2048"),
     (("--schedule", "linear"), "--schedule"),
     (("--label-smoothing", 1), "--label-smoothing"),
     (("--frobnicate", 1), "--frobnicate"),

@@ -255,9 +255,9 @@ def test_c_averages_the_convnets_weights_but_not_the_mlps():
 
 def test_c_refuses_a_convnet_batch_it_would_hold_in_unbounded_memory():
     values = edited("train.framework", "c")
-    values["train"]["cnn"]["batch_size"] = 4097
-    with pytest.raises(ParamError, match=r"^train\.cnn\.batch_size: got 4097; allowed: at "
-                                         r"most 4096 with train\.framework c"):
+    values["train"]["cnn"]["batch_size"] = 2049
+    with pytest.raises(ParamError, match=r"^train\.cnn\.batch_size: got 2049; allowed: at "
+                                         r"most 2048 with train\.framework c"):
         params.check(values)
 
 

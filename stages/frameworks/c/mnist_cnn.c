@@ -110,7 +110,7 @@ enum {
     S1 = 24, P1 = 12, S2 = 8, P2 = 4, S3 = 4, /* sides: conv1, pool1, conv2, pool2, conv3 */
     K1 = 5 * 5, K2 = 5 * 5 * C1, K3 = 3 * 3 * C2, /* window lengths */
     FEATURES = S3 * S3 * C3,                  /* 2,048 */
-    MAX_CNN_BATCH = 4096,                     /* ~0.5 MB of activations per image */
+    MAX_CNN_BATCH = 2048,                     /* buffers: about 0.9 MB per image */
     EVAL_BATCH = 256,
 };
 static const float DROPOUT = 0.3f, BN_EPSILON = 1e-3f, BN_MOMENTUM = 0.99f;
@@ -295,12 +295,12 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
         share(k, parts, part, &first, &end);
         float *out = part == 0 ? c : scratch->partial + (size_t)(part - 1) * m * n;
         ptrdiff_t ld = part == 0 ? ldc : n;
+        /* Packing A pays when its tiles serve several panels; rows whose terms are already
+           contiguous are read in place when they serve two or fewer. */
+        int direct = a.col == 1 && panels <= 2;
         _Alignas(64) float a_packed[MC * KC];
         for (int p0 = first; p0 < end; p0 += KC) {
             int kc = min_int(KC, end - p0), add = p0 > first;
-            /* Packing A pays when its tiles serve several panels; rows whose terms are
-               already contiguous are read in place when they serve two or fewer. */
-            int direct = a.col == 1 && panels <= 2;
             if (!direct)
                 pack_a(a_packed, a, r0, rows, p0, kc);
             else if (rows % MR)
@@ -600,8 +600,9 @@ static Net make_net(int capacity)
     BUFFER(d_a1, P1 * P1 * C1), BUFFER(d_z1, S1 * S1 * C1);
     BUFFER(partial, 2 * C3);
 #undef BUFFER
-    size_t widest = n * S1 * S1 * C1 > K3 * C3 ? n * S1 * S1 * C1 : K3 * C3;
-    t.scratch.packed_b = allocate(widest, sizeof(float)); /* conv1's dZ, or a kernel */
+    /* The widest B packed: conv2's dZ (conv1's is read in place), or a kernel. */
+    size_t widest = n * S2 * S2 * C2 > K3 * C3 ? n * S2 * S2 * C2 : K3 * C3;
+    t.scratch.packed_b = allocate(widest, sizeof(float));
     t.scratch.partial = allocate((PARTS - 1) * K3 * C3, sizeof(float)); /* conv3's dW */
     int channels[3] = {C1, C2, C3}, positions[3] = {P1 * P1, P2 * P2, S3 * S3};
     for (int l = 0; l < 3; l++) {
@@ -716,16 +717,19 @@ static void backward(Net *t, Params *p, Params *g, int images)
 {
     int B = images;
     double start = seconds_now();
-    /* dense: dW[u][j] = sum over images of kept[b][u] d_logits[b][j], a row per thread */
+    /* dense: dW[u][j] = sum over images of kept[b][u] d_logits[b][j]; a thread owns rows
+       u (in blocks of 64), each summing the images in order */
     OMP("omp parallel for schedule(static)")
-    for (int u = 0; u < FEATURES; u++) {
-        float acc[CLASSES] = {0};
+    for (int u0 = 0; u0 < FEATURES; u0 += 64) {
+        float *dw = g->dense + u0 * CLASSES;
+        memset(dw, 0, sizeof(float) * 64 * CLASSES);
         for (int b = 0; b < B; b++) {
-            float f = t->kept[(size_t)b * FEATURES + u];
-            for (int j = 0; j < CLASSES; j++)
-                acc[j] += f * t->d_logits[(size_t)b * CLASSES + j];
+            const float *f = t->kept + (size_t)b * FEATURES + u0;
+            const float *d = t->d_logits + (size_t)b * CLASSES;
+            for (int u = 0; u < 64; u++)
+                for (int j = 0; j < CLASSES; j++)
+                    dw[u * CLASSES + j] += f[u] * d[j];
         }
-        memcpy(g->dense + u * CLASSES, acc, sizeof acc);
     }
     for (int j = 0; j < CLASSES; j++) {
         float acc = 0.0f;
