@@ -32,13 +32,15 @@ def test_each_framework_has_the_three_modules_of_the_seam():
         assert callable(fit.fit)
 
 
-@pytest.fixture(scope="module", params=params.FRAMEWORKS)
+@pytest.fixture(scope="module", params=[*((f, "mlp") for f in params.FRAMEWORKS), ("c", "cnn")],
+                ids=lambda p: "-".join(p))
 def model_dir(request, tmp_path_factory):
-    """An untrained mlp of each framework, saved as the train stage saves it."""
-    framework = request.param
+    """An untrained mlp of each framework, and the C cnn, saved as the train stage saves
+    them."""
+    framework, name = request.param
     network = frameworks.module(framework, "model")
     folder = tmp_path_factory.mktemp(framework)
-    network.save(network.build("mlp"), folder)
+    network.save(network.build(name), folder)
     (folder / frameworks.RUN_INFO).write_text(json.dumps({"framework": framework}))
     return folder
 
