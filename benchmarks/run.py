@@ -460,7 +460,8 @@ def runs_table(rows: list[dict]) -> str:
                  "benchmarks/fma_peak.c's probes before each run (nominal: "
                  f"{how}). Dense GFLOP/s: the dense implementation's operations "
                  "(benchmarks/run.py dense_flops_per_image) over the train stage's training "
-                 "time; executed: what the C mlp counted doing (it skips zero pixels).")
+                 "time; executed: what a C program counted doing over its own training loop "
+                 "(the mlp skips zero pixels; the cnn's count adds validation and Adam).")
     for r in rows:
         if r.get("layers"):
             lines.append(f"\n{r['model']} in {r['framework']}, layer by layer (the program's "

@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -39,6 +40,32 @@ PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"
 FAST_TRAIN = {"cnn": {"epochs": 2, "batch_size": 64}}
 # The cheapest training that still runs every stage: the original network, one epoch.
 TINY_TRAIN = {"model": "mlp", "mlp": {"epochs": 1, "batch_size": 64}}
+
+
+def run_program(program, *args, check: bool = True, timeout: float = 300):
+    """One of the C programs (or any executable) with `args`, output captured; with
+    check, its exit status must be 0."""
+    proc = subprocess.run([str(program), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    from stages.data import idx
+
+    path.write_bytes(idx.encode(array))
+    return path
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file the C programs wrote: uint8 or big-endian float32, its dimensions."""
+    data = path.read_bytes()
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dtype = np.uint8 if data[2] == 0x08 else np.dtype(">f4")
+    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(dims)
 
 
 def run_env() -> dict:

@@ -20,7 +20,8 @@ from stages.data import idx
 from stages.frameworks.c import env, fit, model
 from stages.normalize import normalize
 from stages.runtime.failures import DataError, PipelineError
-from tests.helpers import fixture_data, train_cfg
+from tests.helpers import fixture_data, read_idx, train_cfg, write_idx
+from tests.helpers import run_program as run
 
 HIDDEN, RATE = 128, 0.2
 
@@ -35,27 +36,6 @@ def digits():
     """The fixture's scaled images and labels: train and test."""
     data = normalize(fixture_data())[0]
     return data
-
-
-def run(program, *args, check=True, timeout=300):
-    proc = subprocess.run([str(program), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def write_idx(path, array):
-    path.write_bytes(idx.encode(array))
-    return path
-
-
-def read_idx(path) -> np.ndarray:
-    data = path.read_bytes()
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    dtype = np.uint8 if data[2] == 0x08 else np.dtype(">f4")
-    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(dims)
 
 
 # --- the model file ---------------------------------------------------------------------------

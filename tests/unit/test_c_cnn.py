@@ -11,17 +11,16 @@ and against themselves on another thread count.
 from __future__ import annotations
 
 import struct
-import subprocess
 
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from stages.data import idx
 from stages.frameworks.c import fit, model
 from stages.normalize import normalize
 from stages.runtime.failures import DataError
-from tests.helpers import fixture_data
+from tests.helpers import fixture_data, read_idx, write_idx
+from tests.helpers import run_program as run
 
 EPSILON, RATE = model.BN_EPSILON, model.DROPOUT
 
@@ -35,27 +34,6 @@ def program():
 def digits():
     """The fixture's scaled images and labels: train and test."""
     return normalize(fixture_data())[0]
-
-
-def run(program, *args, check=True, timeout=300):
-    proc = subprocess.run([str(program), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def write_idx(path, array):
-    path.write_bytes(idx.encode(array))
-    return path
-
-
-def read_idx(path) -> np.ndarray:
-    data = path.read_bytes()
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    dtype = np.uint8 if data[2] == 0x08 else np.dtype(">f4")
-    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(dims)
 
 
 def lively(seed: int, readout: float = 0.1) -> model.CNN:

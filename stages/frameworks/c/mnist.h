@@ -423,4 +423,47 @@ static void set_threads(Flags *f)
 #endif
 }
 
+/* train's options. `recipe` holds the program's defaults (its shipped recipe), `max_batch`
+   the largest batch it takes; --ema is read where the program lists it among its flags. */
+typedef struct {
+    const char *images, *labels, *val_images, *val_labels, *out;
+    int epochs, batch_size, cosine, restore_best;
+    double learning_rate, label_smoothing, ema;
+    Augment augment;
+    uint64_t seed;
+} TrainOptions;
+
+static TrainOptions train_options(Flags *f, const TrainOptions *recipe, int max_batch)
+{
+    TrainOptions o = *recipe;
+    o.images = text_flag(f, "--images", NULL), o.labels = text_flag(f, "--labels", NULL);
+    o.out = text_flag(f, "--out", NULL);
+    o.val_images = *flag(f, "--val-images"), o.val_labels = *flag(f, "--val-labels");
+    if (!o.val_images != !o.val_labels)
+        fail("--val-images and --val-labels go together");
+    o.epochs = (int)int_flag(f, "--epochs", (uint64_t)recipe->epochs, 1, 10000);
+    o.batch_size = (int)int_flag(f, "--batch-size", (uint64_t)recipe->batch_size, 1,
+                                 (uint64_t)max_batch);
+    o.learning_rate = real_flag(f, "--learning-rate", recipe->learning_rate, positive,
+                                "(0, inf)");
+    const char *schedule = text_flag(f, "--schedule", recipe->cosine ? "cosine" : "constant");
+    if (strcmp(schedule, "constant") != 0 && strcmp(schedule, "cosine") != 0)
+        fail("--schedule: '%s'; expected constant or cosine", schedule);
+    o.cosine = strcmp(schedule, "cosine") == 0;
+    o.label_smoothing = real_flag(f, "--label-smoothing", recipe->label_smoothing, fraction,
+                                  "[0, 1)");
+    o.augment.rotation = real_flag(f, "--rotation", recipe->augment.rotation, degrees,
+                                   "[0, 180]");
+    o.augment.shift = real_flag(f, "--shift", recipe->augment.shift, fraction, "[0, 1)");
+    o.augment.zoom = real_flag(f, "--zoom", recipe->augment.zoom, fraction, "[0, 1)");
+    o.restore_best = (int)int_flag(f, "--restore-best", (uint64_t)recipe->restore_best, 0, 1);
+    if (o.restore_best && !o.val_images)
+        fail("--restore-best 1 needs --val-images and --val-labels");
+    if (flag(f, "--ema"))
+        o.ema = real_flag(f, "--ema", recipe->ema, fraction, "[0, 1)");
+    o.seed = int_flag(f, "--seed", recipe->seed, 0, UINT64_MAX);
+    set_threads(f);
+    return o;
+}
+
 #endif

@@ -334,7 +334,8 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
         for (int i = 0; i < m; i++)
             for (int part = 1; part < parts; part++)
                 for (int j = 0; j < n; j++)
-                    c[(size_t)i * ldc + j] += scratch->partial[((size_t)(part - 1) * m + i) * n + j];
+                    c[(size_t)i * ldc + j] +=
+                        scratch->partial[((size_t)(part - 1) * m + i) * n + j];
     }
 }
 
@@ -518,7 +519,7 @@ static void norm_forward(const Norm *n, int images, const float *z, int training
    gradients of gamma and beta. dy = d_out where the output was positive; with N rows,
    dz = gamma inv_std (dy - sum(dy) / N - x-hat sum(dy x-hat) / N). */
 static void norm_backward(const Norm *n, int images, const float *out, const float *xhat,
-                          float *d_out, float *dz, float *d_gamma, float *d_beta) /* dz may be d_out */
+                          float *d_out, float *dz, float *d_gamma, float *d_beta) /* dz: or d_out */
 {
     int C = n->channels, P = n->positions;
     double sum_dy[C3], sum_dyx[C3], count = (double)images * P;
@@ -575,6 +576,7 @@ typedef struct {
     uint8_t *which1, *which2, *mask;
     float *d_a3, *d_z3, *d_col3, *d_a2, *d_z2, *d_col2, *d_a1, *d_z1, *d_logits; /* gradients */
     Scratch scratch;                      /* the products' packed operands */
+    float *dense_t;                       /* the dense kernel (or its gradient) transposed */
     Norm norm[3];
     double *partial;
     double seconds[LAYERS][2];            /* forward, backward wall time */
@@ -604,6 +606,7 @@ static Net make_net(int capacity)
     size_t widest = n * S2 * S2 * C2 > K3 * C3 ? n * S2 * S2 * C2 : K3 * C3;
     t.scratch.packed_b = allocate(widest, sizeof(float));
     t.scratch.partial = allocate((PARTS - 1) * K3 * C3, sizeof(float)); /* conv3's dW */
+    t.dense_t = allocate(FEATURES * CLASSES, sizeof(float));
     int channels[3] = {C1, C2, C3}, positions[3] = {P1 * P1, P2 * P2, S3 * S3};
     for (int l = 0; l < 3; l++) {
         t.norm[l].channels = channels[l], t.norm[l].positions = positions[l];
@@ -717,19 +720,24 @@ static void backward(Net *t, Params *p, Params *g, int images)
 {
     int B = images;
     double start = seconds_now();
-    /* dense: dW[u][j] = sum over images of kept[b][u] d_logits[b][j]; a thread owns rows
-       u (in blocks of 64), each summing the images in order */
+    /* dense: dW[u][j] = sum over images of kept[b][u] d_logits[b][j], summed as its
+       transpose dW^T[j][u] (contiguous in u, so it vectorises); a thread owns a block of 64
+       u's, each element summing the images in order */
+    float *dw_t = t->dense_t;
     OMP("omp parallel for schedule(static)")
     for (int u0 = 0; u0 < FEATURES; u0 += 64) {
-        float *dw = g->dense + u0 * CLASSES;
-        memset(dw, 0, sizeof(float) * 64 * CLASSES);
+        for (int j = 0; j < CLASSES; j++)
+            memset(dw_t + j * FEATURES + u0, 0, sizeof(float) * 64);
         for (int b = 0; b < B; b++) {
             const float *f = t->kept + (size_t)b * FEATURES + u0;
             const float *d = t->d_logits + (size_t)b * CLASSES;
-            for (int u = 0; u < 64; u++)
-                for (int j = 0; j < CLASSES; j++)
-                    dw[u * CLASSES + j] += f[u] * d[j];
+            for (int j = 0; j < CLASSES; j++)
+                for (int u = 0; u < 64; u++)
+                    dw_t[j * FEATURES + u0 + u] += f[u] * d[j];
         }
+        for (int u = u0; u < u0 + 64; u++)
+            for (int j = 0; j < CLASSES; j++)
+                g->dense[u * CLASSES + j] = dw_t[j * FEATURES + u];
     }
     for (int j = 0; j < CLASSES; j++) {
         float acc = 0.0f;
@@ -737,18 +745,23 @@ static void backward(Net *t, Params *p, Params *g, int images)
             acc += t->d_logits[(size_t)b * CLASSES + j];
         g->dense_bias[j] = acc;
     }
-    /* d kept = d_logits W^T, then back through dropout */
+    /* d kept = d_logits W^T (W^T's rows contiguous in u), then back through dropout */
+    for (int u = 0; u < FEATURES; u++)
+        for (int j = 0; j < CLASSES; j++)
+            t->dense_t[j * FEATURES + u] = p->dense[u * CLASSES + j];
     const float scale = 1.0f / (1.0f - DROPOUT);
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++) {
         const float *d = t->d_logits + (size_t)b * CLASSES;
-        for (int u = 0; u < FEATURES; u++) {
-            float acc = 0.0f;
-            for (int j = 0; j < CLASSES; j++)
-                acc += d[j] * p->dense[u * CLASSES + j];
-            size_t i = (size_t)b * FEATURES + u;
-            t->d_a3[i] = t->mask[i] ? acc * scale : 0.0f;
-        }
+        float *out = t->d_a3 + (size_t)b * FEATURES;
+        const uint8_t *mask = t->mask + (size_t)b * FEATURES;
+        for (int u = 0; u < FEATURES; u++)
+            out[u] = 0.0f;
+        for (int j = 0; j < CLASSES; j++)
+            for (int u = 0; u < FEATURES; u++)
+                out[u] += d[j] * t->dense_t[j * FEATURES + u];
+        for (int u = 0; u < FEATURES; u++)
+            out[u] = mask[u] ? out[u] * scale : 0.0f;
     }
     double now = seconds_now();
     t->seconds[DENSE][1] += now - start, start = now;
@@ -866,7 +879,8 @@ static void move_statistics(Params *p, const Params *batch)
     for (int l = 0; l < 3; l++)
         for (int s = 0; s < 2; s++)
             for (int c = 0; c < widths[l]; c++)
-                moving[l][s][c] = moving[l][s][c] * BN_MOMENTUM + now[l][s][c] * (1.0f - BN_MOMENTUM);
+                moving[l][s][c] =
+                    moving[l][s][c] * BN_MOMENTUM + now[l][s][c] * (1.0f - BN_MOMENTUM);
 }
 
 /* One step on the images order[0..batch-1]: the batch in, forward, loss, backward; Adam
@@ -927,7 +941,10 @@ static uint64_t forward_flops(void)
 
 /* Multiply-adds x 2 of one training image: forward, and backward (weights and inputs; conv1
    has no input gradient). */
-static uint64_t train_flops(void) { return 3 * forward_flops() - (uint64_t)(2 * LAYER_MACS[CONV1]); }
+static uint64_t train_flops(void)
+{
+    return 3 * forward_flops() - (uint64_t)(2 * LAYER_MACS[CONV1]);
+}
 
 enum { ADAM_FLOPS = 12 };
 
@@ -956,14 +973,6 @@ static void evaluate(Net *net, Params *p, const float *pixels, int n, const uint
         *loss_out = loss / n, *accuracy_out = hits / n;
 }
 
-typedef struct {
-    const char *images, *labels, *val_images, *val_labels, *out;
-    int epochs, batch_size, cosine, restore_best;
-    double learning_rate, label_smoothing, ema;
-    Augment augment;
-    uint64_t seed;
-} TrainOptions;
-
 static Trainer make_trainer(Params *p, const float *pixels, const uint8_t *labels, int n,
                             int batch_size, uint64_t seed, double smoothing, const Augment *aug)
 {
@@ -971,7 +980,8 @@ static Trainer make_trainer(Params *p, const float *pixels, const uint8_t *label
     memset(&t, 0, sizeof t);
     t.p = p, t.pixels = pixels, t.labels = labels, t.n = n, t.batch_size = batch_size;
     t.seed = seed, t.label_smoothing = smoothing, t.augment = aug;
-    t.dropout_key = stream_key(seed, STREAM_DROPOUT), t.augment_key = stream_key(seed, STREAM_AUGMENT);
+    t.dropout_key = stream_key(seed, STREAM_DROPOUT);
+    t.augment_key = stream_key(seed, STREAM_AUGMENT);
     t.grads = calloc(1, sizeof(Params)), t.stats = calloc(1, sizeof(Params));
     t.loss = allocate((size_t)batch_size, sizeof(double));
     t.objective = allocate((size_t)batch_size, sizeof(double));
@@ -1084,29 +1094,11 @@ static void command_train(int argc, char **argv)
         "--shift", "--zoom", "--restore-best", "--ema", "--seed", "--threads", NULL};
     Flags f = {"train", names, {NULL}};
     parse_flags(&f, argc, argv);
-    TrainOptions o;
-    o.images = text_flag(&f, "--images", NULL), o.labels = text_flag(&f, "--labels", NULL);
-    o.out = text_flag(&f, "--out", NULL);
-    o.val_images = *flag(&f, "--val-images"), o.val_labels = *flag(&f, "--val-labels");
-    if (!o.val_images != !o.val_labels)
-        fail("--val-images and --val-labels go together");
-    o.epochs = (int)int_flag(&f, "--epochs", 24, 1, 10000);
-    o.batch_size = (int)int_flag(&f, "--batch-size", 128, 1, MAX_CNN_BATCH);
-    o.learning_rate = real_flag(&f, "--learning-rate", 0.002, positive, "(0, inf)");
-    const char *schedule = text_flag(&f, "--schedule", "cosine");
-    if (strcmp(schedule, "constant") != 0 && strcmp(schedule, "cosine") != 0)
-        fail("--schedule: '%s'; expected constant or cosine", schedule);
-    o.cosine = strcmp(schedule, "cosine") == 0;
-    o.label_smoothing = real_flag(&f, "--label-smoothing", 0.1, fraction, "[0, 1)");
-    o.augment.rotation = real_flag(&f, "--rotation", 10, degrees, "[0, 180]");
-    o.augment.shift = real_flag(&f, "--shift", 0.1, fraction, "[0, 1)");
-    o.augment.zoom = real_flag(&f, "--zoom", 0.1, fraction, "[0, 1)");
-    o.restore_best = (int)int_flag(&f, "--restore-best", 0, 0, 1);
-    if (o.restore_best && !o.val_images)
-        fail("--restore-best 1 needs --val-images and --val-labels");
-    o.ema = real_flag(&f, "--ema", 0, fraction, "[0, 1)");
-    o.seed = int_flag(&f, "--seed", 42, 0, UINT64_MAX);
-    set_threads(&f);
+    /* The defaults: params.yaml's train.cnn (its validation split is the stage's). */
+    static const TrainOptions recipe = {.epochs = 24, .batch_size = 128, .learning_rate = 0.002,
+                                        .cosine = 1, .label_smoothing = 0.1,
+                                        .augment = {10, 0.1, 0.1}, .seed = 42};
+    TrainOptions o = train_options(&f, &recipe, MAX_CNN_BATCH);
     train(&o);
 }
 

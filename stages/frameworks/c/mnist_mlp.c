@@ -623,14 +623,6 @@ static uint64_t evaluate(const Params *p, const float *pixels, int n, const uint
     return total_flops;
 }
 
-typedef struct {
-    const char *images, *labels, *val_images, *val_labels, *out;
-    int epochs, batch_size, cosine, restore_best;
-    double learning_rate, label_smoothing;
-    Augment augment;
-    uint64_t seed;
-} TrainOptions;
-
 static void train(const TrainOptions *o)
 {
     int n, val_n = 0;
@@ -720,28 +712,10 @@ static void command_train(int argc, char **argv)
         "--shift", "--zoom", "--restore-best", "--seed", "--threads", NULL};
     Flags f = {"train", names, {NULL}};
     parse_flags(&f, argc, argv);
-    TrainOptions o;
-    o.images = text_flag(&f, "--images", NULL), o.labels = text_flag(&f, "--labels", NULL);
-    o.out = text_flag(&f, "--out", NULL);
-    o.val_images = *flag(&f, "--val-images"), o.val_labels = *flag(&f, "--val-labels");
-    if (!o.val_images != !o.val_labels)
-        fail("--val-images and --val-labels go together");
-    o.epochs = (int)int_flag(&f, "--epochs", 5, 1, 10000);
-    o.batch_size = (int)int_flag(&f, "--batch-size", 32, 1, MAX_BATCH);
-    o.learning_rate = real_flag(&f, "--learning-rate", 0.001, positive, "(0, inf)");
-    const char *schedule = text_flag(&f, "--schedule", "constant");
-    if (strcmp(schedule, "constant") != 0 && strcmp(schedule, "cosine") != 0)
-        fail("--schedule: '%s'; expected constant or cosine", schedule);
-    o.cosine = strcmp(schedule, "cosine") == 0;
-    o.label_smoothing = real_flag(&f, "--label-smoothing", 0, fraction, "[0, 1)");
-    o.augment.rotation = real_flag(&f, "--rotation", 0, degrees, "[0, 180]");
-    o.augment.shift = real_flag(&f, "--shift", 0, fraction, "[0, 1)");
-    o.augment.zoom = real_flag(&f, "--zoom", 0, fraction, "[0, 1)");
-    o.restore_best = (int)int_flag(&f, "--restore-best", 0, 0, 1);
-    if (o.restore_best && !o.val_images)
-        fail("--restore-best 1 needs --val-images and --val-labels");
-    o.seed = int_flag(&f, "--seed", 42, 0, UINT64_MAX);
-    set_threads(&f);
+    /* The defaults: params.yaml's train.mlp (Keras' own defaults). */
+    static const TrainOptions recipe = {.epochs = 5, .batch_size = 32, .learning_rate = 0.001,
+                                        .seed = 42};
+    TrainOptions o = train_options(&f, &recipe, MAX_BATCH);
     train(&o);
 }
 
