@@ -270,7 +270,7 @@ def test_readme_code_map_names_what_is_there():
                 where = path
             else:
                 where = parent
-        for named in re.findall(r"[\w-]+\.(?:py|c|md)\b", holds):
+        for named in re.findall(r"[\w-]+\.(?:py|c|h|md)\b", holds):
             assert (ROOT / where / named).exists(), f"README map: {where / named} does not exist"
             seen.add((where / named).as_posix())
     for package in ("stages", "mnist_cli"):
@@ -278,14 +278,15 @@ def test_readme_code_map_names_what_is_there():
             rel = path.relative_to(ROOT).as_posix()
             if "__pycache__" in rel or path.name == "__init__.py":
                 continue
-            if path.is_dir() or path.suffix in (".py", ".c"):
+            if path.is_dir() or path.suffix in (".py", ".c", ".h"):
                 assert rel in seen, f"README map: {rel} is not on it"
 
 
 @pytest.fixture(scope="module")
 def switched(trained_project, tmp_path_factory):
     """A copy of the trained project in which the README's one-`-S` block ran: Keras' mlp,
-    PyTorch's cnn, C's mlp and C's cnn, each an experiment; the workspace holds the last."""
+    PyTorch's cnn, C's cnn and C's mlp, each an experiment; the workspace holds the last
+    (C's mlp)."""
     repo = copy_project(trained_project.repo, tmp_path_factory.mktemp("switched") / "project")
     output = run_sh(block("README.md", "dvc exp show --only-changed"), repo)
     return SimpleNamespace(repo=repo, output=output)
@@ -304,7 +305,7 @@ def test_one_set_switches_framework_or_model(switched):
                  "train: cnn in c"):
         assert line in out, line
     info = yaml.safe_load((switched.repo / PATHS["model_dir"] / "run_info.json").read_text())
-    assert (info["framework"], info["model"]) == ("c", "cnn")
+    assert (info["framework"], info["model"]) == ("c", "mlp")
     table_ = out[out.rindex("Experiment"):]
     for framework in ("keras", "torch", "c"):
         assert f" {framework} " in table_, table_
@@ -333,7 +334,8 @@ def test_the_concept_table_names_real_functions():
                 if span.endswith("()"):
                     name = span[:-2]
                     defined = any(
-                        re.search(rf"^[^\s#].*\b{name}\(", text, re.M) if path.endswith(".c")
+                        re.search(rf"^[^\s#].*\b{name}\(", text, re.M)
+                        if path.endswith((".c", ".h"))
                         else re.search(rf"^\s*(def|class) {name}\b", text, re.M)
                         for path, text in texts.items())
                     assert defined, f"{row[0]}: {span} is defined in none of {list(texts)}"
