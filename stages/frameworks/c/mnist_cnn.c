@@ -295,9 +295,10 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
         share(k, parts, part, &first, &end);
         float *out = part == 0 ? c : scratch->partial + (size_t)(part - 1) * m * n;
         ptrdiff_t ld = part == 0 ? ldc : n;
-        /* Packing A pays when its tiles serve several panels; rows whose terms are already
-           contiguous are read in place when they serve two or fewer. */
-        int direct = a.col == 1 && panels <= 2;
+        /* Packing A pays when its tiles serve many panels; rows whose terms are already
+           contiguous are read in place when they serve four or fewer (the forward products
+           of conv1 and conv2: six row streams the prefetcher follows). */
+        int direct = a.col == 1 && panels <= 4;
         _Alignas(64) float a_packed[MC * KC];
         for (int p0 = first; p0 < end; p0 += KC) {
             int kc = min_int(KC, end - p0), add = p0 > first;
