@@ -232,7 +232,6 @@ static inline void micro_kernel(int kc, const float *restrict a, ptrdiff_t ai, p
             *(vec *)(c + i * ci + j * VL) = acc[i][j];
 }
 
-
 static int min_int(int a, int b) { return a < b ? a : b; }
 
 /* A matrix operand read through strides: element (r, q) is at[r * row + q * col]. */
@@ -571,7 +570,6 @@ static const double LAYER_MACS[LAYERS] = {(double)S1 * S1 * K1 * C1, (double)S2 
                                           (double)S3 * S3 * K3 * C3, (double)FEATURES * CLASSES};
 
 typedef struct {
-    int capacity;                         /* images the buffers hold */
     float *x, *col1, *z1, *p1, *xhat1, *a1, *col2, *z2, *p2, *xhat2, *a2, *col3, *z3, *xhat3,
         *a3, *kept, *logits;              /* activations, batch-wide, NHWC */
     uint8_t *which1, *which2, *mask;
@@ -587,7 +585,6 @@ static Net make_net(int capacity)
 {
     Net t;
     memset(&t, 0, sizeof t);
-    t.capacity = capacity;
     size_t n = (size_t)capacity;
 #define BUFFER(name, per_image) t.name = allocate(n * (per_image), sizeof *t.name)
     BUFFER(x, INPUTS);
@@ -815,9 +812,9 @@ static void backward(Net *t, Params *p, Params *g, int images)
 typedef struct {
     const float *pixels;
     const uint8_t *labels;
-    int n, batch_size;
+    int batch_size;
     double label_smoothing;
-    uint64_t seed, dropout_key, augment_key;
+    uint64_t dropout_key, augment_key;
     const Augment *augment; /* NULL: off */
     Params *p, *grads, *stats, *adam_m, *adam_v;
     Net net;
@@ -974,13 +971,13 @@ static void evaluate(Net *net, Params *p, const float *pixels, int n, const uint
         *loss_out = loss / n, *accuracy_out = hits / n;
 }
 
-static Trainer make_trainer(Params *p, const float *pixels, const uint8_t *labels, int n,
+static Trainer make_trainer(Params *p, const float *pixels, const uint8_t *labels,
                             int batch_size, uint64_t seed, double smoothing, const Augment *aug)
 {
     Trainer t;
     memset(&t, 0, sizeof t);
-    t.p = p, t.pixels = pixels, t.labels = labels, t.n = n, t.batch_size = batch_size;
-    t.seed = seed, t.label_smoothing = smoothing, t.augment = aug;
+    t.p = p, t.pixels = pixels, t.labels = labels, t.batch_size = batch_size;
+    t.label_smoothing = smoothing, t.augment = aug;
     t.dropout_key = stream_key(seed, STREAM_DROPOUT);
     t.augment_key = stream_key(seed, STREAM_AUGMENT);
     t.grads = calloc(1, sizeof(Params)), t.stats = calloc(1, sizeof(Params));
@@ -1019,7 +1016,7 @@ static void train(const TrainOptions *o)
     Params *average = o->ema > 0 ? allocate(1, sizeof(Params)) : NULL;
     Params *kept = average ? average : params; /* what is validated, restored and saved */
     init_params(params, o->seed);
-    Trainer t = make_trainer(params, pixels, labels, n, o->batch_size, o->seed,
+    Trainer t = make_trainer(params, pixels, labels, o->batch_size, o->seed,
                              o->label_smoothing, augmenting ? aug : NULL);
     t.adam_m = calloc(1, sizeof(Params)), t.adam_v = calloc(1, sizeof(Params));
     if (!t.adam_m || !t.adam_v)
@@ -1144,7 +1141,7 @@ static void command_grad(int argc, char **argv)
     check_writable(out), check_writable(mask_path);
 
     /* All n images as one batch of size n, drawn as training step 0. */
-    Trainer t = make_trainer(p, pixels, labels, n, n, seed, smoothing, NULL);
+    Trainer t = make_trainer(p, pixels, labels, n, seed, smoothing, NULL);
     int *order = allocate((size_t)n, sizeof(int));
     for (int i = 0; i < n; i++)
         order[i] = i;
