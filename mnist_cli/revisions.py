@@ -31,10 +31,26 @@ def _filesystem(rev: str | None, repo: str = "."):
     from dvc.exceptions import DvcException
     from dvc.scm import SCMError
 
+    if rev is not None:
+        _resolve(rev, repo)
     try:
         return DVCFileSystem(repo, rev=rev, config=_remotes(repo))
     except (DvcException, SCMError) as err:
         raise DataError(f"{label(rev)}: {_reason(err)}") from None
+
+
+def _resolve(rev: str, repo: str) -> str:
+    """The commit `rev` names (a commit, branch, tag or experiment name), or one line: the
+    file system above would only find every file missing there."""
+    from dvc.repo import Repo
+    from dvc.scm import RevError, SCMError, resolve_rev
+
+    with Repo(repo) as here:
+        try:
+            return resolve_rev(here.scm, rev)
+        except (RevError, SCMError):
+            raise DataError(f"{rev}: no commit, branch, tag or experiment of that name "
+                            "(`dvc exp list` names the experiments)") from None
 
 
 @functools.cache
