@@ -19,7 +19,7 @@ from stages.runtime.failures import ParamError
 PARAMS_FILE = "params.yaml"
 SECTIONS = ("dataset", "download", "normalize", "train", "evaluate", "render", "audit", "speed")
 CLASSES = 10  # every network ends in 10 softmax outputs
-MODEL_NAMES = ("mlp", "cnn", "cnn_large")  # the networks of stages/frameworks/*/model.py
+MODEL_NAMES = ("mlp", "cnn", "cnn_large", "fast")  # the networks of stages/frameworks/*/model.py
 FRAMEWORKS = ("keras", "torch", "c")  # each one folder: stages/frameworks/F/
 C_MODELS = ("mlp", "cnn")  # what the plain-C programs implement (stages/frameworks/c/mnist_*.c)
 C_CNN_MAX_BATCH = 2048  # mnist_cnn.c's MAX_CNN_BATCH: its buffers take ~0.9 MB an image
@@ -187,7 +187,7 @@ RECIPE_KEYS = ("epochs", "batch_size", "learning_rate", "lr_schedule", "val_frac
 
 
 def recipe(p: dict, where: str) -> dict:
-    """One model's training settings (train.mlp, train.cnn, train.cnn_large)."""
+    """One model's training settings (train.mlp, train.cnn, train.cnn_large, train.fast)."""
     check_keys(p, where, RECIPE_KEYS)
     out = {
         "epochs": integer(p, where, "epochs", 1, 10_000),
@@ -248,9 +248,9 @@ def check_c_model(framework: str, model: str, model_key: str, framework_key: str
                    "convnet)")
 
 
-def train(p: dict, fast: dict, framework_key: str = "train.framework") -> dict:
+def train(p: dict, knobs: dict, framework_key: str = "train.framework") -> dict:
     """The shared settings, the chosen framework's own (train.<framework>) and the recipe of
-    the model `train.model` names, flattened; `fast` is the checked `speed` section.
+    the model `train.model` names, flattened; `knobs` is the checked `speed` section.
     framework_key: the key that chose the framework, as the messages name it."""
     where = "train"
     check_keys(p, where, {"framework", "model", "seed", *FRAMEWORKS, *MODEL_NAMES})
@@ -274,13 +274,13 @@ def train(p: dict, fast: dict, framework_key: str = "train.framework") -> dict:
                    f"train.{model}.batch_size ({batch}): every worker takes an equal share of "
                    "each batch")
     if framework == "c":  # one OpenMP pool
-        settings |= {"intra_op_threads": fast["c_threads"], "inter_op_threads": 1}
+        settings |= {"intra_op_threads": knobs["c_threads"], "inter_op_threads": 1}
     return {
         "framework": framework,
         "model": model,
         "seed": integer(p, where, "seed", 0, 2**31 - 1),
         **settings,
-        "steps_per_execution": fast["keras_steps_per_execution"],
+        "steps_per_execution": knobs["keras_steps_per_execution"],
         **recipes[model],
     }
 
@@ -307,7 +307,7 @@ def render(p: dict) -> dict:
     }
 
 
-def audit(p: dict, train_section: dict, fast: dict) -> dict:
+def audit(p: dict, train_section: dict, knobs: dict) -> dict:
     """The number of folds, and the auditors' training settings flattened as train's are:
     audit.framework, audit.model and audit.seed over train's sections (the framework's
     settings and the model's recipe), checked by train's rules when the audit is on (off,
@@ -324,7 +324,7 @@ def audit(p: dict, train_section: dict, fast: dict) -> dict:
     if not folds:
         return {"folds": 0, "train": None}
     return {"folds": folds,
-            "train": train(dict(train_section) | chosen, fast, f"{where}.framework")}
+            "train": train(dict(train_section) | chosen, knobs, f"{where}.framework")}
 
 
 CHECKS = {"dataset": dataset, "download": download, "normalize": normalize,

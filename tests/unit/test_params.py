@@ -278,7 +278,7 @@ def test_c_refuses_what_its_program_does_not_do(key, value, missing):
 
 def test_unknown_model_lists_the_allowed_names():
     assert rejects("train.model", "resnet", "train.model") == \
-        "train.model: got 'resnet'; allowed: one of mlp, cnn, cnn_large"
+        "train.model: got 'resnet'; allowed: one of mlp, cnn, cnn_large, fast"
 
 
 def test_unknown_lr_schedule():

@@ -3,6 +3,7 @@
 - mlp:       the original script's network, layer for layer.
 - cnn:       a small BatchNorm convnet (the default): near the state of the art on CPU.
 - cnn_large: a wider, deeper variant for users with more time or a GPU.
+- fast:      the cnn's shape at half its widths, for quick experiments (the `fast` preset).
 
 Each is a plain Keras model ending in softmax (augmentation happens in the training step,
 see stages/frameworks/keras/fit.py), so the saved file needs no code of ours to load:
@@ -75,6 +76,21 @@ def cnn() -> keras.Sequential:
     ], name="cnn")
 
 
+def fast() -> keras.Sequential:
+    """The cnn at half its widths (16, 32, 64 channels): about a quarter of its
+    multiply-adds, for a recipe of a few epochs (train.fast)."""
+    return keras.Sequential([
+        keras.Input((IMAGE_SIDE, IMAGE_SIDE)),
+        layers.Reshape((IMAGE_SIDE, IMAGE_SIDE, 1)),
+        *_conv_pool_bn_relu(16, 5),
+        *_conv_pool_bn_relu(32, 5),
+        *_conv_bn_relu(64, 3, "same"),
+        layers.Flatten(),
+        layers.Dropout(0.2),
+        layers.Dense(10, activation="softmax"),
+    ], name="fast")
+
+
 def cnn_large() -> keras.Sequential:
     """VGG-style: two 3×3 convs per block at full then half resolution, several times the
     cnn's multiply-adds."""
@@ -90,7 +106,7 @@ def cnn_large() -> keras.Sequential:
     ], name="cnn_large")
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "cnn_large": cnn_large}
+MODELS = {"mlp": mlp, "cnn": cnn, "cnn_large": cnn_large, "fast": fast}
 
 
 def build(name: str) -> keras.Sequential:
