@@ -19,10 +19,12 @@
 5. mnist-predict's preprocessing (benchmarks/predict.py): time and peak memory per image
    file from 28×28 to 8000×8000, PNG and JPEG; JPEG read at reduced scale against a full
    decode.
-6. Only when asked (`--only frontier`, hours): the accuracy/cost frontier: each of
-   `--models` (e.g. mlp cnn cnn_large) trained and evaluated once per `--seeds`: test
-   errors (mean, spread), training time, images/s, and the time at which the validation
-   accuracy first reached 99.0% and 99.5%.
+6. Only when asked (`--only frontier`, hours): the accuracy/cost frontier
+   (benchmarks/frontier.py): each of `--models` (e.g. fast cnn) trained and evaluated once
+   per `--seeds`, committees of `--committees K` of those seeds, Keras' "Simple MNIST
+   convnet" (benchmarks/keras_example.py) once per `--peer-seeds`, and the published
+   points: test errors (mean, spread, by verdict) against multiply-adds × images × epochs
+   and seconds here; `--plot DIR` draws it and each preset's validation curve.
 7. Only when asked (`--only cnn`, minutes per run): the convnet `--model` (default params
    otherwise) trained by `--framework` and evaluated by the stages once per `--seeds`, for
    test errors and time: how much of a result is the seed.
@@ -36,6 +38,8 @@ Usage: python -m benchmarks.run [--data PATH] [--repeats N]
        [--models mlp cnn] [--epochs N]
        [--model cnn|cnn_large] [--framework keras|torch|c] [--seeds 1 2 3]
        [--set KEY=VALUE ...]   (--only frontier: a variant of each preset's recipe)
+       [--committees K ...] [--peer-seeds SEED ...] [--plot DIR] [--keep DIR]
+                               (--only frontier)
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks import frontier
 from benchmarks.pipeline import paths, stage_command
-from stages.runtime.params import C_MODELS
+from stages.runtime.params import C_MODELS, MODEL_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist.npz"
@@ -188,17 +193,6 @@ def epoch_log(stdout: str) -> list[tuple[float, float | None]]:
     return log
 
 
-def time_to(log: list[tuple[float, float | None]], accuracy: float) -> float | None:
-    """Training seconds until the first epoch whose validation accuracy reached
-    `accuracy` (None: never, or no validation split)."""
-    elapsed = 0.0
-    for seconds, val in log:
-        elapsed += seconds
-        if val is not None and val >= accuracy:
-            return elapsed
-    return None
-
-
 def recipe_changes(pairs: list[str]) -> dict:
     """`--set ema=0.999 elastic=0` -> {"ema": 0.999, "elastic": 0} (values read as YAML)."""
     changes = {}
@@ -216,59 +210,74 @@ def variant(model: str, changes: dict) -> str:
                     if changes else "")
 
 
-def bench_frontier(data: Path, models: list[str], seeds: list[int],
-                   epochs: int | None, changes: dict | None = None) -> list[dict]:
+def bench_frontier(data: Path, models: list[str], seeds: list[int], epochs: int | None,
+                   changes: dict | None = None, committees: tuple[int, ...] = (),
+                   peer_seeds: tuple[int, ...] = (), keep: Path | None = None) -> dict:
     """Each preset trained and evaluated by the stages once per seed (Keras, shipped params
-    but the seed and `changes` to its recipe; `epochs` shortens them): test errors, time,
-    images/s, and when the validation accuracy first reached 99.0% and 99.5%."""
-    runs = []
+    but the seed and `changes` to its recipe; `epochs` shortens them); committees of k of
+    its seeds (consecutive, disjoint sets) from the runs' test probabilities; Keras' "Simple
+    MNIST convnet" once per peer seed (benchmarks/keras_example.py). Returns the frontier's
+    rows (benchmarks/frontier.py) and each preset's validation curves; `keep`: a folder
+    where each run's test probabilities stay ({preset}-{seed}.npz), to combine later."""
+    import numpy as np
+
+    rows, curves, val_images = [], {}, 0
     changes = dict(changes or {})
     for model in models:
+        name = variant(model, changes)
         recipe = changes | ({"epochs": epochs} if epochs else {})
         project = prepare_project(data, {"train": {"model": model, model: recipe}})
+        runs, probabilities = [], []
         try:
+            y = np.load(project / paths()["raw"])["y_test"]
             for seed in seeds:
                 child, metrics = train_and_evaluate(project, seed)
                 log = epoch_log(child["stdout"])
-                seconds = train_seconds(child["stdout"])
-                runs.append({"model": variant(model, changes), "seed": seed,
-                             "epochs": len(log),
-                             "train_seconds": seconds, "images_per_second":
-                             len(log) * trained_images(child["stdout"]) / seconds,
-                             "to_99_0": time_to(log, 0.990), "to_99_5": time_to(log, 0.995),
+                runs.append({"seed": seed, "epochs": len(log),
+                             "images": trained_images(child["stdout"]),
+                             "train_seconds": train_seconds(child["stdout"]),
                              "test_errors": metrics["errors"],
-                             "test_accuracy": metrics["accuracy"]})
+                             "test_accuracy": metrics["accuracy"],
+                             **{k: metrics[k] for k in ("label_errors", "ambiguous",
+                                                         "model_errors") if k in metrics}})
                 print(json.dumps(runs[-1]), flush=True)
+                curves.setdefault(name, []).append(log)
+                held_out = re.search(r"(\d+) held out for validation", child["stdout"])
+                val_images = int(held_out[1]) if held_out else val_images
+                with np.load(project / paths()["predictions"]) as f:
+                    probabilities.append(f["probabilities"])
+                if keep:
+                    keep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(project / paths()["predictions"], keep / f"{model}-{seed}.npz")
         finally:
             shutil.rmtree(project, ignore_errors=True)
-    return runs
-
-
-def frontier_table(runs: list[dict]) -> str:
-    """One row per preset: test errors over the seeds (mean, spread), the median time."""
-    def median(values):
-        values = [v for v in values if v is not None]
-        return f"{statistics.median(values):.0f}" if values else "–"
-
-    lines = [("| preset | epochs | seeds | test errors: mean (min–max) | mean accuracy | "
-              "training (s), median | images/s | val 99.0% at (s) | val 99.5% at (s) |"),
-             "|---" * 9 + "|"]
-    for model in dict.fromkeys(r["model"] for r in runs):
-        mine = [r for r in runs if r["model"] == model]
-        errors = [r["test_errors"] for r in mine]
-        reached = [sum(r[key] is not None for r in mine) for key in ("to_99_0", "to_99_5")]
-        lines.append(
-            f"| {model} | {mine[0]['epochs']} | {', '.join(str(r['seed']) for r in mine)} | "
-            f"{statistics.mean(errors):.1f} ({min(errors)}–{max(errors)}) | "
-            f"{statistics.mean(r['test_accuracy'] for r in mine):.2%} | "
-            f"{median(r['train_seconds'] for r in mine)} | "
-            f"{median(r['images_per_second'] for r in mine)} | "
-            f"{median(r['to_99_0'] for r in mine)} ({reached[0]}/{len(mine)}) | "
-            f"{median(r['to_99_5'] for r in mine)} ({reached[1]}/{len(mine)}) |")
-    lines.append("\nval X% at: the training time until the validation split's accuracy first "
-                 "reached X (median over the seeds that reached it; how many did, in "
-                 "brackets). The mlp recipe holds out no validation split.")
-    return "\n".join(lines)
+        macs = frontier.preset_macs(model)
+        rows.append(frontier.measured_row(name, runs, macs))
+        for k in committees:
+            sets = [list(range(i, i + k)) for i in range(0, len(runs) - k + 1, k)]
+            if not sets:
+                continue
+            members = []
+            for chosen in sets:
+                errors = frontier.committee_errors(y, [probabilities[i] for i in chosen])
+                members.append({"seed": "+".join(str(runs[i]["seed"]) for i in chosen),
+                                "epochs": runs[0]["epochs"], "images": runs[0]["images"],
+                                "train_seconds": statistics.mean(runs[i]["train_seconds"]
+                                                                 for i in chosen),
+                                "test_errors": errors, "test_accuracy": 1 - errors / len(y)})
+            print(json.dumps({"committee": k, "of": name, "sets": members}), flush=True)
+            rows.append(frontier.measured_row(f"{name}, committee of {k}", members, macs, k))
+    if peer_seeds:
+        runs = []
+        for seed in peer_seeds:
+            child = run_child([sys.executable, "-m", "benchmarks.keras_example", str(data),
+                               str(seed)], ROOT)
+            runs.append(json.loads(child["stdout"].strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]), flush=True)
+        rows.append(frontier.measured_row('Keras example "Simple MNIST convnet"', runs,
+                                          runs[0]["macs"]) | {"peer": True})
+    return {"rows": rows + frontier.published_rows(), "curves": curves,
+            "val_images": val_images}
 
 
 def model_digest(project: Path) -> str:
@@ -490,7 +499,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", choices=("train", "mosaics", "frameworks", "workers",
                                            "predict", "cnn", "frontier", "hosts"))
-    parser.add_argument("--models", nargs="+", choices=("mlp", "cnn", "cnn_large"),
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES,
                         default=["mlp"], help="what --only frameworks/workers/frontier train")
     parser.add_argument("--epochs", type=int, help="shorten every recipe (frameworks)")
     parser.add_argument("--model", choices=("cnn", "cnn_large"), default="cnn")
@@ -499,6 +508,14 @@ def main() -> None:
                         help="who trains --only cnn")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="--only frontier: change each preset's recipe (e.g. ema=0)")
+    parser.add_argument("--committees", type=int, nargs="*", default=[], metavar="K",
+                        help="--only frontier: committees of K of each preset's seeds")
+    parser.add_argument("--peer-seeds", type=int, nargs="*", default=[42], metavar="SEED",
+                        help="--only frontier: the Keras example's seeds (default 42)")
+    parser.add_argument("--plot", type=Path, metavar="DIR",
+                        help="--only frontier: also draw frontier.svg and curves.svg into DIR")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="--only frontier: keep each run's test probabilities in DIR")
     args = parser.parse_args()
     if not args.data.is_file():
         sys.exit(f"error: {args.data} not found; pass --data PATH to a full mnist.npz")
@@ -541,9 +558,15 @@ def main() -> None:
         changes = recipe_changes(args.set)
         print(f"\nfrontier: {', '.join(args.models)} in Keras, shipped params"
               f"{' but ' + str(changes) if changes else ''}, seeds {args.seeds} "
-              "(train + evaluate stages)")
-        print(frontier_table(bench_frontier(args.data, args.models, args.seeds,
-                                            args.epochs, changes)))
+              f"(train + evaluate stages); committees of {args.committees or 'none'}; the Keras "
+              f"example, seeds {args.peer_seeds or 'none'}")
+        result = bench_frontier(args.data, args.models, args.seeds, args.epochs, changes,
+                                tuple(args.committees), tuple(args.peer_seeds), args.keep)
+        print(frontier.table(result["rows"]))
+        if args.plot:
+            for path in frontier.write_plots(result["rows"], result["curves"],
+                                             result["val_images"], args.plot):
+                print(f"plot -> {path}")
     if args.only == "hosts":
         from benchmarks import hosts
 

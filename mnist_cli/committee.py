@@ -11,9 +11,10 @@ verdict (stages/analysis/verdicts.py), and is compared with one member (`--again
 the first) image by image. Into --out (default reports/committee/): metrics.json,
 predictions.npz, misclassified.csv and errors_diff.html (the committee against that member).
 
-The verdicts read the committee's probabilities uncalibrated (temperature 1): evaluate fits
-each model's temperature on train's validation split, and each seed holds out its own, so
-no image is held out from every member.
+The verdicts read the committee's probabilities calibrated by one temperature, the
+geometric mean of the members' own (each fitted by evaluate on that member's validation
+split, in its metrics.json): each seed holds out its own split, so no image is held out
+from every member to fit the committee's on. One temperature keeps every prediction.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from mnist_cli import errors_diff, revisions
 from mnist_cli.command import command
 from stages.analysis import scoring, verdicts
-from stages.evaluate import judge_errors, misclassified
+from stages.evaluate import judge_calibrated, misclassified
 from stages.normalize import scale
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import round_floats, save_npz, write_csv, write_json, write_text
@@ -83,6 +84,19 @@ def evaluated_together(revs: list[str]) -> list[dict]:
     return [seen[rev][0] for rev in revs]
 
 
+def temperature(paths: dict, rev: str) -> float:
+    """The calibration temperature evaluate fitted for the revision's model (1.0 for one
+    from before the verdicts: its metrics.json has none)."""
+    where = f"{paths['metrics']} at {rev}"
+    try:
+        value = json.loads(revisions.read_bytes(paths["metrics"], rev)).get("temperature", 1.0)
+    except (UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise DataError(f"{where}: unreadable metrics ({err})") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+        raise DataError(f"{where}: temperature must be a positive number, got {value!r}")
+    return float(value)
+
+
 def verdicts_neighbours(rev: str) -> int:
     """evaluate.neighbours (K) as the revision's params.yaml has it: the committee's
     verdicts use the members' K."""
@@ -122,10 +136,13 @@ def main(argv=None) -> None:
     names = revisions.classes(revs[0])
     combined = combine(probabilities)
 
+    t = float(np.exp(np.mean([np.log(temperature(p, rev)) for p, rev in zip(paths, revs)])))
     data = {key: scale(raw[key]) if key.startswith("x_") else raw[key] for key in raw}
-    records, _ = judge_errors(data, combined, None, None, verdicts_neighbours(revs[0]))
+    records = judge_calibrated(data, combined, verdicts.calibrate(combined, t),
+                               verdicts_neighbours(revs[0]))
     result = report([member_row(rev, y, p) for rev, p in zip(revs, probabilities)],
-                    scoring.headline(y, combined) | verdicts.counts(records))
+                    scoring.headline(y, combined) | verdicts.counts(records)
+                    | {"temperature": t})
 
     out = Path(args.out)
     member = probabilities[revs.index(against)]

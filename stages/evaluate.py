@@ -44,11 +44,18 @@ def judge_errors(data: dict[str, np.ndarray], probabilities: np.ndarray,
     """Every misclassified test image's verdict record (by index; verdicts.judge, plus its
     neighbours' training indices), and the temperature that calibrated the model (1.0 when
     there is no validation split: then nothing is held out to fit it on)."""
-    y = data["y_test"].astype(np.int64)
     temperature = 1.0
     if val_probabilities is not None and len(val_labels):
         temperature = verdicts.fit_temperature(val_probabilities, val_labels)
     calibrated = verdicts.calibrate(probabilities, temperature)
+    return judge_calibrated(data, probabilities, calibrated, k), temperature
+
+
+def judge_calibrated(data: dict[str, np.ndarray], probabilities: np.ndarray,
+                     calibrated: np.ndarray, k: int) -> list[dict]:
+    """judge_errors' records, given the calibrated probabilities: the errors are
+    `probabilities`' (argmax), their evidence the calibrated ones' and the neighbours'."""
+    y = data["y_test"].astype(np.int64)
     flagged = verdicts.confident_learning(y, calibrated)
     wrong = np.flatnonzero(probabilities.argmax(axis=1) != y)
     found, _ = nearest(raw_pixels(data["x_test"][wrong]), raw_pixels(data["x_train"]), k)
@@ -56,7 +63,7 @@ def judge_errors(data: dict[str, np.ndarray], probabilities: np.ndarray,
     records = verdicts.judge(y, calibrated, flagged, labels, wrong)
     for record, row in zip(records, found.tolist(), strict=True):
         record["neighbours"] = row
-    return records, temperature
+    return records
 
 
 def listing(rows: list[tuple], images: np.ndarray, names: list[str]) -> str:

@@ -112,6 +112,11 @@ def test_the_committee_is_the_mean_of_its_members(queued, tmp_path):
         assert (row["errors"], row["accuracy"]) == (own["errors"], own["accuracy"])
     assert metrics["member_mean_errors"] == round(
         np.mean([members[n]["metrics"]["errors"] for n in names]), 6)
+    # Its verdicts' calibration: the members' own temperatures, geometrically averaged.
+    temperatures = [members[n]["metrics"]["temperature"] for n in names]
+    assert len(set(temperatures)) > 1
+    assert metrics["temperature"] == pytest.approx(np.exp(np.mean(np.log(temperatures))),
+                                                   abs=1e-6)
 
     # Every committee error in misclassified.csv, with a verdict; the table says the same.
     rows = (out / "misclassified.csv").read_text().splitlines()

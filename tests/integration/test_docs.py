@@ -32,6 +32,7 @@ come back from DVC's run-cache instead of training.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -517,6 +518,18 @@ def test_seeds_in_the_queue(team):
         row = next(line for line in status.splitlines() if f"seed-{seed}" in line)
         assert "Success" in row, status
     assert "Running stage 'download'" not in team.output  # restored from the cache
+
+
+@pytest.mark.slow
+@claims(("docs/sharing.md", "$ mnist-committee HEAD seed-1 seed-2"))
+def test_a_committee_of_the_queued_seeds(team, tmp_path):
+    repo = copy_project(team.repo, tmp_path / "project")
+    run = run_session(block("docs/sharing.md", "$ mnist-committee HEAD seed-1 seed-2"), repo)
+    assert run[0].rc == 0
+    metrics = json.loads((repo / "reports" / "committee" / "metrics.json").read_text())
+    assert [m["revision"] for m in metrics["members"]] == ["HEAD", "seed-1", "seed-2"]
+    table = (repo / "reports" / "committee" / "misclassified.csv").read_text().splitlines()
+    assert len(table) - 1 == metrics["errors"]
 
 
 @pytest.mark.slow
