@@ -1,22 +1,24 @@
-"""benchmarks/run.py's arithmetic: the train stage's epoch lines read back, the time to a
-validation accuracy, one frontier row per preset; the C cnn's layer lines against the
+"""benchmarks/run.py's arithmetic: the train stage's epoch lines read back; the frontier's
+rows, costs and plots (benchmarks/frontier.py); the C cnn's layer lines against the
 measured peak (benchmarks/fma_peak.c, built and run for real)."""
 
 from __future__ import annotations
 
 import os
+import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
+from benchmarks import frontier
 from benchmarks.run import (
+    CNN_MACS,
     dense_flops_per_image,
     epoch_log,
     fma_peak,
-    frontier_table,
     layer_times,
     layers_table,
     recipe_changes,
-    time_to,
     variant,
 )
 
@@ -34,23 +36,64 @@ def test_epoch_lines_give_each_epochs_time_and_validation_accuracy():
     assert epoch_log(no_validation) == [(1.2, None)]
 
 
-def test_time_to_an_accuracy_is_the_training_time_until_the_first_epoch_there():
-    log = epoch_log(STDOUT)
-    assert time_to(log, 0.990) == 63.1 + 62.4
-    assert time_to(log, 0.995) == 63.1 + 62.4 + 60.0
-    assert time_to(log, 0.999) is None
-    assert time_to([(1.2, None)], 0.5) is None
+def run(seed, seconds, errors, **extra):
+    return {"seed": seed, "epochs": 3, "images": 57_000, "train_seconds": seconds,
+            "test_errors": errors, "test_accuracy": 1 - errors / 10_000, **extra}
 
 
-def test_the_frontier_has_one_row_per_preset_with_mean_spread_and_medians():
-    runs = [{"model": "cnn", "seed": s, "epochs": 3, "train_seconds": t,
-             "images_per_second": 900.0, "to_99_0": r, "to_99_5": None, "test_errors": e,
-             "test_accuracy": 1 - e / 10000}
-            for s, t, r, e in ((42, 180.0, 120.0, 30), (1, 200.0, None, 36))]
-    rows = frontier_table(runs).splitlines()
-    assert rows[2] == ("| cnn | 3 | 42, 1 | 33.0 (30–36) | 99.67% | 190 | 900 | 120 (1/2) "
-                       "| – (0/2) |")
-    assert len([r for r in rows if r.startswith("| cnn")]) == 1
+def test_a_measured_point_has_the_mean_spread_median_time_and_cost():
+    verdicts = {"label_errors": 4, "ambiguous": 10, "model_errors": 16}
+    row = frontier.measured_row("cnn", [run(42, 180.0, 30, **verdicts),
+                                        run(1, 200.0, 36, **verdicts)], 4_900_000)
+    assert (row["errors"], row["min"], row["max"], row["seconds"]) == (33, 30, 36, 190.0)
+    assert row["cost"] == 4_900_000 * 57_000 * 3
+    assert row["verdicts"] == (4, 10, 16)
+    line = frontier.table([row]).splitlines()[2]
+    assert line == ("| cnn, seeds 42, 1 | yes | 33.0 (30–36) | 99.67% | 4.0 / 10.0 / 16.0 | "
+                    "4.9e6 | 3 | 8.4e11 | 190 |")
+    # A committee of 5 costs five members, in multiply-adds and in seconds.
+    five = frontier.measured_row("cnn, committee of 5", [run("1+2+3+4+5", 200.0, 28)],
+                                 4_900_000, members=5)
+    assert five["cost"] == 5 * row["cost"] and five["seconds"] == 1000.0
+    assert "| 3 × 5 nets |" in frontier.table([five])
+
+
+def test_published_points_keep_their_sources_numbers_and_sort_by_cost():
+    rows = frontier.published_rows()
+    an = next(r for r in rows if r["point"].startswith("An et al."))
+    assert (an["min"], an["max"]) == pytest.approx((30.0, 31.0))
+    assert an["cost"] == (140e6 * 60_000 * 150, 170e6 * 60_000 * 150)
+    assert not any(r["measured"] for r in rows)
+    lines = frontier.table(rows).splitlines()[2:]
+    assert lines[0].startswith("| Deotte (Kaggle), single")
+    assert lines[-1].startswith("| Byerly")  # no stated cost: last
+    assert all("| no: " in line for line in lines)
+
+
+def test_the_cnns_multiply_adds_are_counted_from_the_keras_model():
+    assert frontier.preset_macs("cnn") == sum(CNN_MACS.values())
+    assert frontier.preset_macs("mlp") == 784 * 128 + 128 * 10
+    assert frontier.preset_macs("fast") < frontier.preset_macs("cnn") / 3
+
+
+def test_a_committee_is_scored_on_its_mean_probabilities():
+    y = np.array([0, 1, 2])
+    a = np.eye(3, 10, dtype=np.float32)[[0, 1, 1]] * 0.6 + 0.04
+    b = np.eye(3, 10, dtype=np.float32)[[0, 2, 2]] * 0.9 + 0.01
+    assert frontier.committee_errors(y, [a]) == 1
+    assert frontier.committee_errors(y, [a, b]) == 1  # image 1 now wrong, image 2 right
+
+
+def test_the_plots_are_svg_with_a_mark_per_point_and_a_line_per_run():
+    rows = [frontier.measured_row("fast", [run(1, 50.0, 47)], 1_350_000),
+            frontier.measured_row("cnn", [run(1, 400.0, 35)], 4_900_000)]
+    rows += frontier.published_rows()
+    svg = ET.fromstring(frontier.frontier_svg(rows))
+    circles = svg.findall("{http://www.w3.org/2000/svg}circle")
+    assert len(circles) == len([r for r in rows if r["cost"] is not None]) == 5
+    curves = ET.fromstring(frontier.curves_svg(
+        {"fast": [[(10.0, 0.99), (10.0, 0.995)]] * 2, "cnn": [[(30.0, 0.99)] * 3]}, 3000))
+    assert len(curves.findall("{http://www.w3.org/2000/svg}polyline")) == 3
 
 
 def test_a_recipe_variant_is_read_as_yaml_and_names_its_row():
