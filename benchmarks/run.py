@@ -38,8 +38,8 @@ Usage: python -m benchmarks.run [--data PATH] [--repeats N]
        [--models mlp cnn] [--epochs N]
        [--model cnn|cnn_large] [--framework keras|torch|c] [--seeds 1 2 3]
        [--set KEY=VALUE ...]   (--only frontier: a variant of each preset's recipe)
-       [--committees K ...] [--peer-seeds SEED ...] [--plot DIR] [--keep DIR]
-                               (--only frontier)
+       [--committees K ...] [--peer-seeds SEED ...] [--seeds-for MODEL=SEEDS ...]
+       [--plot DIR] [--keep DIR]   (--only frontier)
 """
 
 from __future__ import annotations
@@ -204,6 +204,21 @@ def recipe_changes(pairs: list[str]) -> dict:
     return changes
 
 
+def seeds_for(pairs: list[str]) -> dict[str, list[int]]:
+    """`--seeds-for cnn=42 fast=1,2` -> {"cnn": [42], "fast": [1, 2]}."""
+    out = {}
+    for pair in pairs:
+        model, sep, seeds = pair.partition("=")
+        try:
+            if not sep or model not in MODEL_NAMES:
+                raise ValueError
+            out[model] = [int(seed) for seed in seeds.split(",")]
+        except ValueError:
+            raise SystemExit(f"error: --seeds-for {pair!r}: expected MODEL=SEED[,SEED...] "
+                             f"with MODEL one of {', '.join(MODEL_NAMES)}") from None
+    return out
+
+
 def variant(model: str, changes: dict) -> str:
     """A frontier row's name: the preset, and the recipe keys changed from its params."""
     return model + (f" ({', '.join(f'{k}={v}' for k, v in changes.items())})"
@@ -212,13 +227,15 @@ def variant(model: str, changes: dict) -> str:
 
 def bench_frontier(data: Path, models: list[str], seeds: list[int], epochs: int | None,
                    changes: dict | None = None, committees: tuple[int, ...] = (),
-                   peer_seeds: tuple[int, ...] = (), keep: Path | None = None) -> dict:
+                   peer_seeds: tuple[int, ...] = (), keep: Path | None = None,
+                   seeds_for: dict[str, list[int]] | None = None) -> dict:
     """Each preset trained and evaluated by the stages once per seed (Keras, shipped params
     but the seed and `changes` to its recipe; `epochs` shortens them); committees of k of
     its seeds (consecutive, disjoint sets) from the runs' test probabilities; Keras' "Simple
     MNIST convnet" once per peer seed (benchmarks/keras_example.py). Returns the frontier's
     rows (benchmarks/frontier.py) and each preset's validation curves; `keep`: a folder
-    where each run's test probabilities stay ({preset}-{seed}.npz), to combine later."""
+    where each run's test probabilities stay ({preset}-{seed}.npz), to combine later;
+    `seeds_for`: other seeds for some presets (e.g. one seed of the slow default)."""
     import numpy as np
 
     rows, curves, val_images = [], {}, 0
@@ -230,7 +247,7 @@ def bench_frontier(data: Path, models: list[str], seeds: list[int], epochs: int 
         runs, probabilities = [], []
         try:
             y = np.load(project / paths()["raw"])["y_test"]
-            for seed in seeds:
+            for seed in (seeds_for or {}).get(model, seeds):
                 child, metrics = train_and_evaluate(project, seed)
                 log = epoch_log(child["stdout"])
                 runs.append({"seed": seed, "epochs": len(log),
@@ -514,6 +531,8 @@ def main() -> None:
                         help="--only frontier: the Keras example's seeds (default 42)")
     parser.add_argument("--plot", type=Path, metavar="DIR",
                         help="--only frontier: also draw frontier.svg and curves.svg into DIR")
+    parser.add_argument("--seeds-for", nargs="+", default=[], metavar="MODEL=SEEDS",
+                        help="--only frontier: other seeds for a preset, e.g. cnn=42 or cnn=42,1")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="--only frontier: keep each run's test probabilities in DIR")
     args = parser.parse_args()
@@ -561,7 +580,8 @@ def main() -> None:
               f"(train + evaluate stages); committees of {args.committees or 'none'}; the Keras "
               f"example, seeds {args.peer_seeds or 'none'}")
         result = bench_frontier(args.data, args.models, args.seeds, args.epochs, changes,
-                                tuple(args.committees), tuple(args.peer_seeds), args.keep)
+                                tuple(args.committees), tuple(args.peer_seeds), args.keep,
+                                seeds_for(args.seeds_for))
         print(frontier.table(result["rows"]))
         if args.plot:
             for path in frontier.write_plots(result["rows"], result["curves"],

@@ -19,6 +19,7 @@ from benchmarks.run import (
     layer_times,
     layers_table,
     recipe_changes,
+    seeds_for,
     variant,
 )
 
@@ -94,6 +95,13 @@ def test_the_plots_are_svg_with_a_mark_per_point_and_a_line_per_run():
     curves = ET.fromstring(frontier.curves_svg(
         {"fast": [[(10.0, 0.99), (10.0, 0.995)]] * 2, "cnn": [[(30.0, 0.99)] * 3]}, 3000))
     assert len(curves.findall("{http://www.w3.org/2000/svg}polyline")) == 3
+
+
+def test_seeds_for_a_preset_are_read_and_checked():
+    assert seeds_for(["cnn=42", "fast=1,2"]) == {"cnn": [42], "fast": [1, 2]}
+    for bad in ("cnn", "resnet=1", "cnn=one"):
+        with pytest.raises(SystemExit, match="expected MODEL=SEED"):
+            seeds_for([bad])
 
 
 def test_a_recipe_variant_is_read_as_yaml_and_names_its_row():
