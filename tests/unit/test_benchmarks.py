@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from benchmarks import frontier
+from benchmarks import committees, frontier
 from benchmarks.run import (
     CNN_MACS,
     dense_flops_per_image,
@@ -83,6 +83,19 @@ def test_a_committee_is_scored_on_its_mean_probabilities():
     b = np.eye(3, 10, dtype=np.float32)[[0, 2, 2]] * 0.9 + 0.01
     assert frontier.committee_errors(y, [a]) == 1
     assert frontier.committee_errors(y, [a, b]) == 1  # image 1 now wrong, image 2 right
+
+
+def test_every_committee_of_k_is_counted():
+    y = np.zeros(4, dtype=np.int64)
+    right, wrong = np.eye(10, dtype=np.float32)[0], np.eye(10, dtype=np.float32)[1]
+    members = [np.stack([right, right, wrong, wrong]), np.stack([right, wrong, wrong, right]),
+               np.stack([wrong, right, right, right])]
+    assert [committees.errors_of(y, [m]) for m in members] == [2, 2, 1]
+    # Pairs tie on images both disagree on; the mean's argmax takes the lower class (0).
+    assert committees.subsets(y, members, 2) == {"k": 2, "committees": 3,
+                                                  "mean_errors": pytest.approx(1 / 3),
+                                                  "min": 0, "max": 1}
+    assert committees.subsets(y, members, 3)["mean_errors"] == 1  # image 2: two of three wrong
 
 
 def test_the_plots_are_svg_with_a_mark_per_point_and_a_line_per_run():
