@@ -42,11 +42,14 @@ def committee(repo: Path, *args, check: bool = True):
 @pytest.fixture(scope="module")
 def queued(reader_project, tmp_path_factory):
     """A copy of the reader project (the C mlp on the fixture, committed) with three seeds
-    run through the real queue, and one experiment evaluated on other test data."""
+    run through the real queue (each holding out a validation split), and one experiment
+    evaluated on other test data."""
     root = tmp_path_factory.mktemp("committee")
     repo = copy_project(reader_project, root / "project")
     for name, seed in MEMBERS.items():
-        dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"train.seed={seed}")
+        # A validation split, so that evaluate fits each member's temperature on its own.
+        dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"train.seed={seed}",
+            "-S", "train.mlp.val_fraction=0.1")
     with open(root / "queue-start.log", "w") as log:  # see test_experiments.py's lab
         subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo,
                        env=run_env(), stdout=log, stderr=subprocess.STDOUT, check=True,
