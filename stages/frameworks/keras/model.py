@@ -3,7 +3,7 @@
 - mlp:       the original script's network, layer for layer.
 - cnn:       a small BatchNorm convnet (the default): near the state of the art on CPU.
 - cnn_large: a wider, deeper variant for users with more time or a GPU.
-- fast:      the cnn's shape at half its widths, for quick experiments (the `fast` preset).
+- fast:      a LeNet-sized BatchNorm convnet for quick experiments (the `fast` preset).
 
 Each is a plain Keras model ending in softmax (augmentation happens in the training step,
 see stages/frameworks/keras/fit.py), so the saved file needs no code of ours to load:
@@ -77,15 +77,18 @@ def cnn() -> keras.Sequential:
 
 
 def fast() -> keras.Sequential:
-    """The cnn at half its widths (16, 32, 64 channels): about a quarter of its
-    multiply-adds, for a recipe of a few epochs (train.fast)."""
+    """LeNet's shape for quick experiments (train.fast): two 5×5 convs of 16 and 32
+    channels, each pooled before BatchNorm, and a dense layer of 128 with BatchNorm. A
+    fraction of the cnn's multiply-adds, and no 3×3 conv on the 4×4 map: cheap in
+    arithmetic, that conv is dear per step on TensorFlow's CPU kernels (what each choice
+    cost: benchmarks/RESULTS.md)."""
     return keras.Sequential([
         keras.Input((IMAGE_SIDE, IMAGE_SIDE)),
         layers.Reshape((IMAGE_SIDE, IMAGE_SIDE, 1)),
         *_conv_pool_bn_relu(16, 5),
         *_conv_pool_bn_relu(32, 5),
-        *_conv_bn_relu(64, 3, "same"),
         layers.Flatten(),
+        layers.Dense(128, use_bias=False), layers.BatchNormalization(), layers.ReLU(),
         layers.Dropout(0.2),
         layers.Dense(10, activation="softmax"),
     ], name="fast")
