@@ -103,6 +103,32 @@ def dvc(repo: Path, *args, check: bool = True, timeout: float = 900, env: dict |
     return sh(repo, sys.executable, "-m", "dvc", *args, check=check, timeout=timeout, env=env)
 
 
+def run_queue(repo: Path, log: Path, jobs: int = 2, timeout: float = 300) -> str:
+    """`dvc queue start -j jobs`, then poll `dvc queue status` until nothing is queued or
+    running, then stop the workers; the last status table.
+
+    `dvc queue start` returns at once, but leaves a detached process behind that keeps the
+    stdout and stderr it inherited while its workers live (one may idle on after "shutting
+    down due to empty queue"): into the file `log`, not a pipe a test would wait on until
+    its timeout."""
+    with open(log, "w") as out:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)],
+                       cwd=repo, env=run_env(), stdout=out, stderr=subprocess.STDOUT,
+                       check=True, timeout=120)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            status = dvc(repo, "queue", "status").stdout
+            rows = [line.split() for line in status.splitlines()[1:] if line.strip()]
+            if not any(len(r) > 1 and r[-1] in ("Queued", "Running") for r in rows):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
+            time.sleep(2)
+    finally:
+        dvc(repo, "queue", "stop", check=False, timeout=60)
+
+
 def merge(base: dict, changes: dict) -> dict:
     """base updated by changes, nested mappings merged key by key (a copy)."""
     out = dict(base)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,10 +22,10 @@ from tests.helpers import (
     dvc,
     dvc_vars,
     load_in_chromium,
-    run_env,
+    run_queue,
     sh,
 )
-from tests.integration.test_experiments import exp_show, wait_for_queue
+from tests.integration.test_experiments import exp_show
 
 pytestmark = pytest.mark.slow
 
@@ -50,14 +49,7 @@ def queued(reader_project, tmp_path_factory):
         # A validation split, so that evaluate fits each member's temperature on its own.
         dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"train.seed={seed}",
             "-S", "train.mlp.val_fraction=0.1")
-    with open(root / "queue-start.log", "w") as log:  # see test_experiments.py's lab
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo,
-                       env=run_env(), stdout=log, stderr=subprocess.STDOUT, check=True,
-                       timeout=120)
-    try:
-        status = wait_for_queue(repo)
-    finally:
-        dvc(repo, "queue", "stop", check=False, timeout=60)
+    status = run_queue(repo, root / "queue-start.log")
     for name in MEMBERS:
         line = next((line for line in status.splitlines() if f" {name} " in line), "")
         assert line.split()[-1:] == ["Success"], status

@@ -16,8 +16,6 @@ import csv
 import io
 import json
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -31,7 +29,7 @@ from tests.helpers import (
     dvc,
     dvc_vars,
     ran_training,
-    run_env,
+    run_queue,
     set_params,
     sh,
     stages_run,
@@ -52,19 +50,6 @@ WORKSPACE_EXP = ("ws-run", {"epochs": 2, "learning_rate": 0.001})
 def overrides(model: str, recipe: dict) -> list[str]:
     return [arg for key, value in recipe.items()
             for arg in ("-S", f"train.{model}.{key}={value}")]
-
-
-def wait_for_queue(repo, timeout: float = 300) -> str:
-    """Poll `dvc queue status` until nothing is queued or running; return the last table."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = dvc(repo, "queue", "status").stdout
-        rows = [line.split() for line in status.splitlines()[1:] if line.strip()]
-        if not any(len(r) > 1 and r[-1] in ("Queued", "Running") for r in rows):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
-        time.sleep(2)
 
 
 @pytest.fixture(scope="module")
@@ -89,18 +74,7 @@ def lab(trained_project, tmp_path_factory):
     for name, recipe in GRID.items():
         dvc(repo, "exp", "run", "--queue", "-n", name, *overrides(model, recipe))
     started = time.monotonic()
-    # `dvc queue start` returns at once, but leaves a detached process behind that keeps
-    # the stdout and stderr it inherited while its workers live (one may idle on after
-    # "shutting down due to empty queue"). Into a file, not a pipe this test would wait
-    # on until its timeout; the queue's state is polled below.
-    with open(root / "queue-start.log", "w") as log:
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=repo,
-                       env=run_env(), stdout=log, stderr=subprocess.STDOUT, check=True,
-                       timeout=120)
-    try:
-        status = wait_for_queue(repo)
-    finally:
-        dvc(repo, "queue", "stop", check=False, timeout=60)
+    status = run_queue(repo, root / "queue-start.log")
     queue_seconds = time.monotonic() - started
     logs = {name: dvc(repo, "queue", "logs", name, check=False).stdout for name in GRID}
 
