@@ -62,13 +62,6 @@ def cost(macs: float, images: int, epochs: int, members: int = 1) -> float:
     return macs * images * epochs * members
 
 
-def committee_errors(y, probabilities: list) -> int:
-    """Test errors of the mean of the members' probabilities (mnist-committee's rule)."""
-    from mnist_cli.committee import combine
-
-    return int((combine(probabilities).argmax(axis=1) != y).sum())
-
-
 def measured_row(point: str, runs: list[dict], macs: int, members: int = 1) -> dict:
     """One measured point over its runs: each run {seed(s), epochs, images, train_seconds,
     test_errors, test_accuracy, and verdict counts where known}."""

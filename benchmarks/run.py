@@ -61,6 +61,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import frontier
+from benchmarks.committees import errors_of
 from benchmarks.pipeline import paths, stage_command
 from stages.runtime.params import C_MODELS, MODEL_NAMES
 
@@ -276,7 +277,7 @@ def bench_frontier(data: Path, models: list[str], seeds: list[int], epochs: int 
                 continue
             members = []
             for chosen in sets:
-                errors = frontier.committee_errors(y, [probabilities[i] for i in chosen])
+                errors = errors_of(y, [probabilities[i] for i in chosen])
                 members.append({"seed": "+".join(str(runs[i]["seed"]) for i in chosen),
                                 "epochs": runs[0]["epochs"], "images": runs[0]["images"],
                                 "train_seconds": statistics.mean(runs[i]["train_seconds"]

@@ -81,8 +81,8 @@ def test_a_committee_is_scored_on_its_mean_probabilities():
     y = np.array([0, 1, 2])
     a = np.eye(3, 10, dtype=np.float32)[[0, 1, 1]] * 0.6 + 0.04
     b = np.eye(3, 10, dtype=np.float32)[[0, 2, 2]] * 0.9 + 0.01
-    assert frontier.committee_errors(y, [a]) == 1
-    assert frontier.committee_errors(y, [a, b]) == 1  # image 1 now wrong, image 2 right
+    assert committees.errors_of(y, [a]) == 1
+    assert committees.errors_of(y, [a, b]) == 1  # image 1 now wrong, image 2 right
 
 
 def test_every_committee_of_k_is_counted():
