@@ -31,6 +31,7 @@ from mnist_cli.command import command
 from stages.analysis import scoring, verdicts
 from stages.evaluate import judge_calibrated, misclassified
 from stages.normalize import scale
+from stages.runtime import params
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import round_floats, save_npz, write_csv, write_json, write_text
 
@@ -100,12 +101,8 @@ def temperature(paths: dict, rev: str) -> float:
 def verdicts_neighbours(rev: str) -> int:
     """evaluate.neighbours (K) as the revision's params.yaml has it: the committee's
     verdicts use the members' K."""
-    section = revisions.read_yaml("params.yaml", rev).get("evaluate") or {}
-    k = section.get("neighbours")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100:
-        raise DataError(f"params.yaml at {rev}: evaluate.neighbours must be an integer from "
-                        "1 to 100")
-    return k
+    return params.evaluate(revisions.read_yaml("params.yaml", rev).get("evaluate") or {})[
+        "neighbours"]
 
 
 def main(argv=None) -> None:
