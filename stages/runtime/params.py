@@ -23,7 +23,9 @@ MODEL_NAMES = ("mlp", "cnn", "cnn_large", "fast")  # the networks of stages/fram
 FRAMEWORKS = ("keras", "torch", "c")  # each one folder: stages/frameworks/F/
 C_MODELS = ("mlp", "cnn")  # what the plain-C programs implement (stages/frameworks/c/mnist_*.c)
 C_CNN_MAX_BATCH = 2048  # mnist_cnn.c's MAX_CNN_BATCH: its buffers take ~0.9 MB an image
-DEVICES = ("cpu", "cuda")
+# train.<framework>.device, by each framework's own name for a GPU (TensorFlow's "GPU",
+# PyTorch's "cuda"); cpu is the default, and C's only device.
+DEVICES = {"keras": ("cpu", "gpu"), "torch": ("cpu", "cuda")}
 FORMATS = ("npz", "idx")
 IDX_NAMES = (  # the four files of a source in the original idx format
     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -213,10 +215,11 @@ def recipe(p: dict, where: str) -> dict:
 
 THREAD_KEYS = ("intra_op_threads", "inter_op_threads")
 # train.<framework>: the settings of that framework that can change its results. Keras:
-# TensorFlow's two thread pools (their sizes change how sums are split, so the last bits).
-# PyTorch: the device, the data-parallel workers and its two thread pools. C: none (the
-# program gives the same bits for any thread count: `speed.c_threads`).
-FRAMEWORK_KEYS = {"keras": THREAD_KEYS, "torch": ("device", "workers", *THREAD_KEYS), "c": ()}
+# the device and TensorFlow's two thread pools (their sizes change how sums are split, so
+# the last bits). PyTorch: the device, the data-parallel workers and its two thread pools.
+# C: none (the program gives the same bits for any thread count: `speed.c_threads`).
+FRAMEWORK_KEYS = {"keras": ("device", *THREAD_KEYS),
+                  "torch": ("device", "workers", *THREAD_KEYS), "c": ()}
 
 
 def framework_settings(p: dict, framework: str) -> dict:
@@ -225,7 +228,7 @@ def framework_settings(p: dict, framework: str) -> dict:
     check_keys(p, where, FRAMEWORK_KEYS[framework])
     out = {"device": "cpu", "workers": 1}
     if "device" in p:
-        out["device"] = choice(p, where, "device", DEVICES)
+        out["device"] = choice(p, where, "device", DEVICES[framework])
     if "workers" in p:
         out["workers"] = integer(p, where, "workers", 1, MAX_WORKERS)
     return out | {key: integer(p, where, key, *THREADS) for key in THREAD_KEYS if key in p}

@@ -1,5 +1,5 @@
 """stages/frameworks/keras/env.py: TensorFlow imported quietly, then seeded and pinned for
-bit-exact runs."""
+bit-exact runs, on the CPU unless a training asks for a GPU."""
 
 from __future__ import annotations
 
@@ -39,3 +39,43 @@ def test_import_is_quiet_and_configure_pins_threads_and_seeds():
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert proc.stdout.split() == ["1", "3", "True", "True", "True"]
+
+
+DEVICE_PROBE = textwrap.dedent("""
+    from stages.frameworks.keras.env import configure, tf, use_device, versions
+    from stages.runtime.failures import PipelineError
+
+    configure(0, 1, 1)
+    assert tf.config.get_visible_devices("GPU") == [] and "gpu" not in versions()
+    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        use_device("gpu")
+    except PipelineError as err:
+        assert not gpus
+        print(err)
+    else:
+        assert tf.config.get_visible_devices("GPU") == gpus and versions()["gpu"]
+        print("on", versions()["gpu"])
+""")
+
+
+@pytest.mark.slow
+def test_configure_hides_every_gpu_and_a_gpu_is_shown_or_refused_in_one_line():
+    """configure() leaves TensorFlow the CPU only (the bits of a CPU run, wherever it runs);
+    a training on `gpu` shows the GPUs again and run_info names one, or, where TensorFlow
+    sees none, gets the one line that names the TensorFlow build and the fix."""
+    proc = subprocess.run([sys.executable, "-c", DEVICE_PROBE], cwd=ROOT, env=run_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        assert proc.stdout.startswith("on ")
+        return
+    # A CPU-only build names the command that installs GPU TensorFlow; a CUDA build, the driver.
+    build, fix = (("built for CUDA", "check the GPU's driver (nvidia-smi)")
+                  if tf.test.is_built_with_cuda() else
+                  ("a CPU-only build", "`make gpu` installs GPU TensorFlow (Linux x86_64)"))
+    assert proc.stdout.startswith(f"train.keras.device gpu: no GPU is visible to TensorFlow "
+                                  f"(TensorFlow {tf.__version__}, {build}")
+    assert proc.stdout.endswith(f"): {fix}, or use train.keras.device: cpu\n")

@@ -102,9 +102,9 @@ def test_another_models_recipe_does_not_reach_train_but_is_still_checked():
 
 @pytest.mark.parametrize("path", [
     "train.cnn.epochs", "train.mlp.restore_best", "train.model", "train.seed", "train.mlp",
-    "train.keras.intra_op_threads", "train.torch.workers", "train.c", "speed.c_threads",
-    "download.sha256", "download.format", "normalize.sample_index", "evaluate.batch_size",
-    "render.per_row", "dataset.classes",
+    "train.keras.intra_op_threads", "train.keras.device", "train.torch.workers", "train.c",
+    "speed.c_threads", "download.sha256", "download.format", "normalize.sample_index",
+    "evaluate.batch_size", "render.per_row", "dataset.classes",
 ])
 def test_missing_key(path):
     rejects(path, DELETE, f"^{re.escape(path)}: missing from params.yaml$")
@@ -219,14 +219,17 @@ def test_each_framework_gets_its_own_settings_only():
     assert rejects("train.torch.workers", 0, r"^train\.torch\.workers: got 0")
 
 
-def test_a_gpu_is_for_torch_only():
-    # Keras and C have no device to set: the key is unknown there.
-    assert "train.keras.device: unknown key" in rejects("train.keras.device", "cuda", "device")
+def test_each_framework_names_a_gpu_its_own_way_and_c_has_none():
+    """TensorFlow's name for a GPU in train.keras, PyTorch's in train.torch; C has no device
+    to set: the key is unknown there."""
+    for framework, gpu, other in (("keras", "gpu", "cuda"), ("torch", "cuda", "gpu")):
+        values = edited(f"train.{framework}.device", gpu)
+        values["train"]["framework"] = framework
+        assert params.check(values)["train"] == expected_train("cnn", framework) | {
+            "device": gpu}
+        assert rejects(f"train.{framework}.device", other, "device") == (
+            f"train.{framework}.device: got '{other}'; allowed: one of cpu, {gpu}")
     assert "train.c.device: unknown key" in rejects("train.c.device", "cuda", "device")
-    values = edited("train.torch.device", "cuda")
-    values["train"]["framework"] = "torch"
-    assert params.check(values)["train"] == expected_train("cnn", "torch") | {
-        "device": "cuda"}
 
 
 def test_c_trains_the_original_network_and_the_default_convnet_only():

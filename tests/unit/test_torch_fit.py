@@ -39,6 +39,37 @@ def test_evaluate_is_the_mean_cross_entropy_and_accuracy():
     assert result["accuracy"] == (logits.argmax(1) == y).sum().item() / 30
 
 
+def test_configure_asks_for_deterministic_kernels_on_the_cpu_and_on_a_gpu(monkeypatch):
+    import os
+
+    from stages.frameworks.torch.env import configure
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    configure(0, 1, 1)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS' deterministic mode
+
+
+def test_cuda_without_a_gpu_is_one_line_naming_the_build():
+    from stages.frameworks.torch.env import device
+    from stages.runtime.failures import PipelineError
+
+    assert device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():  # tests/integration/test_gpu.py trains there
+        assert device("cuda").type == "cuda"
+        return
+    with pytest.raises(PipelineError) as info:
+        device("cuda")
+    # A CPU-only build names the command that installs the CUDA one; a CUDA build, the driver.
+    build, fix = ((f"built for CUDA {torch.version.cuda}", "check the GPU's driver (nvidia-smi)")
+                  if torch.version.cuda else
+                  ("a CPU-only build", "`make gpu` installs PyTorch's CUDA build (Linux x86_64)"))
+    assert str(info.value) == (
+        f"train.torch.device cuda: no CUDA GPU is visible to PyTorch (torch {torch.__version__}, "
+        f"{build}): {fix}, or use train.torch.device: cpu")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch, schedule):

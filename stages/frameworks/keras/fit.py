@@ -1,10 +1,10 @@
 """Training in Keras: compiled loops over chunks of batches, Keras' Adam, seeded augmentation.
 
 `fit(cfg, data, curves_dir)` trains the network `cfg["model"]` names with its recipe and
-returns the Keras model. The stage (stages/train.py) has already split the data, seeded
-everything and pinned the threads (env.py). The loop comes first; the compiled steps, the
-loss and the optimizer below it; the augmentation's resampling is resample.py, the weight
-average (`ema`) average.py.
+returns the Keras model, trained on the device `cfg["device"]` names. The stage
+(stages/train.py) has already split the data, seeded everything and pinned the threads
+(env.py). The loop comes first; the compiled steps, the loss and the optimizer below it;
+the augmentation's resampling is resample.py, the weight average (`ema`) average.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from stages.frameworks.keras.average import Average
-from stages.frameworks.keras.env import keras, tf
+from stages.frameworks.keras.env import keras, tf, use_device
 from stages.frameworks.keras.model import build
 from stages.frameworks.keras.resample import augment
 from stages.runtime.failures import stop_if_interrupted
@@ -30,6 +30,9 @@ def fit(cfg: dict, data: dict, curves_dir):
     arrays move into TensorFlow, so the NumPy copies are freed (peak memory).
     Under deferred_interrupts, Ctrl-C stops it between two compiled chunks, never inside one.
     """
+    # train.keras.device: configure() hid every GPU; a run on `gpu` shows them again, or
+    # ends in one line where TensorFlow sees none. First: before TensorFlow's first op.
+    use_device(cfg["device"])
     keras.utils.set_random_seed(cfg["seed"])  # initial weights and dropout
     n = len(data["y_train"])
     steps_per_epoch = -(-n // cfg["batch_size"])

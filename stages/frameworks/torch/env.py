@@ -33,16 +33,25 @@ def configure(seed: int, intra_op_threads: int, inter_op_threads: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # the CPU generator and every GPU's
+    # Deterministic kernels only (an op that has none raises); on a GPU, cuDNN's
+    # convolutions too, chosen the same way each run: no autotuning, which picks by timing.
     torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
 
 
 def device(name: str) -> torch.device:
     """`cpu`, or `cuda` when a GPU is there (one line when it is not)."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("train.torch.device cuda: no CUDA GPU is visible to PyTorch "
-                            f"(torch {torch.__version__}, built for CUDA "
-                            f"{torch.version.cuda or 'none'}); use train.torch.device: cpu")
+        if torch.version.cuda:  # the build can; the machine has no GPU or driver
+            build = f"built for CUDA {torch.version.cuda}"
+            fix = "check the GPU's driver (nvidia-smi)"
+        else:
+            build = "a CPU-only build"
+            fix = "`make gpu` installs PyTorch's CUDA build (Linux x86_64)"
+        raise PipelineError(f"train.torch.device cuda: no CUDA GPU is visible to PyTorch "
+                            f"(torch {torch.__version__}, {build}): {fix}, or use "
+                            "train.torch.device: cpu")
     return torch.device(name)
 
 
