@@ -4,21 +4,38 @@
 # `make bench` do it too, `make repro` never does. `make c-compiler` installs a C compiler
 # (train.framework: c) when the machine has none; `make repro`, `test` and `bench` do it.
 
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV := .venv
+VENV ?= .venv
 STAMP := $(VENV)/.installed-from-lock
 TORCH_STAMP := $(VENV)/.installed-torch-from-lock
+GPU_STAMP := $(VENV)/.installed-gpu-from-lock
+
+# The Pythons the locks are resolved for (pyproject.toml's requires-python), newest first.
+PYTHONS := 3.13 3.12 3.11
+version_of = $(shell $(1) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+# Who builds .venv: PYTHON if you name it; else the Python .venv was built with; else the
+# newest supported one that runs here (a name on PATH is not enough: pyenv puts a shim on
+# PATH for every version it knows, runnable or not); else python3.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(if $(call version_of,$(VENV)/bin/python),$(VENV)/bin/python,$(firstword \
+	$(foreach v,$(PYTHONS),$(if $(call version_of,python$(v)),python$(v))) python3))
+endif
+PYTHON_VERSION := $(call version_of,$(PYTHON))
+ifeq ($(filter $(PYTHON_VERSION),$(PYTHONS)),)
+$(error $(PYTHON) is $(if $(PYTHON_VERSION),Python $(PYTHON_VERSION),not a Python that runs): the project needs Python 3.11 to 3.13 (install one, or name it with PYTHON=))
+endif
 # DVC runs each stage's `python -m ...` through the shell: the venv must come first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: repro torch c-compiler test test-fast lint bench lock clean-venv system-deps object-store
+.PHONY: repro torch gpu c-compiler test test-fast test-pythons lint bench lock check-wheels \
+	clean-venv system-deps object-store
 
 # The venv: the lock's exact versions, then the project itself, editable and without deps
 # (the lock has them all, setuptools included), for its commands mnist-predict and
 # mnist-errors-diff (pyproject.toml's [project.scripts]).
+# A venv of another Python (PYTHON= named a new one) is replaced, not patched.
 $(STAMP): requirements.lock pyproject.toml
-	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
-	$(PYTHON) -m venv $(VENV)
+	@if [ "$(call version_of,$(VENV)/bin/python)" != "$(PYTHON_VERSION)" ]; then \
+		rm -rf $(VENV) && echo "$(PYTHON) -m venv $(VENV)" && $(PYTHON) -m venv $(VENV); fi
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.lock
 	$(VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
@@ -62,7 +79,9 @@ c-compiler:
 	fi
 
 # The tests drive a real headless Chromium (the error page), a real OpenSSH server (the
-# SSH remote) and test hosts in network namespaces (iproute2: ip, tc, ss). Installed from
+# SSH remote) and test hosts in network namespaces (iproute2: ip, tc, ss); they build the C
+# programs with clang (without libomp-dev: no OpenMP, as Apple's clang) and for AArch64 (GCC's
+# cross compiler and C library), run under qemu-aarch64 (qemu-user). Installed from
 # Debian's packages when missing and we are root.
 system-deps:
 	@missing=""; \
@@ -70,6 +89,10 @@ system-deps:
 	command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	command -v ip >/dev/null && command -v tc >/dev/null && command -v ss >/dev/null \
 		|| missing="$$missing iproute2"; \
+	command -v clang >/dev/null || missing="$$missing clang"; \
+	command -v aarch64-linux-gnu-gcc >/dev/null || missing="$$missing gcc-aarch64-linux-gnu"; \
+	[ -e /usr/aarch64-linux-gnu/include/stdio.h ] || missing="$$missing libc6-dev-arm64-cross"; \
+	command -v qemu-aarch64 >/dev/null || missing="$$missing qemu-user"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
@@ -100,16 +123,42 @@ object-store: $(STAMP)
 bench: $(TORCH_STAMP) c-compiler
 	python -m benchmarks.run $(BENCH_ARGS)
 
-# Re-resolve exact versions after changing dependencies in pyproject.toml.
-# The torch lock keeps PyTorch's public version (2.13.0, not a local 2.13.0+cpu build), so
-# pip takes whichever build of it the machine's indexes have.
+# Re-resolve every lock after changing dependencies in pyproject.toml or requirements-gpu.in:
+# one universal resolution each, for every supported Python and platform (tools/lock.py).
+# The locks keep PyTorch's public version (2.13.0, not a local 2.13.0+cpu build), so pip
+# takes whichever build of it the machine's indexes have. Then run `make check-wheels`.
 lock: $(STAMP)
-	python -m pip install --quiet pip-tools
-	pip-compile --quiet --allow-unsafe --strip-extras --extra dev --no-emit-index-url \
-		--no-emit-find-links -o requirements.lock pyproject.toml
-	pip-compile --quiet --allow-unsafe --strip-extras --extra dev --extra torch -c requirements.lock \
-		--no-emit-index-url --no-emit-find-links -o requirements-torch.lock pyproject.toml
-	sed -i 's/^torch==\(.*\)+[a-z0-9.]*$$/torch==\1/' requirements-torch.lock
+	python tools/lock.py
+
+# Every pin of every lock has a wheel (or a pure-Python source archive) for macOS arm64,
+# Linux aarch64 and Linux x86_64 at every supported Python (tools/check_wheels.py; it asks
+# the package index, minutes).
+check-wheels: $(STAMP)
+	python tools/check_wheels.py
+
+# GPU TensorFlow (tensorflow[and-cuda]) and the CUDA build of PyTorch in place of the CPU
+# builds, from requirements-gpu.lock: Linux x86_64 with an NVIDIA driver only. Then
+# train.keras.device: gpu or train.torch.device: cuda (docs/frameworks.md). A torch without
+# CUDA is replaced by the index's build (PyPI's is CUDA's). After a lock change, rebuild
+# with `make clean-venv gpu`: `make repro` would bring tensorflow-cpu back beside it.
+gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): $(TORCH_STAMP) requirements-gpu.lock
+	@[ "$$(uname -s) $$(uname -m)" = "Linux x86_64" ] || { echo "make gpu: GPU TensorFlow \
+	has wheels for Linux x86_64 only, not $$(uname -s) $$(uname -m): train on the CPU"; exit 1; }
+	$(VENV)/bin/python -m pip uninstall --quiet --yes tensorflow-cpu
+	$(VENV)/bin/python -c 'import torch, sys; sys.exit(torch.version.cuda is None)' \
+		|| $(VENV)/bin/python -m pip uninstall --quiet --yes torch
+	$(VENV)/bin/python -m pip install --quiet -r requirements-gpu.lock
+	$(VENV)/bin/python -m pip check
+	touch $@
+
+# Every supported Python on this machine (on PATH, or installed by pyenv): a venv each
+# (.venv-3.12 and so on), the fixture pipeline through `dvc repro` (Keras and C), then the
+# not-slow suite; the times and whether the bits agree with the first Python's, as a table
+# (tools/pythons.py, docs/testing.md).
+test-pythons: c-compiler
+	$(PYTHON) tools/pythons.py
 
 clean-venv:
 	rm -rf $(VENV)

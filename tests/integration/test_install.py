@@ -48,8 +48,8 @@ def test_make_torch_test_and_bench_add_the_torch_lock(tmp_path, target):
 
 
 def test_the_torch_lock_keeps_every_version_of_the_main_lock():
-    def pins(name):
-        return dict(line.split("==") for line in (ROOT / name).read_text().splitlines()
+    def pins(name):  # name -> version and markers, e.g. "2.21.0 ; sys_platform == 'linux'"
+        return dict(line.split("==", 1) for line in (ROOT / name).read_text().splitlines()
                     if "==" in line and not line.startswith((" ", "#")))
 
     main, torch = pins("requirements.lock"), pins("requirements-torch.lock")
