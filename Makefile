@@ -128,13 +128,13 @@ bench: $(TORCH_STAMP) c-compiler
 # The locks keep PyTorch's public version (2.13.0, not a local 2.13.0+cpu build), so pip
 # takes whichever build of it the machine's indexes have. Then run `make check-wheels`.
 lock: $(STAMP)
-	python tools/lock.py
+	python -m tools.lock
 
 # Every pin of every lock has a wheel (or a pure-Python source archive) for macOS arm64,
 # Linux aarch64 and Linux x86_64 at every supported Python (tools/check_wheels.py; it asks
 # the package index, minutes).
 check-wheels: $(STAMP)
-	python tools/check_wheels.py
+	python -m tools.check_wheels
 
 # GPU TensorFlow (tensorflow[and-cuda]) and the CUDA build of PyTorch in place of the CPU
 # builds, from requirements-gpu.lock: Linux x86_64 with an NVIDIA driver only. Then
@@ -158,7 +158,7 @@ $(GPU_STAMP): $(TORCH_STAMP) requirements-gpu.lock
 # not-slow suite; the times and whether the bits agree with the first Python's, as a table
 # (tools/pythons.py, docs/testing.md).
 test-pythons: c-compiler
-	$(PYTHON) tools/pythons.py
+	$(PYTHON) -m tools.pythons
 
 clean-venv:
 	rm -rf $(VENV)

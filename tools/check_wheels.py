@@ -16,8 +16,11 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+from uv import find_uv_bin
+
+from tools.pythons import supported
 
 ROOT = Path(__file__).resolve().parent.parent
 # uv's target names. macOS 14: PyTorch 2.13's macOS wheels need it (TensorFlow's, 12).
@@ -36,44 +39,42 @@ SOURCE_ONLY = re.compile(r"Because (\S+)==(\S+) has no usable wheels")
 TIMEOUT = 600  # seconds for one resolution or one build: far more than either takes
 
 
-def supported_pythons() -> list[str]:
-    """Every 3.x minor that pyproject.toml's requires-python (">=3.A,<3.B") admits."""
-    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
-    low, high = (int(n) for n in re.fullmatch(r">=3\.(\d+),<3\.(\d+)", spec).groups())
-    return [f"3.{minor}" for minor in range(low, high)]
-
-
 def resolve(requirements: str, platform: str, python: str, env: dict) -> str:
     """uv's complaint when the pins cannot all be installed from wheels there, else ''."""
     with tempfile.TemporaryDirectory() as tmp:
         pins = Path(tmp) / "pins.txt"
         pins.write_text(requirements)
         proc = subprocess.run(
-            ["uv", "pip", "compile", "--quiet", "--no-deps", "--no-build", "--python-platform",
-             platform, "--python-version", python, "--output-file", os.devnull, str(pins)],
-            capture_output=True, text=True, timeout=TIMEOUT, env=os.environ | env)
+            [find_uv_bin(), "pip", "compile", "--quiet", "--no-deps", "--no-build",
+             "--no-python-downloads", "--python-platform", platform, "--python-version", python,
+             "--output-file", os.devnull, str(pins)],
+            capture_output=True, text=True, timeout=TIMEOUT, env=env)
     return "" if proc.returncode == 0 else proc.stderr
 
 
-def is_pure_python(name: str, version: str) -> bool:
+def is_pure_python(name: str, version: str, env: dict) -> bool:
     """Build the source archive of name==version here; is the wheel platform-independent?"""
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
                         "--no-binary", name, "--wheel-dir", out, f"{name}=={version}"],
-                       check=True, timeout=TIMEOUT, capture_output=True)
+                       check=True, timeout=TIMEOUT, capture_output=True, env=env)
         return all(wheel.name.endswith("-none-any.whl") for wheel in Path(out).iterdir())
 
 
-def check(lock: str, platform: str, python: str, env: dict, pure: dict) -> str:
-    """'' if every pin of the lock installs there, else why not. `pure` caches purity."""
-    requirements = (ROOT / lock).read_text()
+def check(requirements: str, platform: str, python: str, env: dict, pure: dict) -> str:
+    """'' if every pin of `requirements` (a lock's text) installs on that platform and
+    Python, else why not. `env`: the environment uv and pip run in; `pure` caches which
+    source archives are pure Python."""
     for _ in range(requirements.count("==")):  # at most one source-only pin a round
         problem = resolve(requirements, platform, python, env)
         found = SOURCE_ONLY.search(problem)
         if not found:
-            return problem.strip().splitlines()[1].strip() if problem else ""
+            lines = problem.strip().splitlines() or [""]
+            return next((line.strip() for line in lines if "Because" in line), lines[0])
         name, version = found.groups()
-        if not pure.setdefault((name, version), is_pure_python(name, version)):
+        if (name, version) not in pure:
+            pure[name, version] = is_pure_python(name, version, env)
+        if not pure[name, version]:
             return f"{name}=={version}: only a source archive, and it is not pure Python"
         requirements = re.sub(rf"(?m)^{re.escape(name)}==.*$", "", requirements)
     return "the lock's pins kept failing"
@@ -83,9 +84,10 @@ def main() -> int:
     failures, pure = 0, {}
     for lock, platforms in LOCKS.items():
         for label in platforms:
-            platform, env = PLATFORMS[label]
-            for python in supported_pythons():
-                problem = check(lock, platform, python, env, pure)
+            platform, target = PLATFORMS[label]
+            for python in supported():
+                problem = check((ROOT / lock).read_text(), platform, python,
+                                os.environ | target, pure)
                 failures += bool(problem)
                 print(f"{lock:24} {label:16} Python {python}: {problem or 'ok'}", flush=True)
     sources = ", ".join(f"{n}=={v}" for (n, v), ok in pure.items() if ok)

@@ -14,7 +14,7 @@ only when pyproject.toml (or requirements-gpu.in) asks it to.
 - requirements-gpu.lock: GPU TensorFlow and the CUDA build of PyTorch, CUDA runtime
   included (`make gpu`, Linux x86_64 only).
 
-Run it with the project's venv active (`make lock` does): uv comes from the dev tools.
+`make lock` runs it in the project's venv: uv comes with the dev tools.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from uv import find_uv_bin
+
+from tools.pythons import supported
+
 ROOT = Path(__file__).resolve().parent.parent
-LOWEST_PYTHON = "3.11"  # pyproject.toml's requires-python; the resolution covers every later one
 # What only a CUDA build of PyTorch needs: kept out of the CPU lock (see above), unless the
 # main lock pins it for another reason (nvidia-ml-py, for dvclive).
 CUDA_RUNTIME = re.compile(r"(nvidia-|cuda-|triton\b)")
@@ -33,8 +36,10 @@ CUDA_RUNTIME = re.compile(r"(nvidia-|cuda-|triton\b)")
 
 def compile_lock(output: str, *inputs: str) -> None:
     """uv pip compile, universal, into `output` (whose current pins are preferred)."""
-    subprocess.run(["uv", "pip", "compile", "--quiet", "--universal", "--python-version",
-                    LOWEST_PYTHON, "--custom-compile-command", "make lock", "--output-file", output, *inputs],
+    # --python-version: the lowest supported; a universal resolution covers every later one.
+    subprocess.run([find_uv_bin(), "pip", "compile", "--quiet", "--universal",
+                    "--no-python-downloads", "--python-version", supported()[0],
+                    "--custom-compile-command", "make lock", "--output-file", output, *inputs],
                    cwd=ROOT, check=True)
 
 

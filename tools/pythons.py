@@ -70,7 +70,6 @@ def step(args: list[str], env: dict | None = None) -> tuple[float, subprocess.Co
 def fixture_pipeline(out: Path) -> None:
     """In the venv under test: the fixture project through `dvc repro`, once per framework;
     every output file's sha256 and the test accuracy, by framework, into out (JSON)."""
-    sys.path.insert(0, str(ROOT))
     from tests.helpers import dvc, make_project, out_hashes, set_params
 
     results = {}
@@ -99,8 +98,8 @@ def one_python(version: str, python: str) -> dict:
     env.pop("VIRTUAL_ENV", None)
     results = OUT / f"fixture-{version}.json"
     print(f"Python {version}: the fixture pipeline ({', '.join(FRAMEWORKS)})", flush=True)
-    seconds, proc = step([str(venv / "bin" / "python"), __file__, "--fixture", str(results)],
-                         env)
+    seconds, proc = step([str(venv / "bin" / "python"), "-m", "tools.pythons", "--fixture",
+                          str(results)], env)
     row["pipeline_seconds"] = round(seconds)
     if proc.returncode:
         return row | {"failed": "pipeline: " + proc.stderr.strip()[-2000:]}
@@ -119,7 +118,8 @@ def same_bits(row: dict, first: dict) -> str:
     """Which frameworks' outputs are byte for byte those of the first Python."""
     if "pipeline" not in row or "pipeline" not in first:
         return "-"
-    return ", ".join(f"{fw} {'same' if row['pipeline'][fw]['hashes'] == first['pipeline'][fw]['hashes'] else 'differ'}"
+    hashes = [{fw: run["pipeline"][fw]["hashes"] for fw in FRAMEWORKS} for run in (row, first)]
+    return ", ".join(f"{fw} {'same' if hashes[0][fw] == hashes[1][fw] else 'differ'}"
                      for fw in FRAMEWORKS)
 
 

@@ -57,7 +57,17 @@ from tests.docs import (
     run_session,
     run_sh,
 )
-from tests.helpers import ROOT, copy_project, dvc, dvc_vars, png_bomb, set_params, sh
+from tests.helpers import (
+    ROOT,
+    copy_project,
+    dvc,
+    dvc_vars,
+    png_bomb,
+    run_env,
+    set_params,
+    sh,
+)
+from tools.pythons import interpreter
 
 PATHS = dvc_vars()
 # The offline copy these project machines keep beside the checkout (docs/offline.md).
@@ -653,6 +663,52 @@ def test_a_typo_in_params(trained_project, tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     run = run_session(block("docs/troubleshooting.md", "did you mean 'epochs'"), repo)
     assert run[0].rc != 0
+
+
+# --- docs/platforms.md ----------------------------------------------------------------------
+
+
+def python_on_path(tmp_path, version: str) -> dict:
+    """An environment whose PATH finds a real Python `version` as python<version>."""
+    found = interpreter(version)
+    if found is None:
+        pytest.skip(f"no Python {version} on this machine (PATH or pyenv)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / f"python{version}").symlink_to(found)
+    return {"PATH": f"{bin_dir}:{run_env()['PATH']}"}
+
+
+def fresh_checkout_files(dest: Path) -> Path:
+    """What make reads in a fresh clone (no .venv yet), copied into dest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("Makefile", "pyproject.toml", "requirements.lock", "requirements-torch.lock",
+                 "requirements-gpu.lock"):
+        shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+@claims(("docs/platforms.md", "make PYTHON=python3.12 repro"),
+        ("docs/platforms.md", "$ make PYTHON=python3.10 repro"))
+def test_make_builds_the_venv_with_the_python_named_and_refuses_others(tmp_path):
+    """The named Python builds .venv (what make would run is checked: it installs for
+    minutes), and an unsupported one gets the page's one line, with nothing run."""
+    checkout = fresh_checkout_files(tmp_path / "checkout")
+    plan = run_sh(block("docs/platforms.md", "make PYTHON=python3.12 repro"), checkout,
+                  replace={"make ": "make -n "}, extra=python_on_path(tmp_path, "3.12"))
+    assert "python3.12 -m venv .venv" in plan and plan.rstrip().endswith("dvc repro")
+    [refused] = run_session(block("docs/platforms.md", "$ make PYTHON=python3.10 repro"),
+                            checkout, extra=python_on_path(tmp_path, "3.10"))
+    assert refused.rc != 0 and not (checkout / ".venv").exists()
+
+
+@claims(("docs/platforms.md", "make gpu"))
+def test_make_gpu_plans_what_the_page_says():
+    """Installing GPU TensorFlow and CUDA PyTorch takes gigabytes: the plan is checked."""
+    assert commands(block("docs/platforms.md", "make gpu")) == ["make gpu"]
+    plan = make_plan("gpu")
+    assert plan.index("uninstall --quiet --yes tensorflow-cpu") < plan.index(
+        "-r requirements-gpu.lock")
 
 
 # --- docs/testing.md ------------------------------------------------------------------------

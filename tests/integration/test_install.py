@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import ROOT
+from tools.pythons import interpreter, supported
 
 
 def planned(tmp_path, target: str) -> str:
@@ -74,3 +76,87 @@ def test_a_compiler_named_by_cc_that_is_not_there_stops_make_with_one_line(tmp_p
                           timeout=60)
     assert proc.returncode != 0
     assert proc.stdout == "CC=no-such-cc: not found\n"
+
+
+# --- which Python builds .venv ----------------------------------------------------------------
+
+
+def real_python(version: str) -> str:
+    """A real interpreter of that version on this machine (PATH or pyenv), or a skip."""
+    found = interpreter(version)
+    if found is None:
+        pytest.skip(f"no Python {version} on this machine (PATH or pyenv)")
+    return found
+
+
+def make_n(tmp_path, *args, path: str | None = None) -> subprocess.CompletedProcess:
+    """`make -n ARGS` in tmp_path, as a user's shell runs it: no PYTHON in the environment
+    (CI exports one), the PATH given."""
+    for name in ("Makefile", "pyproject.toml", "requirements.lock", "requirements-torch.lock"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    drop = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTHON")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_supported_pythons_are_pyprojects(tmp_path):
+    makefile = (ROOT / "Makefile").read_text()
+    line = next(line for line in makefile.splitlines() if line.startswith("PYTHONS :="))
+    assert line.split(":=")[1].split() == supported()[::-1] == ["3.13", "3.12", "3.11"]
+
+
+def test_make_builds_the_venv_with_the_newest_supported_python_on_path(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for version in supported():
+        (bin_dir / f"python{version}").symlink_to(real_python(version))
+    proc = make_n(tmp_path, "repro", path=f"{bin_dir}:/usr/bin:/bin")
+    assert proc.returncode == 0, proc.stderr
+    assert f"python{supported()[-1]} -m venv .venv" in proc.stdout
+
+
+def test_an_unsupported_python_is_refused_in_one_line_before_anything_runs(tmp_path):
+    old = real_python("3.10")
+    proc = make_n(tmp_path, "repro", f"PYTHON={old}")
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr == (f"Makefile:{makefile_line('$(error')}: *** {old} is Python 3.10: the "
+                           "project needs Python 3.11 to 3.13 (install one, or name it with "
+                           "PYTHON=).  Stop.\n")
+    proc = make_n(tmp_path, "repro", "PYTHON=no-such-python")
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1
+    assert "no-such-python is not a Python that runs: the project needs Python 3.11 to 3.13" \
+        in proc.stderr
+
+
+def makefile_line(piece: str) -> int:
+    return next(n for n, line in enumerate((ROOT / "Makefile").read_text().splitlines(), 1)
+                if piece in line)
+
+
+def test_the_venv_keeps_its_python_unless_another_is_named(tmp_path):
+    older, newer = real_python("3.11"), real_python("3.12")
+    subprocess.run([older, "-m", "venv", "--without-pip", str(tmp_path / ".venv")], check=True,
+                   timeout=120)
+    kept = make_n(tmp_path, "repro", path=f"{Path(newer).parent}:/usr/bin:/bin")
+    assert kept.returncode == 0, kept.stderr
+    assert '[ "3.11" != "3.11" ]' in kept.stdout  # .venv's own Python: nothing to replace
+    replaced = make_n(tmp_path, "repro", f"PYTHON={newer}")
+    assert replaced.returncode == 0, replaced.stderr
+    assert '[ "3.11" != "3.12" ]' in replaced.stdout
+    assert f"rm -rf .venv && echo \"{newer} -m venv .venv\"" in replaced.stdout
+
+
+# --- make gpu ---------------------------------------------------------------------------------
+
+
+def test_make_gpu_replaces_the_cpu_builds_with_the_gpu_lock(tmp_path):
+    shutil.copy2(ROOT / "requirements-gpu.lock", tmp_path / "requirements-gpu.lock")
+    plan = planned(tmp_path, "gpu")
+    torch = plan.index("-r requirements-torch.lock")
+    cpu_tf = plan.index("pip uninstall --quiet --yes tensorflow-cpu")
+    assert torch < cpu_tf < plan.index("-r requirements-gpu.lock") < plan.rindex("pip check")
+    assert "uname -m" in plan  # Linux x86_64 only: checked before anything is removed
