@@ -1,8 +1,10 @@
 # The two commands of the README: `make repro` runs the pipeline, `make test` the tests.
-# Both build .venv from the lock file once and reuse it while the lock is unchanged.
-# `make torch` adds PyTorch (train.framework: torch) from its own lock; `make test` and
-# `make bench` do it too, `make repro` never does. `make c-compiler` installs a C compiler
-# (train.framework: c) when the machine has none; `make repro`, `test` and `bench` do it.
+# Both build .venv from the lock file once, with Python 3.11 to 3.13 (below), and reuse it
+# while the lock is unchanged. `make torch` adds PyTorch (train.framework: torch) from its
+# own lock; `make test` and `make bench` do it too, `make repro` never does. `make gpu`
+# swaps in the GPU builds of TensorFlow and PyTorch (Linux x86_64). `make c-compiler`
+# installs a C compiler (train.framework: c) when the machine has none; `make repro`,
+# `test` and `bench` do it. Other machines and Pythons: docs/platforms.md.
 
 VENV ?= .venv
 STAMP := $(VENV)/.installed-from-lock
