@@ -270,6 +270,10 @@ static void pack_b(float *restrict out, Operand b, int k, int n)
 typedef struct {
     float *packed_b, *partial; /* scratch: k x n, and (PARTS - 1) x m x n floats */
 } Scratch;
+
+/* B is read in place, unpacked, when its rows are contiguous and at most two panels wide
+   (then a panel's block of terms is KC short rows that the caches already hold well). */
+static int reads_b_in_place(Operand b, int n) { return b.col == 1 && n / NR <= 2; }
 enum { PARTS = 4 }; /* ranges of terms a weight gradient's product is split into */
 
 /* C [m x n] = A [m x k] B [k x n], C row-major (ldc), n a multiple of NR.
@@ -282,9 +286,7 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
                  ptrdiff_t ldc, int parts)
 {
     int panels = n / NR, blocks = (m + MC - 1) / MC;
-    /* B is packed unless its rows are contiguous and at most two panels wide (then a
-       panel's block of terms is KC short rows that the caches already hold well). */
-    int direct_b = b.col == 1 && panels <= 2;
+    int direct_b = reads_b_in_place(b, n);
     if (!direct_b)
         pack_b(scratch->packed_b, b, k, n);
     OMP("omp parallel for schedule(static)")
@@ -600,8 +602,11 @@ static Net make_net(int capacity)
     BUFFER(d_a1, P1 * P1 * C1), BUFFER(d_z1, S1 * S1 * C1);
     BUFFER(partial, 2 * C3);
 #undef BUFFER
-    /* The widest B packed: conv2's dZ (conv1's is read in place), or a kernel. */
+    /* The widest B packed: conv2's dZ, or a kernel; or conv1's dZ, where it is packed (its
+       C1 columns are more than two panels when vectors are narrower than AVX's). */
     size_t widest = n * S2 * S2 * C2 > K3 * C3 ? n * S2 * S2 * C2 : K3 * C3;
+    if (!reads_b_in_place((Operand){NULL, C1, 1}, C1) && n * S1 * S1 * C1 > widest)
+        widest = n * S1 * S1 * C1;
     t.scratch.packed_b = allocate(widest, sizeof(float));
     t.scratch.partial = allocate((PARTS - 1) * K3 * C3, sizeof(float)); /* conv3's dW */
     t.dense_t = allocate(FEATURES * CLASSES, sizeof(float));
