@@ -5,7 +5,9 @@ The program is built here with the project's own flags (stages/frameworks/c/fit.
 as a real process. Its backward pass is checked against a NumPy reference that finite differences
 check in turn; its forward pass against Keras on the same weights; its training for
 determinism (same seed: same bytes, whatever the thread count), and its inputs for the
-one-line refusals every stage gives.
+one-line refusals every stage gives. The checks marked `on_every_toolchain` run with each of
+the toolchains of stages/frameworks/c/env.py: the native compiler, clang without OpenMP, and
+GCC's AArch64 cross compiler with the program run under qemu.
 """
 
 from __future__ import annotations
@@ -20,15 +22,27 @@ from stages.data import idx
 from stages.frameworks.c import env, fit, model
 from stages.normalize import normalize
 from stages.runtime.failures import DataError, PipelineError
-from tests.helpers import fixture_data, read_idx, train_cfg, write_idx
+from tests.helpers import (
+    TOOLCHAINS,
+    Program,
+    c_program,
+    fixture_data,
+    on_every_toolchain,
+    read_idx,
+    require,
+    train_cfg,
+    write_idx,
+)
 from tests.helpers import run_program as run
 
 HIDDEN, RATE = 128, 0.2
 
 
 @pytest.fixture(scope="module")
-def program():
-    return fit.build()
+def program(request):
+    """mnist_mlp, built with the toolchain a test is handed (on_every_toolchain), else the
+    native one."""
+    return c_program("mlp", getattr(request, "param", env.NATIVE))
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +80,7 @@ def test_a_damaged_model_file_is_refused_in_one_line(tmp_path, damage, message):
     assert "\n" not in str(err.value)
 
 
+@on_every_toolchain
 def test_the_program_reads_the_file_python_writes_and_predicts_as_numpy(program, digits,
                                                                        tmp_path):
     net = model.build("mlp", seed=5)
@@ -100,6 +115,7 @@ def reference(net: model.MLP, x, y, mask, smoothing):
     return loss, grads
 
 
+@on_every_toolchain
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_the_backward_pass_agrees_with_numpy_and_finite_differences(program, digits,
                                                                    tmp_path, smoothing):
@@ -175,6 +191,7 @@ def train(program, tmp_path, digits, name, *options, n=1000):
     return out.read_bytes(), proc.stdout
 
 
+@on_every_toolchain
 def test_training_gives_the_same_bits_for_a_seed_whatever_the_thread_count(
         program, digits, tmp_path):
     recipe = ("--epochs", 2, "--batch-size", 32, "--seed", 4)
@@ -189,6 +206,7 @@ def test_training_gives_the_same_bits_for_a_seed_whatever_the_thread_count(
     assert losses[1] < losses[0] < np.log(10)  # it learns
 
 
+@on_every_toolchain
 def test_every_recipe_knob_trains_deterministically_across_threads(program, digits, tmp_path):
     """Augmentation, cosine decay, label smoothing, a validation split and restore_best."""
     write_idx(tmp_path / "vx.idx", digits["x_test"][:300])
@@ -210,6 +228,7 @@ def test_every_recipe_knob_trains_deterministically_across_threads(program, digi
     assert float(epochs[-1]["val_accuracy"]) > 0.7  # 1000 images, 3 epochs
 
 
+@on_every_toolchain
 @pytest.mark.parametrize("args, message", [
     (("--epochs", 0), "--epochs"),
     (("--batch-size", "x"), "--batch-size"),
@@ -245,6 +264,7 @@ def damaged_inputs(digits):
     }
 
 
+@on_every_toolchain
 @pytest.mark.parametrize("case", [
     "wrong magic", "truncated images", "too many bytes", "labels for other images",
     "label 10", "a header claiming 4e9 images", "not a number"])
@@ -317,18 +337,47 @@ def test_a_source_that_does_not_compile_is_one_line(tmp_path, monkeypatch):
         fit.build()
 
 
-def fused_multiply_adds(program) -> int:
-    """Fused multiply-add instructions in the program's disassembly (x86-64: vfmadd*/
-    vfnmadd*; AArch64: fmla/fmadd)."""
-    text = subprocess.run(["objdump", "-d", str(program)], capture_output=True, text=True,
+def fused_multiply_adds(program, cc: str) -> int:
+    """Fused multiply-add instructions in the program's disassembly by the objdump of the
+    compiler that built it (x86-64: vfmadd*/vfnmadd*; AArch64: fmla/fmadd)."""
+    objdump = subprocess.run([cc, "-print-prog-name=objdump"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout.strip()
+    text = subprocess.run([objdump, "-d", str(program)], capture_output=True, text=True,
                           timeout=120, check=True).stdout
     return sum(1 for line in text.splitlines()
                if any(m in line for m in ("vfmadd", "vfnmadd", "\tfmla", "\tfmadd")))
 
 
+@pytest.mark.parametrize("toolchain", TOOLCHAINS)
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_both_programs_compute_with_fused_multiply_adds(name):
+def test_both_programs_compute_with_fused_multiply_adds(name, toolchain):
     """-std=c11 alone makes GCC keep a*b+c as two roundings (ISO C's FP_CONTRACT off):
-    env.CFLAGS asks for the fused instruction, and the build really has it."""
-    assert "-ffp-contract=fast" in env.CFLAGS
-    assert fused_multiply_adds(fit.build(name)) >= 10
+    the flags ask for the fused instruction, and each build really has it."""
+    assert "-ffp-contract=fast" in toolchain.cflags
+    program = c_program(name, toolchain)
+    assert fused_multiply_adds(program.path, toolchain.compiler()) >= 10
+
+
+@pytest.mark.slow
+def test_a_compiler_without_openmp_builds_the_single_threaded_program_in_one_go(
+        digits, tmp_path, monkeypatch, capsys):
+    """CC=clang as Debian installs it, without libomp-dev (as Apple's clang, which refuses
+    -fopenmp): one compile without the flag, no compiler error shown, OpenMP recorded off for
+    run_info.json, and a program that runs on one thread whatever --threads asks."""
+    require(env.CLANG)
+    monkeypatch.setenv("CC", "clang")
+    monkeypatch.setattr(fit, "BUILD_DIR", tmp_path / "build")
+    assert not env.has_openmp(env.compiler()), (
+        "this clang has OpenMP (libomp-dev installed?): a build without it goes untested")
+    program = fit.build()
+    built = capsys.readouterr().out.splitlines()
+    assert len(built) == 1 and built[0].startswith("built mnist_mlp.c in ")
+    assert "clang" in built[0] and env.OPENMP not in built[0]
+    info = env.versions()
+    assert info["openmp"] is False and env.OPENMP not in info["cflags"]
+    assert "clang" in info["cc_version"] and "-march=native" in info["cflags"]
+    images = write_idx(tmp_path / "x.idx", digits["x_train"][:100])
+    labels = write_idx(tmp_path / "y.idx", digits["y_train"][:100].astype(np.uint8))
+    proc = run(Program(program), "train", "--images", images, "--labels", labels,
+               "--out", tmp_path / "m.bin", "--epochs", 1, "--threads", 2)
+    assert fit.fields(proc.stdout.splitlines()[-1])["threads"] == "1"

@@ -1,18 +1,26 @@
-"""The C framework's environment: a C compiler, the flags the program is built with, and
-the thread count it runs on.
+"""The C framework's environment: the toolchains that build the programs, the flags they are
+built with, and the thread count they run on.
 
 The programs (stages/frameworks/c/mnist_mlp.c, mnist_cnn.c) are C11 and need libc and libm
 only; OpenMP, when the compiler has it, spreads each step over `speed.c_threads` threads
 without changing a bit (each program's header comment says why). `-march=native` lets the
 compiler use every vector instruction of this CPU: the bits are those of this machine, like
 every framework's.
+
+The pipeline builds with the native toolchain: this machine's compiler, for this CPU. The
+tests also build and run the programs with clang (which, like Apple's, may have no OpenMP)
+and for AArch64 with a cross compiler, run under an emulator (CLANG, AARCH64 below).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 from stages.runtime.failures import PipelineError
 
@@ -22,8 +30,13 @@ COMPILERS = ("cc", "gcc", "clang")
 # lets it fuse them into one multiply-add instruction (one rounding, twice the throughput).
 # It reorders nothing: each sum keeps its order, so the bits still do not depend on threads.
 CFLAGS = ("-std=c11", "-O3", "-march=native", "-ffp-contract=fast")
+# A cross compiler has no `native` CPU to build for: AArch64's is named instead. armv8-a is
+# every 64-bit ARM's baseline, and has NEON, with its fused multiply-add (fmla).
+AARCH64_CFLAGS = ("-std=c11", "-O3", "-march=armv8-a", "-ffp-contract=fast")
 LIBS = ("-lm",)
 OPENMP = "-fopenmp"
+# What has_openmp() builds: the header and the runtime library that -fopenmp needs.
+OPENMP_PROBE = "#include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n"
 
 _threads = 1
 
@@ -39,6 +52,38 @@ def compiler() -> str:
                         f"), none found on PATH: run `{INSTALL}` or set CC")
 
 
+@dataclass(frozen=True)
+class Toolchain:
+    """What builds a program and what runs it: a compiler (None: the one compiler() picks)
+    and its flags, and the command the program runs under (none when it is built for this
+    CPU; an emulator when it is built for another)."""
+
+    name: str
+    cc: str | None = None
+    cflags: tuple[str, ...] = CFLAGS
+    runner: tuple[str, ...] = ()
+
+    def compiler(self) -> str:
+        return compiler() if self.cc is None else shutil.which(self.cc) or self.cc
+
+    def missing(self) -> list[str]:
+        """The commands it names that are not on PATH (the native compiler is compiler()'s
+        to find)."""
+        return [c for c in (self.cc, *self.runner[:1]) if c and not shutil.which(c)]
+
+
+NATIVE = Toolchain("native")
+# The toolchains the tests build and run the programs with besides the native one (Debian's
+# packages, which `make system-deps` installs). clang: Debian's, without libomp-dev, has no
+# OpenMP, as Apple's clang has none. aarch64: GCC's cross compiler, the program run under
+# qemu's user-mode emulation, with the target's loader and libraries from Debian's cross
+# packages (-L).
+CLANG = Toolchain("clang", "clang")
+AARCH64 = Toolchain("aarch64", "aarch64-linux-gnu-gcc", AARCH64_CFLAGS,
+                    ("qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"))
+TOOLCHAINS = (NATIVE, CLANG, AARCH64)
+
+
 def compiler_version(cc: str) -> str:
     """The first line `cc --version` prints, e.g. 'gcc (Debian 12.2.0-14) 12.2.0'."""
     try:
@@ -46,6 +91,21 @@ def compiler_version(cc: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as err:
         raise PipelineError(f"{cc} --version failed: {err}") from None
     return (out.stdout.splitlines() or ["unknown"])[0].strip()
+
+
+@functools.cache
+def has_openmp(cc: str) -> bool:
+    """Whether `cc -fopenmp` builds and links an OpenMP program: GCC's does (libgomp comes
+    with it), Debian's clang only with libomp-dev, Apple's clang never (it refuses the flag)."""
+    with tempfile.TemporaryDirectory(prefix="mnist-openmp-") as tmp:
+        source = Path(tmp) / "probe.c"
+        source.write_text(OPENMP_PROBE)
+        try:
+            done = subprocess.run([cc, OPENMP, "-o", str(Path(tmp) / "probe"), str(source)],
+                                  capture_output=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return done.returncode == 0
 
 
 def configure(seed: int, intra_op_threads: int, inter_op_threads: int) -> None:

@@ -76,48 +76,47 @@ def fit(cfg: dict, data: dict, curves_dir):
         return decode((tmp / MODEL_FILE).read_bytes(), "the program's model file")
 
 
-def build(model: str = "mlp") -> Path:
-    """The program that trains `model`, compiled unless this source (and header), compiler
-    and flags were built before.
+def build(model: str = "mlp", toolchain: env.Toolchain = env.NATIVE) -> Path:
+    """The program that trains `model`, built with `toolchain` (the pipeline's: the native
+    one) unless this source (and header), compiler and flags were built before.
 
-    With OpenMP when the compiler has it, else single-threaded (same bits either way).
+    With OpenMP when the compiler has it, else single-threaded (same bits either way): one
+    compile, the flags decided before it (env.has_openmp).
     """
-    cc = env.compiler()
+    cc = toolchain.compiler()
     source_path = SOURCES[model]
     source = source_path.read_bytes() + b"\0" + HEADER.read_bytes()
     version = env.compiler_version(cc)
-    for openmp in (True, False):
-        flags = [*env.CFLAGS, *([env.OPENMP] if openmp else [])]
-        key = hashlib.sha256(b"\0".join([source, version.encode(), cc.encode(),
-                                         " ".join(flags).encode()])).hexdigest()[:16]
-        program = BUILD_DIR / key / source_path.stem
-        # Recorded: the compiler and flags. Not the source's hash: the source is a dep, and
-        # an edit that changes no result (a comment) must leave the model folder as it was.
-        env.built.update(cc=cc, cc_version=version, cflags=" ".join(flags), openmp=openmp)
-        if program.is_file():
-            return program
-        program.parent.mkdir(parents=True, exist_ok=True)
-        # Built aside and renamed in: a half-written program is never run, and two runs
-        # building at once both end with a complete one.
-        partial = program.with_name(f".{program.name}.{os.getpid()}.tmp")
-        started = time.perf_counter()
-        try:
-            done = subprocess.run([cc, *flags, "-I", str(HEADER.parent), "-o", str(partial),
-                                   str(source_path), *env.LIBS],
-                                  capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise PipelineError(f"building {source_path.name} with {cc} failed: {err}") from None
-        if done.returncode == 0:
-            partial.replace(program)
-            print(f"built {source_path.name} in {time.perf_counter() - started:.1f}s: {cc} "
-                  f"{' '.join(flags)} ({version})", flush=True)
-            return program
+    openmp = env.has_openmp(cc)
+    flags = [*toolchain.cflags, *([env.OPENMP] if openmp else [])]
+    key = hashlib.sha256(b"\0".join([source, version.encode(), cc.encode(),
+                                     " ".join(flags).encode()])).hexdigest()[:16]
+    program = BUILD_DIR / key / source_path.stem
+    # Recorded: the compiler and flags. Not the source's hash: the source is a dep, and an
+    # edit that changes no result (a comment) must leave the model folder as it was.
+    env.built.update(cc=cc, cc_version=version, cflags=" ".join(flags), openmp=openmp)
+    if program.is_file():
+        return program
+    program.parent.mkdir(parents=True, exist_ok=True)
+    # Built aside and renamed in: a half-written program is never run, and two runs building
+    # at once both end with a complete one.
+    partial = program.with_name(f".{program.name}.{os.getpid()}.tmp")
+    started = time.perf_counter()
+    try:
+        done = subprocess.run([cc, *flags, "-I", str(HEADER.parent), "-o", str(partial),
+                               str(source_path), *env.LIBS],
+                              capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise PipelineError(f"building {source_path.name} with {cc} failed: {err}") from None
+    if done.returncode:
         partial.unlink(missing_ok=True)
-        if not openmp:
-            first = next((line for line in done.stderr.splitlines() if "error" in line),
-                         done.stderr.strip()[:200])
-            raise PipelineError(f"{cc} could not build {source_path.name}: {first}")
-    raise AssertionError("unreachable")
+        first = next((line for line in done.stderr.splitlines() if "error" in line),
+                     done.stderr.strip()[:200])
+        raise PipelineError(f"{cc} could not build {source_path.name}: {first}")
+    partial.replace(program)
+    print(f"built {source_path.name} in {time.perf_counter() - started:.1f}s: {cc} "
+          f"{' '.join(flags)} ({version})", flush=True)
+    return program
 
 
 def recipe_args(cfg: dict) -> list[str]:

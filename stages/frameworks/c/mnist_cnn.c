@@ -66,8 +66,9 @@
  * All three go through one register-tiled micro-kernel (gemm below): a tile of MR = 6 rows by
  * NR = 2 vectors of columns is held in 12 vector registers while it runs down the shared
  * dimension, one broadcast and two fused multiply-adds per row and term, in GCC/Clang vector
- * extensions (256-bit with AVX2, 512-bit with AVX-512). Terms come in blocks of KC, rows in
- * blocks of MC, so each block of A stays in L2 and each panel of B in L1 while it is reused.
+ * extensions (128-bit with SSE or NEON, 256-bit with AVX2, 512-bit with AVX-512). Terms come
+ * in blocks of KC, rows in blocks of MC, so each block of A stays in L2 and each panel of B in
+ * L1 while it is reused.
  * conv1's window (25 pixels) is padded to 32 so that it fills whole panels.
  *
  * Threads, and why their number changes no bit. Every parallel loop hands out whole outputs:
@@ -274,6 +275,7 @@ typedef struct {
 /* B is read in place, unpacked, when its rows are contiguous and at most two panels wide
    (then a panel's block of terms is KC short rows that the caches already hold well). */
 static int reads_b_in_place(Operand b, int n) { return b.col == 1 && n / NR <= 2; }
+
 enum { PARTS = 4 }; /* ranges of terms a weight gradient's product is split into */
 
 /* C [m x n] = A [m x k] B [k x n], C row-major (ldc), n a multiple of NR.
