@@ -156,7 +156,7 @@ $(GPU_STAMP): $(TORCH_STAMP) requirements-gpu.lock
 	touch $@
 
 # Every supported Python on this machine (on PATH, or installed by pyenv): a venv each
-# (.venv-3.12 and so on), the fixture pipeline through `dvc repro` (Keras and C), then the
+# (.venv-3.12 and so on), the fixture pipeline through `dvc repro` (each framework), then the
 # not-slow suite; the times and whether the bits agree with the first Python's, as a table
 # (tools/pythons.py, docs/testing.md).
 test-pythons: c-compiler
