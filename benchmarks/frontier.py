@@ -39,7 +39,7 @@ PUBLISHED = [
 def forward_macs(model) -> int:
     """Multiply-adds of one image's forward pass through a built Keras model: its Conv2D
     and Dense layers (the elementwise work, pooling and BatchNorm are left out)."""
-    import keras
+    from stages.frameworks.keras.env import keras
 
     total = 0
     for layer in model.layers:

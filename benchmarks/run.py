@@ -497,11 +497,10 @@ def runs_table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    import keras
     import numpy as np
-    import tensorflow as tf
     import torch
 
+    from stages.frameworks.keras.env import keras, tf
     from stages.train import cpu_model
 
     return (f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} "

@@ -55,9 +55,8 @@ def test_listing_is_the_original_format_with_class_names():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """An untrained mlp, saved as the train stage saves it (fixed seed: fixed weights)."""
-    import keras
-
     from stages.frameworks.keras import model as keras_model
+    from stages.frameworks.keras.env import keras
 
     keras.utils.set_random_seed(0)
     folder = tmp_path_factory.mktemp("model") / "model"

@@ -67,7 +67,7 @@ def test_configure_hides_every_gpu_and_a_gpu_is_shown_or_refused_in_one_line():
     proc = subprocess.run([sys.executable, "-c", DEVICE_PROBE], cwd=ROOT, env=run_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    import tensorflow as tf
+    from stages.frameworks.keras.env import tf
 
     if tf.config.list_physical_devices("GPU"):
         assert proc.stdout.startswith("on ")
@@ -79,3 +79,20 @@ def test_configure_hides_every_gpu_and_a_gpu_is_shown_or_refused_in_one_line():
     assert proc.stdout.startswith(f"train.keras.device gpu: no GPU is visible to TensorFlow "
                                   f"(TensorFlow {tf.__version__}, {build}")
     assert proc.stdout.endswith(f"): {fix}, or use train.keras.device: cpu\n")
+
+
+def test_pytorch_trains_in_a_process_that_imported_tensorflow_first():
+    """A process that imports TensorFlow (this module) and then runs PyTorch with
+    deterministic kernels, as the suite and the benchmarks do: PyPI's CUDA build of
+    PyTorch then loads Triton, which crashed with SIGSEGV after TensorFlow
+    (tensorflow/tensorflow#124205) until env.py loaded it first. Where Triton is not
+    installed (the CPU build of PyTorch) this passes either way; `make test-pythons`, whose
+    3.12 and 3.13 venvs get the CUDA build, is where it bites."""
+    pytest.importorskip("torch", reason="PyTorch is not installed (make torch)")
+    code = ("import stages.frameworks.keras.env, torch\n"
+            "torch.use_deterministic_algorithms(True)\n"
+            "print(torch.nn.Linear(2, 1)(torch.ones(1, 2)).shape)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "torch.Size([1, 1])\n"

@@ -57,9 +57,8 @@ def test_renumbered_shared_ids_keep_their_links():
 
 
 def test_save_stable_is_byte_stable_and_loads_back_the_same_model(tmp_path):
-    import keras
-
     from stages.frameworks.keras import model as keras_model
+    from stages.frameworks.keras.env import keras
 
     model = keras_model.build("mlp")
     x = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)

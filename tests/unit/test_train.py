@@ -69,8 +69,7 @@ def test_run_info_names_the_framework_and_model_and_what_the_bits_depend_on(fram
     assert {k: info[k] for k in keys} == {k: cfg[k] for k in keys}
     assert info["numpy"] == np.__version__
     if framework == "keras":
-        import keras
-        import tensorflow as tf
+        from stages.frameworks.keras.env import keras, tf
 
         assert (info["tensorflow"], info["keras"], info["model_file"]) == (
             tf.__version__, keras.__version__, "model.keras")

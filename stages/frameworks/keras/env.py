@@ -10,6 +10,7 @@ depend on; `use_device` shows the GPUs again for a training that asks for one
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import sys
@@ -44,6 +45,14 @@ def _native_stderr_filtered(noise: re.Pattern):
                 if not noise.match(line):
                     sys.stderr.write(line)
 
+
+# Triton (which PyPI's CUDA build of PyTorch brings, and imports on its first deterministic
+# or compiled op) crashes the process when it loads after TensorFlow: TensorFlow's wheels
+# load its library with RTLD_GLOBAL, and Triton's LLVM then binds to TensorFlow's
+# (tensorflow/tensorflow#124205). Loaded first, it binds to its own; where it is not
+# installed (the CPU builds of PyTorch, macOS) there is nothing to do.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 
 with _native_stderr_filtered(_IMPORT_NOISE):
     import keras
