@@ -107,10 +107,13 @@ def one_python(version: str, python: str) -> dict:
     print(f"Python {version}: pytest -m 'not slow'", flush=True)
     seconds, proc = step([str(venv / "bin" / "python"), "-m", "pytest", "-m", "not slow",
                           "-q", "-p", "no:cacheprovider"], env)
-    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr
-    row |= {"suite_seconds": round(seconds), "suite": summary.strip("= ")}
+    # pytest's closing line, or how the run ended without one (a crash: "exit -11").
+    closing = [line for line in proc.stdout.splitlines() if re.search(r"\d+ (passed|failed)",
+                                                                     line)]
+    summary = closing[-1].strip("= ") if closing else f"exit {proc.returncode}"
+    row |= {"suite_seconds": round(seconds), "suite": summary}
     if proc.returncode:
-        row["failed"] = "suite: " + summary
+        row["failed"] = f"suite: {summary}\n{(proc.stdout + proc.stderr)[-3000:]}"
     return row
 
 
