@@ -6,8 +6,9 @@ as a real process. Its backward pass is checked against a NumPy reference that f
 check in turn; its forward pass against Keras on the same weights; its training for
 determinism (same seed: same bytes, whatever the thread count), and its inputs for the
 one-line refusals every stage gives. The checks marked `on_every_toolchain` run with each of
-the toolchains of stages/frameworks/c/env.py: the native compiler, clang without OpenMP, and
-GCC's AArch64 cross compiler with the program run under qemu.
+the toolchains of stages/frameworks/c/env.py: the native compiler, clang without OpenMP,
+GCC's AArch64 cross compiler with the program run under qemu, and GCC's sanitizers at
+x86-64's baseline (a memory error or undefined behaviour fails the check with its report).
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def test_bad_options_are_refused_in_one_line_before_any_work(program, digits, tm
     write_idx(tmp_path / "y.idx", digits["y_train"][:50].astype(np.uint8))
     proc = run(program, "train", "--images", tmp_path / "x.idx", "--labels",
                tmp_path / "y.idx", "--out", tmp_path / "m.bin", *args, check=False)
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr  # 1: not a sanitizer's end
     assert proc.stderr.startswith("mnist_mlp: error: ") and proc.stderr.count("\n") == 1
     assert message in proc.stderr
     assert not (tmp_path / "m.bin").exists()
@@ -275,7 +276,7 @@ def test_damaged_data_is_refused_in_one_line_and_writes_nothing(program, digits,
     (tmp_path / "y.idx").write_bytes(labels)
     proc = run(program, "train", "--images", tmp_path / "x.idx", "--labels",
                tmp_path / "y.idx", "--out", tmp_path / "m.bin", check=False, timeout=60)
-    assert proc.returncode == 1, case
+    assert proc.returncode == 1, (case, proc.stderr)
     assert proc.stderr.startswith("mnist_mlp: error: ") and proc.stderr.count("\n") == 1
     assert not (tmp_path / "m.bin").exists()
 
@@ -352,10 +353,35 @@ def fused_multiply_adds(program, cc: str) -> int:
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_both_programs_compute_with_fused_multiply_adds(name, toolchain):
     """-std=c11 alone makes GCC keep a*b+c as two roundings (ISO C's FP_CONTRACT off):
-    the flags ask for the fused instruction, and each build really has it."""
+    the flags ask for the fused instruction, and each build really has it; but the sanitized
+    one, for x86-64's baseline, which has no such instruction (its bits are its own)."""
     assert "-ffp-contract=fast" in toolchain.cflags
     program = c_program(name, toolchain)
-    assert fused_multiply_adds(program.path, toolchain.compiler()) >= 10
+    fused = fused_multiply_adds(program.path, toolchain.compiler())
+    assert (fused == 0) if toolchain == env.SANITIZED else (fused >= 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug, report", [
+    ("float *v = malloc(4 * sizeof *v); memset(v, 0, (argc + 4) * sizeof *v); v[0] = 1;",
+     "AddressSanitizer: heap-buffer-overflow"),
+    ("int big = 2147483647 - 1 + argc; printf(\"%d\\n\", big + argc);",
+     "runtime error: signed integer overflow"),
+], ids=["heap overflow", "signed overflow"])
+def test_the_sanitized_toolchain_ends_a_program_at_its_first_error_with_its_report(
+        tmp_path, bug, report):
+    """What makes its tests catch a memory error or undefined behaviour anywhere: a program
+    built and run as the toolchain builds and runs the C programs ends at the first one, with
+    the sanitizer's report and an exit status of its own, never 1 (the programs' refusals)."""
+    require(env.SANITIZED)
+    source = tmp_path / "bug.c"
+    source.write_text("#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n"
+                      f"int main(int argc, char **argv) {{ {bug} return 0; }}\n")
+    subprocess.run([env.SANITIZED.compiler(), *env.SANITIZED.cflags, "-o", str(tmp_path / "bug"),
+                    str(source)], check=True, capture_output=True, timeout=120)
+    proc = run(Program(tmp_path / "bug", env.SANITIZED.runner), check=False)
+    assert proc.returncode == env.SANITIZER_EXIT != 1, proc.stderr
+    assert report in proc.stderr and "bug.c:4" in proc.stderr and proc.stdout == ""
 
 
 @pytest.mark.slow

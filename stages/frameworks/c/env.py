@@ -8,8 +8,9 @@ compiler use every vector instruction of this CPU: the bits are those of this ma
 every framework's.
 
 The pipeline builds with the native toolchain: this machine's compiler, for this CPU. The
-tests also build and run the programs with clang (which, like Apple's, may have no OpenMP)
-and for AArch64 with a cross compiler, run under an emulator (CLANG, AARCH64 below).
+tests also build and run the programs with clang (which, like Apple's, may have no OpenMP),
+for AArch64 with a cross compiler, run under an emulator, and with GCC's sanitizers at the
+x86-64 baseline's vector width (CLANG, AARCH64, SANITIZED below).
 """
 
 from __future__ import annotations
@@ -33,6 +34,25 @@ CFLAGS = ("-std=c11", "-O3", "-march=native", "-ffp-contract=fast")
 # A cross compiler has no `native` CPU to build for: AArch64's is named instead. armv8-a is
 # every 64-bit ARM's baseline, and has NEON, with its fused multiply-add (fmla).
 AARCH64_CFLAGS = ("-std=c11", "-O3", "-march=armv8-a", "-ffp-contract=fast")
+# The sanitized build: x86-64's baseline (SSE2, no FMA) has AArch64's vector width, 128 bits
+# (VL 4 in the programs), the width whose code paths only the emulated AArch64 build runs
+# otherwise; AddressSanitizer and UndefinedBehaviorSanitizer check every access and operation,
+# and the first error ends the program (-fno-sanitize-recover); -O1 and -g: the sanitizers'
+# usual build, fast enough for the tests, its reports naming lines. Its bits are its own (no
+# FMA, other optimisations): the tests compare it with NumPy within tolerances, and with
+# itself only.
+SANITIZED_CFLAGS = ("-std=c11", "-O1", "-march=x86-64", "-ffp-contract=fast", "-g",
+                    "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                    "-fno-sanitize-recover=all")
+# What the sanitized program runs with: the first report ends it with exit status 86, never
+# 1, the programs' own error exit (the sanitizers' default is 1). No leak check: a program runs
+# one command, allocates its buffers once for the whole of it and leaves them to the exit, on
+# the normal path as after an error (fail() exits at once), so LeakSanitizer would list every
+# buffer (checked: the same ones after 1 epoch as after 3, none made per batch or epoch).
+SANITIZER_EXIT = 86
+SANITIZER_ENV = (f"ASAN_OPTIONS=halt_on_error=1:abort_on_error=0:detect_leaks=0"
+                 f":exitcode={SANITIZER_EXIT}",
+                 f"UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:exitcode={SANITIZER_EXIT}")
 LIBS = ("-lm",)
 OPENMP = "-fopenmp"
 # What has_openmp() builds: the header and the runtime library that -fopenmp needs.
@@ -77,11 +97,13 @@ NATIVE = Toolchain("native")
 # packages, which `make system-deps` installs). clang: Debian's, without libomp-dev, has no
 # OpenMP, as Apple's clang has none. aarch64: GCC's cross compiler, the program run under
 # qemu's user-mode emulation, with the target's loader and libraries from Debian's cross
-# packages (-L).
+# packages (-L). sanitized: GCC (libasan and libubsan come with it) at the x86-64 baseline,
+# run by env(1) with the sanitizers' options; x86_64 hosts only, as the tests' machines are.
 CLANG = Toolchain("clang", "clang")
 AARCH64 = Toolchain("aarch64", "aarch64-linux-gnu-gcc", AARCH64_CFLAGS,
                     ("qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"))
-TOOLCHAINS = (NATIVE, CLANG, AARCH64)
+SANITIZED = Toolchain("sanitized", "gcc", SANITIZED_CFLAGS, ("env", *SANITIZER_ENV))
+TOOLCHAINS = (NATIVE, CLANG, AARCH64, SANITIZED)
 
 
 def compiler_version(cc: str) -> str:
