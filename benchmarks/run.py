@@ -407,10 +407,11 @@ def fma_peak(threads: tuple[int, ...] | None = None) -> dict[int, float]:
     threads = threads or tuple(sorted({1, os.cpu_count()}))
     source = ROOT / "benchmarks" / "fma_peak.c"
     program = ROOT / "build" / "bench" / "fma_peak"
+    cc = env.compiler()
+    flags = [*env.CFLAGS, *([env.OPENMP] if env.has_openmp(cc) else [])]  # as fit.build()
     if not program.exists() or program.stat().st_mtime < source.stat().st_mtime:
         program.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([env.compiler(), *env.CFLAGS, env.OPENMP, "-o", str(program),
-                        str(source)], check=True, timeout=300)
+        subprocess.run([cc, *flags, "-o", str(program), str(source)], check=True, timeout=300)
     out = subprocess.run([str(program), *map(str, threads)], capture_output=True, text=True,
                          check=True, timeout=300).stdout
     return {int(t): float(g) for t, g in re.findall(r"threads=(\d+) gflops=([\d.]+)", out)}
