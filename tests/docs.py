@@ -97,8 +97,11 @@ def block(page: str, piece: str) -> Block:
 
 def env(**extra) -> dict:
     """The stages' environment (the venv's bin first), unbuffered so that stdout and
-    stderr interleave as on a terminal, and no bytecode written into the projects."""
-    return run_env() | {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"} | extra
+    stderr interleave as on a terminal, and no bytecode written into the projects; without
+    what `make test` leaves for its sub-makes (a user's `make` prints no "Entering
+    directory" lines)."""
+    user = {k: v for k, v in run_env().items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return user | {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"} | extra
 
 
 def bash(script: str, cwd: Path, timeout: float = 600, host=None,

@@ -695,8 +695,9 @@ def test_make_builds_the_venv_with_the_python_named_and_refuses_others(tmp_path)
     minutes), and an unsupported one gets the page's one line, with nothing run."""
     checkout = fresh_checkout_files(tmp_path / "checkout")
     plan = run_sh(block("docs/platforms.md", "make PYTHON=python3.12 repro"), checkout,
-                  replace={"make ": "make -n "}, extra=python_on_path(tmp_path, "3.12"))
-    assert "python3.12 -m venv .venv" in plan and plan.rstrip().endswith("dvc repro")
+                  replace={"make ": "make --no-print-directory -n "},
+                  extra=python_on_path(tmp_path, "3.12"))
+    assert "python3.12 -m venv .venv" in plan and plan.rstrip().splitlines()[-1] == "dvc repro"
     [refused] = run_session(block("docs/platforms.md", "$ make PYTHON=python3.10 repro"),
                             checkout, extra=python_on_path(tmp_path, "3.10"))
     assert refused.rc != 0 and not (checkout / ".venv").exists()
