@@ -4,7 +4,7 @@
 The recipe (`train.<model>` in params.yaml) says how: epochs, batch size, learning rate
 and schedule, augmentation, label smoothing, and the share of the training set held out
 for validation, split here with the run's seed. Only that split steers training (best
-epoch); the test set is never seen here. The framework (Keras or PyTorch) trains it
+epoch); the test set is never seen here. The framework (Keras, PyTorch or C) trains it
 through the modules stages/frameworks/__init__.py names; every source of randomness is seeded and
 its kernels run deterministically on a pinned number of threads, so the same params on
 the same machine give the same bits.
@@ -124,8 +124,8 @@ def main(argv=None) -> None:
 
     From main()'s first line, Ctrl-C (or SIGTERM) only takes note, and the run stops at the
     next stop_if_interrupted() in its own code: an interrupt never lands inside TensorFlow
-    or PyTorch (where it used to surface as a TypeError traceback). It ends the run with
-    `error: interrupted; no output was replaced`, exit 130 (143 for SIGTERM). Worst-case
+    or PyTorch (where it would surface as a traceback from inside the library). It ends the
+    run with `error: interrupted; no output was replaced`, exit 130 (143 for SIGTERM). Worst-case
     delay: the longest stretch between two stopping points, i.e. importing the framework,
     Keras' first chunk (which also traces the graph), one chunk of
     speed.keras_steps_per_execution batches in Keras or one batch in PyTorch, one epoch's

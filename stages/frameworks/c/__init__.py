@@ -1,1 +1,2 @@
-"""Plain C: the original network trained by one C program (mnist_mlp.c), no framework."""
+"""Plain C: each network trained by a C program of its own (mnist_mlp.c, mnist_cnn.c), no
+framework."""

@@ -34,7 +34,8 @@ BUILD_TIMEOUT = 300  # seconds: far more than one compile of the file takes
 
 def fit(cfg: dict, data: dict, curves_dir):
     """Train with the C program for cfg["epochs"], logging curves with dvclive into
-    curves_dir; returns the weights (stages/frameworks/c/model.py's MLP).
+    curves_dir; returns the weights (the network's arrays, in stages/frameworks/c/model.py's
+    order).
 
     Under deferred_interrupts, Ctrl-C stops it at the next line the program prints (one
     per epoch; the program itself takes the terminal's Ctrl-C and ends at once).

@@ -92,8 +92,8 @@ enum { MODEL_HEADER = 24, MODEL_BYTES = MODEL_HEADER + 4 * PARAM_COUNT };     /*
 /* The parameters; Adam's two moments and the gradients share this layout. W1 is stored in
    panels of PANEL hidden units, w1[q][p][k] = W1[p][q * PANEL + k]: a thread owns whole
    panels, which are contiguous, so no two threads ever touch the same cache line of W1 or of
-   its moments. (With plain rows, two threads updating the two halves of every row ran 2-5x
-   slower, the cache lines bouncing between the cores.) */
+   its moments. (With plain rows, two threads updating the two halves of every row would
+   share cache lines, which then bounce between the cores.) */
 enum { PANEL = 32, PANELS = HIDDEN / PANEL };
 typedef struct {
     float w1[PANELS][INPUTS][PANEL];
@@ -194,7 +194,7 @@ static int nonzeros(const float *image, uint16_t *pixel, float *value)
    1: its forward pass (W1, rows by pixel) and its weight gradient (dh, rows by image) run
    here. It goes one panel at a time, a width known when compiling, so the panel's sums stay in
    vector registers over the whole list (c0, c1: multiples of PANEL). GCC's -O3 unroll-and-jam
-   would pair up e iterations and un-vectorise the j loop (4-7x slower), hence the attribute. */
+   would pair up e iterations and un-vectorise the j loop, hence the attribute. */
 #if defined(__GNUC__) && !defined(__clang__)
 __attribute__((optimize("no-loop-unroll-and-jam")))
 #endif

@@ -43,7 +43,7 @@ def fit(cfg: dict, data: dict, curves_dir):
     average = Average(model, cfg["ema"]) if cfg["ema"] else None
     train_chunk, eval_batch = make_steps(model, x, y, cfg, average)
     stop_if_interrupted()
-    rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule in every framework
+    rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule as PyTorch's
     chunk = cfg["steps_per_execution"]
     best = BestEpoch(cfg["restore_best"])
     curves = Curves(curves_dir, cfg["epochs"])

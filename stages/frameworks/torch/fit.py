@@ -133,7 +133,7 @@ def fit(cfg: dict, data: dict, curves_dir):
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=cfg["epochs"] * steps_per_epoch)
         if cfg["lr_schedule"] == "cosine" else None)
-    rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule in every framework
+    rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule as Keras'
     # augmentation draws
     generator = torch.Generator().manual_seed(cfg["seed"] + 1_000_003 * rank)
     # `ema`: PyTorch's own weight average, updated after every step; BatchNorm's running
