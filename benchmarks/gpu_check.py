@@ -24,7 +24,6 @@ import hashlib
 import importlib
 import json
 import os
-import platform
 import sys
 import time
 from importlib.machinery import ModuleSpec
@@ -32,6 +31,8 @@ from importlib.util import module_from_spec
 from pathlib import Path
 
 import numpy as np
+
+from stages.runtime.machine import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_FILE = "gpu_check.json"
@@ -163,18 +164,6 @@ def train_once(modules: tuple, cfg: dict, data: dict, x_test, y_test) -> dict:
             "sha256": weights_sha256(model), "epochs": rows}
 
 
-def cpu_name() -> str:
-    """The CPU's model name, as run_info.json records it (stages/train.py's cpu_model,
-    which is not importable here: train.py imports the params schema, and PyYAML)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="MNIST's raw npz (Keras' layout)")
@@ -195,7 +184,7 @@ def main(argv=None) -> None:
     torch = env.torch
     env.configure(SEED, args.threads, 1)  # before CUDA starts: cuBLAS reads its setting then
     where = env.device(args.device)  # one line when there is no GPU
-    card = torch.cuda.get_device_name(where) if where.type == "cuda" else cpu_name()
+    card = torch.cuda.get_device_name(where) if where.type == "cuda" else cpu_model()
     data, x_test, y_test = load(args.data, args.limit)
     n, n_val = len(data["y_train"]), len(data["y_val"])
     print(f"plan: the cnn (params.yaml's train.cnn) for {args.epochs} epoch(s) on {n} images "
@@ -206,7 +195,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"plan": {"device": args.device, "card": card, "epochs": args.epochs,
                        "train_images": n, "val_images": n_val, "test_images": len(y_test),
-                       "cpu": cpu_name(), "cpu_threads": args.threads, "band": args.band,
+                       "cpu": cpu_model(), "cpu_threads": args.threads, "band": args.band,
                        "seed": SEED,
                        "recipe": RECIPE},
               "runs": []}

@@ -22,7 +22,6 @@ import numpy as np
 from stages import frameworks
 from stages.analysis import verdicts
 from stages.data.mnist import load_processed, validation_split
-from stages.evaluate import judge_errors
 from stages.runtime import params
 
 
@@ -48,7 +47,7 @@ def train_and_score(cfg: dict, data: dict, keep: np.ndarray, k: int) -> dict:
     seconds = time.perf_counter() - started
     probabilities = network.predict(model, data["x_test"], 1000)
     val = network.predict(model, x[val_idx], 1000) if len(val_idx) else None
-    records, _ = judge_errors(data, probabilities, val, y[val_idx], k)
+    records, _ = verdicts.judge_errors(data, probabilities, val, y[val_idx], k)
     return {"seconds": seconds, "errors": len(records), **verdicts.counts(records)}
 
 

@@ -3,7 +3,7 @@
 Mosaics: all 30 of them (every training image by digit, correct and wrong test images),
 drawn two ways and compared pixel for pixel:
   naive  the original's way: a PIL canvas and one Image.paste per 28×28 tile;
-  tile   stages.analysis.mosaic.tile (numpy reshapes), as stages.render_errors.mosaics calls it.
+  tile   stages.analysis.mosaic.tile (numpy reshapes), as stages.analysis.mosaic.mosaics calls it.
 Both get the same images; writing the BMP files is the same for both and timed apart.
 
 Neighbour search (stages.analysis.neighbours, exact squared L2 in pixel space): the stage's own
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.pipeline import paths
+from stages.analysis.mosaic import mosaics
 from stages.analysis.neighbours import nearest_by_class
 from stages.data.mnist import IMAGE_SIDE, load_mnist
 from stages.data.npz import load_npz
-from stages.render_errors import mosaics
 from stages.runtime.outputs import save_image
 
 PER_ROW, ERRORS_PER_ROW, K = 50, 10, 3

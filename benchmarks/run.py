@@ -502,7 +502,7 @@ def machine() -> str:
     import torch
 
     from stages.frameworks.keras.env import keras, tf
-    from stages.train import cpu_model
+    from stages.runtime.machine import cpu_model
 
     return (f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} "
             f"cores, {platform.platform()}, Python {platform.python_version()}, TensorFlow "

@@ -29,8 +29,7 @@ import numpy as np
 from mnist_cli import errors_diff, revisions
 from mnist_cli.command import command
 from stages.analysis import scoring, verdicts
-from stages.evaluate import judge_calibrated, misclassified
-from stages.normalize import scale
+from stages.data.mnist import scale
 from stages.runtime import params
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import round_floats, save_npz, write_csv, write_json, write_text
@@ -135,7 +134,7 @@ def main(argv=None) -> None:
 
     t = float(np.exp(np.mean([np.log(temperature(p, rev)) for p, rev in zip(paths, revs)])))
     data = {key: scale(raw[key]) if key.startswith("x_") else raw[key] for key in raw}
-    records = judge_calibrated(data, combined, verdicts.calibrate(combined, t),
+    records = verdicts.judge_calibrated(data, combined, verdicts.calibrate(combined, t),
                                verdicts_neighbours(revs[0]))
     result = report([member_row(rev, y, p) for rev, p in zip(revs, probabilities)],
                     scoring.headline(y, combined) | verdicts.counts(records)
@@ -149,7 +148,7 @@ def main(argv=None) -> None:
                                 {r["index"]: r["verdict"] for r in records})
     save_npz(out / "predictions.npz", probabilities=combined)
     write_csv(out / "misclassified.csv", verdicts.MISCLASSIFIED_HEADER,
-              verdicts.misclassified_rows(misclassified(y, combined), records, names))
+              verdicts.misclassified_rows(verdicts.misclassified(y, combined), records, names))
     write_text(out / "errors_diff.html",
                errors_diff.page(groups, raw["x_test"], names, against, COMMITTEE))
     write_json(out / "metrics.json", result)

@@ -22,48 +22,11 @@ import numpy as np
 
 from stages import frameworks
 from stages.analysis import scoring, verdicts
-from stages.analysis.neighbours import nearest
 from stages.data.console import draw
-from stages.data.mnist import load_processed, raw_pixels, validation_split
+from stages.data.mnist import load_processed, validation_split
 from stages.runtime import params
 from stages.runtime.failures import run
 from stages.runtime.outputs import round_floats, save_npz, write_csv, write_json
-
-
-def misclassified(y_true: np.ndarray, probabilities: np.ndarray) -> list[tuple]:
-    """(test index, true label, predicted label, confidence in the prediction), by index."""
-    y_pred = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(y_pred != y_true)
-    return [(int(i), int(y_true[i]), int(y_pred[i]), f"{probabilities[i, y_pred[i]]:.6f}")
-            for i in wrong]
-
-
-def judge_errors(data: dict[str, np.ndarray], probabilities: np.ndarray,
-                 val_probabilities: np.ndarray | None, val_labels: np.ndarray | None,
-                 k: int) -> tuple[list[dict], float]:
-    """Every misclassified test image's verdict record (by index; verdicts.judge, plus its
-    neighbours' training indices), and the temperature that calibrated the model (1.0 when
-    there is no validation split: then nothing is held out to fit it on)."""
-    temperature = 1.0
-    if val_probabilities is not None and len(val_labels):
-        temperature = verdicts.fit_temperature(val_probabilities, val_labels)
-    calibrated = verdicts.calibrate(probabilities, temperature)
-    return judge_calibrated(data, probabilities, calibrated, k), temperature
-
-
-def judge_calibrated(data: dict[str, np.ndarray], probabilities: np.ndarray,
-                     calibrated: np.ndarray, k: int) -> list[dict]:
-    """judge_errors' records, given the calibrated probabilities: the errors are
-    `probabilities`' (argmax), their evidence the calibrated ones' and the neighbours'."""
-    y = data["y_test"].astype(np.int64)
-    flagged = verdicts.confident_learning(y, calibrated)
-    wrong = np.flatnonzero(probabilities.argmax(axis=1) != y)
-    found, _ = nearest(raw_pixels(data["x_test"][wrong]), raw_pixels(data["x_train"]), k)
-    labels = data["y_train"].astype(np.int64)[found]
-    records = verdicts.judge(y, calibrated, flagged, labels, wrong)
-    for record, row in zip(records, found.tolist(), strict=True):
-        record["neighbours"] = row
-    return records
 
 
 def listing(rows: list[tuple], images: np.ndarray, names: list[str]) -> str:
@@ -98,9 +61,10 @@ def main(argv=None) -> None:
     probabilities = model(x, cfg["batch_size"])
     val_probabilities = model(data["x_train"][val_idx], cfg["batch_size"]) if len(val_idx) else None
     y_pred = probabilities.argmax(axis=1)
-    rows = misclassified(y, probabilities)
-    records, temperature = judge_errors(data, probabilities, val_probabilities,
-                                        data["y_train"][val_idx], cfg["neighbours"])
+    rows = verdicts.misclassified(y, probabilities)
+    records, temperature = verdicts.judge_errors(data, probabilities, val_probabilities,
+                                                 data["y_train"][val_idx],
+                                                 cfg["neighbours"])
     result = round_floats(scoring.headline(y, probabilities) | verdicts.counts(records)
                           | {"temperature": temperature})
 

@@ -29,26 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from stages.analysis import scoring, tables, verdicts
-from stages.analysis.mosaic import tile
+from stages.analysis.mosaic import mosaics
 from stages.data.mnist import check_finite, load_mnist
 from stages.data.npz import load_npz
 from stages.runtime import params
 from stages.runtime.failures import DataError, run
 from stages.runtime.outputs import atomic_dir, save_image, write_csv, write_text
-
-
-def mosaics(data: dict[str, np.ndarray], predicted: np.ndarray, cfg: dict,
-            classes: int = params.CLASSES) -> dict:
-    """Every mosaic by file name, as uint8 pixel arrays."""
-    x_train, y_train = data["x_train"], data["y_train"]
-    x_test, y_test = data["x_test"], data["y_test"]
-    right = predicted == y_test
-    out = {}
-    for c in range(classes):
-        out[f"train_{c}"] = tile(x_train[y_train == c], cfg["per_row"])
-        out[f"test_{c}"] = tile(x_test[(y_test == c) & right], cfg["per_row"])
-        out[f"test_error_{c}"] = tile(x_test[(y_test == c) & ~right], cfg["errors_per_row"])
-    return out
 
 
 def analyse(data: dict[str, np.ndarray], probabilities: np.ndarray, k: int) -> list[dict]:

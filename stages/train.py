@@ -26,18 +26,9 @@ from stages import frameworks
 from stages.data.mnist import load_processed, validation_split
 from stages.runtime import params
 from stages.runtime.failures import DataError, deferred_interrupts, run, stop_if_interrupted
+from stages.runtime.machine import cpu_model
 from stages.runtime.outputs import atomic_dir
 from stages.training.distributed import leave, world
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_info(cfg: dict, framework_versions: dict, model_file: str) -> dict:

@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from stages.data.mnist import IMAGE_SIDE
+from stages.runtime import params
 
 
 def tile(images: np.ndarray, per_row: int) -> np.ndarray:
@@ -30,3 +31,17 @@ def tile(images: np.ndarray, per_row: int) -> np.ndarray:
     # (rows, per_row, 28, 28) -> (rows, 28, per_row, 28): rows of tiles, pixel rows inside.
     return canvas.reshape(rows, per_row, side, side).transpose(0, 2, 1, 3).reshape(
         rows * side, per_row * side)
+
+
+def mosaics(data: dict[str, np.ndarray], predicted: np.ndarray, cfg: dict,
+            classes: int = params.CLASSES) -> dict:
+    """Every mosaic by file name, as uint8 pixel arrays."""
+    x_train, y_train = data["x_train"], data["y_train"]
+    x_test, y_test = data["x_test"], data["y_test"]
+    right = predicted == y_test
+    out = {}
+    for c in range(classes):
+        out[f"train_{c}"] = tile(x_train[y_train == c], cfg["per_row"])
+        out[f"test_{c}"] = tile(x_test[(y_test == c) & right], cfg["per_row"])
+        out[f"test_error_{c}"] = tile(x_test[(y_test == c) & ~right], cfg["errors_per_row"])
+    return out

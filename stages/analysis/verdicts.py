@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from stages.analysis.neighbours import nearest
+from stages.data.mnist import raw_pixels
+
 LABEL_ERROR, AMBIGUOUS, MODEL_ERROR = "label-error", "ambiguous", "model-error"
 VERDICTS = (LABEL_ERROR, AMBIGUOUS, MODEL_ERROR)
 METRICS = {LABEL_ERROR: "label_errors", AMBIGUOUS: "ambiguous", MODEL_ERROR: "model_errors"}
@@ -145,6 +148,34 @@ def judge(labels: np.ndarray, calibrated: np.ndarray, flagged: np.ndarray,
                                             for_predicted, for_label)]
 
 
+def judge_errors(data: dict[str, np.ndarray], probabilities: np.ndarray,
+                 val_probabilities: np.ndarray | None, val_labels: np.ndarray | None,
+                 k: int) -> tuple[list[dict], float]:
+    """Every misclassified test image's verdict record (by index; judge(), plus its
+    neighbours' training indices), and the temperature that calibrated the model (1.0 when
+    there is no validation split: then nothing is held out to fit it on)."""
+    temperature = 1.0
+    if val_probabilities is not None and len(val_labels):
+        temperature = fit_temperature(val_probabilities, val_labels)
+    calibrated = calibrate(probabilities, temperature)
+    return judge_calibrated(data, probabilities, calibrated, k), temperature
+
+
+def judge_calibrated(data: dict[str, np.ndarray], probabilities: np.ndarray,
+                     calibrated: np.ndarray, k: int) -> list[dict]:
+    """judge_errors' records, given the calibrated probabilities: the errors are
+    `probabilities`' (argmax), their evidence the calibrated ones' and the neighbours'."""
+    y = data["y_test"].astype(np.int64)
+    flagged = confident_learning(y, calibrated)
+    wrong = np.flatnonzero(probabilities.argmax(axis=1) != y)
+    found, _ = nearest(raw_pixels(data["x_test"][wrong]), raw_pixels(data["x_train"]), k)
+    labels = data["y_train"].astype(np.int64)[found]
+    records = judge(y, calibrated, flagged, labels, wrong)
+    for record, row in zip(records, found.tolist(), strict=True):
+        record["neighbours"] = row
+    return records
+
+
 def counts(records: list[dict]) -> dict[str, int]:
     """Errors per verdict, every verdict present (metrics.json's keys)."""
     return {key: sum(r["verdict"] == v for r in records) for v, key in METRICS.items()}
@@ -170,6 +201,14 @@ def evidence(record: dict, names: list[str]) -> str:
 MISCLASSIFIED_HEADER = ["index", "true", "predicted", "confidence", "verdict", "p_predicted",
                         "p_true", "confident_learning", "votes_predicted", "votes_true",
                         "neighbours", "neighbour_labels"]
+
+
+def misclassified(y_true: np.ndarray, probabilities: np.ndarray) -> list[tuple]:
+    """(test index, true label, predicted label, confidence in the prediction), by index."""
+    y_pred = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    return [(int(i), int(y_true[i]), int(y_pred[i]), f"{probabilities[i, y_pred[i]]:.6f}")
+            for i in wrong]
 
 
 def misclassified_rows(rows: list[tuple], records: list[dict], names: list[str]):

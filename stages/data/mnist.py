@@ -79,6 +79,11 @@ def load_processed(path, only=MNIST_KEYS) -> dict[str, np.ndarray]:
     return data
 
 
+def scale(images: np.ndarray) -> np.ndarray:
+    # float32 halves memory against the original's float64 at no loss for 8-bit inputs.
+    return images.astype(np.float32) / np.float32(255.0)
+
+
 def check_finite(array: np.ndarray, name: str) -> None:
     if not np.isfinite(array).all():
         raise DataError(f"{name}: holds NaN or infinite values")

@@ -29,16 +29,6 @@ PATHS = dvc_vars()
 DIGITS = [str(c) for c in range(10)]
 
 
-def test_misclassified_lists_index_true_predicted_confidence_by_index():
-    y = np.array([3, 1, 4, 1])
-    probs = np.full((4, 10), 0.01, np.float32)
-    probs[0, 3] = probs[1, 7] = probs[2, 4] = probs[3, 2] = 0.91
-    rows = evaluate.misclassified(y, probs)
-    assert [r[:3] for r in rows] == [(1, 1, 7), (3, 1, 2)]
-    assert rows[0][3] == "0.910000"
-    assert evaluate.misclassified(y[[0, 2]], probs[[0, 2]]) == []
-
-
 def test_listing_is_the_original_format_with_class_names():
     images = np.zeros((3, 28, 28), np.float32)
     images[2, 5, 5] = 1.0

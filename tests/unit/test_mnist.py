@@ -1,5 +1,6 @@
 """stages/data/mnist.py: MNIST's layout (raw uint8 and processed float32 files) is checked,
-and any file that breaks it is refused with one clear DataError naming the file.
+and any file that breaks it is refused with one clear DataError naming the file; pixels
+scaled to [0, 1].
 
 The .npz reader underneath (never unpickling, caps, damaged zips) is tests/unit/test_npz.py."""
 
@@ -18,6 +19,7 @@ from stages.data.mnist import (
     check_finite,
     load_mnist,
     load_processed,
+    scale,
     validate_mnist,
     validate_processed,
 )
@@ -114,6 +116,14 @@ def test_validate_mnist_directly():
 
 
 # --- processed data ------------------------------------------------------------------
+
+
+def test_scale_is_float32_in_unit_range_and_exact_at_the_ends():
+    images = np.array([[0, 255], [51, 102]], dtype=np.uint8)
+    scaled = scale(images)
+    assert scaled.dtype == np.float32
+    assert scaled[0, 0] == 0.0 and scaled[0, 1] == 1.0
+    assert np.allclose(scaled[1], [0.2, 0.4])
 
 
 def test_check_finite():

@@ -11,7 +11,7 @@ from PIL import Image
 
 from stages import normalize
 from stages.data.console import draw
-from stages.data.mnist import MNIST_KEYS, load_processed
+from stages.data.mnist import MNIST_KEYS, load_processed, scale
 from stages.runtime.failures import DataError
 from tests.helpers import (
     FIXTURE,
@@ -29,20 +29,12 @@ from tests.helpers import (
 PATHS = dvc_vars()
 
 
-def test_scale_is_float32_in_unit_range_and_exact_at_the_ends():
-    images = np.array([[0, 255], [51, 102]], dtype=np.uint8)
-    scaled = normalize.scale(images)
-    assert scaled.dtype == np.float32
-    assert scaled[0, 0] == 0.0 and scaled[0, 1] == 1.0
-    assert np.allclose(scaled[1], [0.2, 0.4])
-
-
 def test_normalize_scales_images_keeps_labels_and_splits_as_they_are():
     data = small_mnist(60, 20)
     out, _ = normalize.normalize(data)
     assert tuple(out) == MNIST_KEYS  # no validation split here: that is train's choice
     for split in ("train", "test"):
-        assert np.array_equal(out[f"x_{split}"], normalize.scale(data[f"x_{split}"]))
+        assert np.array_equal(out[f"x_{split}"], scale(data[f"x_{split}"]))
         assert np.array_equal(out[f"y_{split}"], data[f"y_{split}"])
         assert out[f"y_{split}"].dtype == np.uint8
 
@@ -107,7 +99,7 @@ def test_cli_writes_scaled_data_report_and_sample_byte_stably(tmp_path):
     raw = fixture_data()
     got = load_processed(repo / PATHS["processed"])
     for split in ("train", "test"):
-        assert np.array_equal(got[f"x_{split}"], normalize.scale(raw[f"x_{split}"]))
+        assert np.array_equal(got[f"x_{split}"], scale(raw[f"x_{split}"]))
         assert np.array_equal(got[f"y_{split}"], raw[f"y_{split}"])
     report = json.loads((repo / PATHS["data_report"]).read_text())
     assert report == normalize.stats(raw)

@@ -1,6 +1,7 @@
 """stages/analysis/verdicts.py: temperature scaling (calibrate, nll, fit_temperature), the
 confident-learning flag, the neighbours' votes and the verdict rule, the records judge builds
-from them, their evidence in words, and the misclassified CSV's round trip."""
+from them, their evidence in words, the misclassified images' rows and the CSV's round
+trip."""
 
 from __future__ import annotations
 
@@ -366,6 +367,16 @@ def test_evidence_grammar_and_the_other_classes():
 
 
 # --- the misclassified CSV ----------------------------------------------------------------
+
+
+def test_misclassified_lists_index_true_predicted_confidence_by_index():
+    y = np.array([3, 1, 4, 1])
+    probs = np.full((4, 10), 0.01, np.float32)
+    probs[0, 3] = probs[1, 7] = probs[2, 4] = probs[3, 2] = 0.91
+    rows = v.misclassified(y, probs)
+    assert [r[:3] for r in rows] == [(1, 1, 7), (3, 1, 2)]
+    assert rows[0][3] == "0.910000"
+    assert v.misclassified(y[[0, 2]], probs[[0, 2]]) == []
 
 
 def csv_records(rng, n=6, k=4):
