@@ -1,6 +1,6 @@
 """Two hosts with a network between them (`make bench BENCH_ARGS="--only hosts"`, as root).
 
-The test hosts of tests/integration/hosts.py (network namespaces joined by a veth pair) on
+The test hosts of testbed/hosts.py (network namespaces joined by a veth pair) on
 full MNIST:
 
 1. The object store: a project through normalize on host A pushes its outputs to SeaweedFS
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.pipeline import stage_command
-from benchmarks.run import DEFAULT_DATA, train_seconds, trained_images
-from tests.helpers import copy_pipeline, run_env, sh
-from tests.integration.hosts import Hosts, clone_on
-from tests.integration.objectstore import ObjectStore
+from benchmarks.train_runs import DEFAULT_DATA, train_seconds, trained_images
+from testbed.hosts import Hosts, clone_on
+from testbed.objectstore import ObjectStore
+from testbed.pipeline import copy_pipeline, stage_command
+from testbed.processes import run_env, sh
 
 PORT = 29500
 

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.pipeline import paths
 from stages.analysis.mosaic import mosaics
 from stages.analysis.neighbours import nearest_by_class
 from stages.data.mnist import IMAGE_SIDE, load_mnist
 from stages.data.npz import load_npz
 from stages.runtime.outputs import save_image
+from testbed.pipeline import paths
 
 PER_ROW, ERRORS_PER_ROW, K = 50, 10, 3
 TARGET_SPEEDUP = 10.0

@@ -33,7 +33,7 @@ SIZES = ((1200, 900), (4000, 3000), (8000, 6000), (8000, 8000))
 
 def page(size: tuple[int, int]):
     """A digit drawn in a quarter of a page of `size`, with a pen 1/10 of its height."""
-    from tests.helpers import drawn_digit
+    from testbed.drawing import drawn_digit
 
     w, h = size
     box = (w // 10, h // 4, w // 10 + h * 3 // 8, h * 3 // 4)

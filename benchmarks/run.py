@@ -62,11 +62,11 @@ import yaml
 
 from benchmarks import frontier
 from benchmarks.committees import errors_of
-from benchmarks.pipeline import paths, stage_command
+from benchmarks.train_runs import DEFAULT_DATA, train_seconds, trained_images
 from stages.runtime.params import C_MODELS, MODEL_NAMES
+from testbed.pipeline import paths, stage_command
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mnist.npz"
 
 # The original network and settings: the shipped mlp recipe, on one thread per pool (for a
 # network this small TensorFlow spends more time handing ops between threads than on them).
@@ -97,16 +97,6 @@ def run_child(args: list[str], cwd: Path) -> dict:
         sys.exit(f"benchmark child failed: {' '.join(map(str, args))}\n{err[-3000:]}")
     return {"stdout": out, "wall": time.perf_counter() - started,
             "peak_rss_mb": usage.ru_maxrss / 1024}
-
-
-def train_seconds(stdout: str) -> float:
-    """The training time the train stage reports on its last line."""
-    return float(re.search(r"epochs in ([\d.]+)s", stdout).group(1))
-
-
-def trained_images(stdout: str) -> int:
-    """How many images the train stage fitted on (the training set less validation)."""
-    return int(re.search(r" on (\d+) images", stdout).group(1))
 
 
 def prepare_project(data: Path, preset: dict) -> Path:

@@ -108,7 +108,7 @@ def bash(script: str, cwd: Path, timeout: float = 600, host=None,
          extra: dict | None = None) -> SimpleNamespace:
     """Run a script in bash, stdout and stderr into one file (not a pipe: `dvc exp run
     --run-all` leaves workers behind that would hold a pipe open); on a test host
-    (tests/integration/hosts.py) when one is given, with `extra` in the environment."""
+    (testbed/hosts.py) when one is given, with `extra` in the environment."""
     command = ["bash", "-c", script]
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.run(host.command(command) if host else command, cwd=cwd,

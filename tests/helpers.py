@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import html
 import json
-import math
 import os
 import queue
 import re
@@ -26,17 +25,21 @@ import numpy as np
 import pytest
 import yaml
 
-# One reading of dvc.yaml for benchmarks and tests: its vars (every path) and stage commands.
-from benchmarks.pipeline import paths as dvc_vars  # noqa: F401
-from benchmarks.pipeline import stage_command  # noqa: F401
 from stages.frameworks.c import env as c_env
+
+# What tests share with the benchmarks (testbed/): one reading of dvc.yaml (its vars, every
+# path, and its stage commands), the pipeline's files copied, processes run as a user runs
+# them, and digits drawn as a hand draws them.
+from testbed.drawing import drawn_digit  # noqa: F401
+from testbed.pipeline import copy_pipeline, stage_command  # noqa: F401
+from testbed.pipeline import paths as dvc_vars  # noqa: F401
+from testbed.processes import free_port, run_env, sh  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "mnist_small.npz"
 # sha256 of tests/data/mnist_small.npz: the first 1500 training and 500 test images of
 # MNIST, derived from the shared full dataset.
 FIXTURE_SHA256 = "910df9240d706b7262f7813a543ad99e800ac000fff7f4c69b7f59534782e2f9"
-PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore")
 
 # Small enough to train in seconds on the fixture, yet every code path of the default runs.
 FAST_TRAIN = {"cnn": {"epochs": 2, "batch_size": 64}}
@@ -103,37 +106,6 @@ def read_idx(path: Path) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     dtype = np.uint8 if data[2] == 0x08 else np.dtype(">f4")
     return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(dims)
-
-
-def run_env() -> dict:
-    """The environment stages run in: this interpreter's bin dir first, quiet telemetry."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.invalid"
-    return env
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (another process may take it before it is used)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sh(cwd, *args, check: bool = True, timeout: float = 600,
-       env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=cwd, env=env or run_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(map(str, args))} exited {proc.returncode}\n"
-            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-        )
-    return proc
 
 
 def dvc(repo: Path, *args, check: bool = True, timeout: float = 900, env: dict | None = None):
@@ -219,18 +191,6 @@ def fixture_params(**sections) -> dict:
         "train": FAST_TRAIN,
     }
     return merge(defaults, sections)
-
-
-def copy_pipeline(dest: Path) -> Path:
-    """The pipeline's files (code, dvc.yaml, params.yaml) copied into dest."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    return dest
 
 
 def make_project(dest: Path, **sections) -> Path:
@@ -572,42 +532,6 @@ def property_settings(max_examples: int = 60):
 
     return settings(max_examples=max_examples, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
-
-
-# --- digits drawn as a hand draws them: strokes in a unit box (x right, y down) -----------
-STROKES = {
-    "0": [[(0.5 + 0.32 * math.cos(t), 0.5 + 0.45 * math.sin(t))
-           for t in np.linspace(0, 2 * math.pi, 40)]],
-    "1": [[(0.45, 0.1), (0.55, 0.0), (0.55, 1.0)]],
-    "2": [[(0.15, 0.25), (0.3, 0.05), (0.6, 0.0), (0.8, 0.15), (0.8, 0.35), (0.6, 0.6),
-           (0.1, 1.0), (0.9, 1.0)]],
-    "3": [[(0.15, 0.1), (0.5, 0.0), (0.8, 0.15), (0.75, 0.35), (0.45, 0.48), (0.8, 0.6),
-           (0.85, 0.85), (0.5, 1.0), (0.1, 0.9)]],
-    "4": [[(0.6, 0.0), (0.1, 0.65), (0.9, 0.65)], [(0.65, 0.3), (0.65, 1.0)]],
-    "7": [[(0.1, 0.05), (0.9, 0.05), (0.45, 1.0)]],
-}
-
-
-def drawn_digit(digit: str, size=(900, 700), box=(120, 80, 420, 480), width: int = 26,
-                ink: int = 30, paper: int = 235, noise: float = 0.0):
-    """A PIL grey image: `digit`'s strokes drawn with a round pen of `width` px inside `box`
-    (left, top, right, bottom) of a `size` canvas; dark ink on light paper by default, with
-    Gaussian paper noise of `noise` grey levels (seeded)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("L", size, paper)
-    pen = ImageDraw.Draw(image)
-    left, top, right, bottom = box
-    for stroke in STROKES[digit]:
-        points = [(left + (right - left) * x, top + (bottom - top) * y) for x, y in stroke]
-        pen.line(points, fill=ink, width=width, joint="curve")
-        for x, y in points:  # round ends and joints, as a pen leaves them
-            pen.ellipse([x - width / 2, y - width / 2, x + width / 2, y + width / 2], fill=ink)
-    if noise:
-        pixels = np.asarray(image, dtype=np.float64)
-        pixels = pixels + np.random.default_rng(0).normal(0, noise, pixels.shape)
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    return image
 
 
 def png_bomb(path: Path, side: int = 20_000) -> Path:

@@ -1,8 +1,8 @@
 """A team's S3 remote on a real object store, between two hosts with a network between them.
 
-Host A and host B are network namespaces joined by a veth pair (tests/integration/hosts.py).
+Host A and host B are network namespaces joined by a veth pair (testbed/hosts.py).
 SeaweedFS runs on A, bound to A's address, started by `make object-store`
-(tests/integration/objectstore.py). A's clone of the project sets the remote up with
+(testbed/objectstore.py). A's clone of the project sets the remote up with
 docs/sharing.md's commands, trains, and pushes; B, a fresh clone with its own empty cache,
 pulls through A's address and gets byte-identical outputs, a clean `dvc status` and a
 `dvc repro` that runs nothing; it reads A's older revision with `mnist-predict --rev` and
@@ -31,6 +31,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from testbed.hosts import Host, Hosts, clone_on
+from testbed.objectstore import ObjectStore
 from tests.docs import block, claims, prose, run_sh
 from tests.helpers import (
     ROOT,
@@ -42,8 +44,6 @@ from tests.helpers import (
     set_params,
     sh,
 )
-from tests.integration.hosts import Host, Hosts, clone_on
-from tests.integration.objectstore import ObjectStore
 
 pytestmark = pytest.mark.slow
 

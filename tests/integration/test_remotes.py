@@ -4,7 +4,7 @@ Machine A holds the session's trained project (param set X, results committed), 
 its remotes, commits, and pushes its results to
   - the project's default remote, the local directory `../mnist-dvc-storage` that the
     committed .dvc/config names (here: beside A and the other clones), and
-  - an SSH remote served by a real OpenSSH server on 127.0.0.1 (tests/integration/sshd.py),
+  - an SSH remote served by a real OpenSSH server on 127.0.0.1 (testbed/sshd.py),
     whose port, user and key live only in each clone's git-ignored .dvc/config.local.
 Machine B is a fresh `git clone` of A's repo (a bare origin holding X only) with an empty
 cache of its own: it pulls, and must end up with byte-identical outputs, a clean
@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from testbed.sshd import SSHServer
 from tests.helpers import (
     ROOT,
     copy_project,
@@ -36,7 +37,6 @@ from tests.helpers import (
     sh,
     stages_run,
 )
-from tests.integration.sshd import SSHServer
 
 pytestmark = pytest.mark.slow
 

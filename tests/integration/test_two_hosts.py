@@ -1,6 +1,6 @@
 """Data-parallel training across two hosts with a real network between them.
 
-Host A and host B are network namespaces joined by a veth pair (tests/integration/hosts.py),
+Host A and host B are network namespaces joined by a veth pair (testbed/hosts.py),
 each with its own address and its own checkout of the same commit and processed data. The
 train stage runs on A as node 0 with docs/machines.md's command (`MNIST_NODES=2 ... dvc
 repro`); B joins as node 1 with the page's one-line `torchrun`. gloo's traffic crosses the
@@ -22,6 +22,7 @@ import sys
 import psutil
 import pytest
 
+from testbed.hosts import Hosts
 from tests.docs import block, claims, prose
 from tests.helpers import (
     Lines,
@@ -33,7 +34,6 @@ from tests.helpers import (
     sh,
     workers_of,
 )
-from tests.integration.hosts import Hosts
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""A real S3-compatible object store for tests: SeaweedFS started by `make object-store`.
+"""A real S3-compatible object store: SeaweedFS started by `make object-store`.
 
     with ObjectStore(tmp_path / "store", host=a) as store:
         store.endpoint              # "http://10.214.7.1:8333": the S3 endpoint, on A's address
@@ -6,7 +6,7 @@
         store.reader                # a key pair that may read and list, never write
         store.kill()                # SIGKILL, mid-transfer if the test likes; store.start() again
 
-The store runs on a test host (tests/integration/hosts.py), bound to that host's address,
+The store runs on a test host (testbed/hosts.py), bound to that host's address,
 with the Makefile's flags (so the tests start what a user starts), telemetry off, and the
 bucket `mnist`. Keys are made up per store and live only in the tests' environments.
 Its data persists in `root` across kill and start, as a real server's would.
@@ -22,9 +22,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.integration.hosts import Host
+from testbed.hosts import Host
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PORT = 8333
 BUCKET = "mnist"
 

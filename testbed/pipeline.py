@@ -1,19 +1,21 @@
 """The pipeline as dvc.yaml defines it: its paths and its stage commands.
 
 Benchmarks and tests start stages exactly as `dvc repro` would, from this one reading of
-dvc.yaml.
+dvc.yaml, in copies of the pipeline's files.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+PROJECT_FILES = ("stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore")
 
 
 def _spec(repo: Path) -> dict:
@@ -39,3 +41,15 @@ def stage_command(stage: str, repo: Path = ROOT) -> list[str]:
     cmd = re.sub(r"\$\{(\w+)\}", lambda m: named[m[1]], spec["stages"][stage]["cmd"])
     argv = shlex.split(cmd)
     return [sys.executable, *argv[1:]] if argv[0] == "python" else argv
+
+
+def copy_pipeline(dest: Path) -> Path:
+    """The pipeline's files (code, dvc.yaml, params.yaml) copied into dest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    return dest

@@ -26,7 +26,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers import free_port
+from testbed.processes import free_port
 
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
 
