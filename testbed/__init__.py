@@ -4,5 +4,5 @@ shell runs them (processes), two hosts in network namespaces (hosts), an S3 obje
 on one (objectstore), an OpenSSH server (sshd), and digits drawn as a hand draws them
 (drawing).
 
-Tests and benchmarks import it; it imports neither. It is used from the checkout, never
-installed."""
+Tests and benchmarks import it; it imports neither (tests/unit/test_layers.py). It is used
+from the checkout, never installed."""
