@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from tests.helpers import FIXTURE, copy_project, dvc, make_project, out_hashes, sh
+
+
+def pytest_configure(config):
+    """Ctrl-C reaches the processes the tests start as it does under a terminal, even when
+    the suite itself was started with SIGINT ignored (a background job of a script, nohup):
+    an ignored signal stays ignored across exec, a handled one starts at its default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
