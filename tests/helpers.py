@@ -40,12 +40,23 @@ FIXTURE = ROOT / "tests" / "data" / "mnist_small.npz"
 # sha256 of tests/data/mnist_small.npz: the first 1500 training and 500 test images of
 # MNIST, derived from the shared full dataset.
 FIXTURE_SHA256 = "910df9240d706b7262f7813a543ad99e800ac000fff7f4c69b7f59534782e2f9"
+# What `make` reads in a fresh clone: its recipes, the project, the locks.
+MAKE_FILES = ("Makefile", "pyproject.toml", "requirements.lock", "requirements-torch.lock",
+              "requirements-gpu.lock")
 
 # Small enough to train in seconds on the fixture, yet every code path of the default runs.
 FAST_TRAIN = {"cnn": {"epochs": 2, "batch_size": 64}}
 # The cheapest training that still runs every stage: the original network, one epoch.
 TINY_TRAIN = {"model": "mlp", "mlp": {"epochs": 1, "batch_size": 64}}
 
+
+
+def make_files(dest: Path) -> Path:
+    """A fresh clone's files for `make` (no .venv yet), copied into dest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in MAKE_FILES:
+        shutil.copy2(ROOT / name, dest / name)
+    return dest
 
 @dataclass(frozen=True)
 class Program:

@@ -62,6 +62,7 @@ from tests.helpers import (
     copy_project,
     dvc,
     dvc_vars,
+    make_files,
     png_bomb,
     run_env,
     set_params,
@@ -679,21 +680,12 @@ def python_on_path(tmp_path, version: str) -> dict:
     return {"PATH": f"{bin_dir}:{run_env()['PATH']}"}
 
 
-def fresh_checkout_files(dest: Path) -> Path:
-    """What make reads in a fresh clone (no .venv yet), copied into dest."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("Makefile", "pyproject.toml", "requirements.lock", "requirements-torch.lock",
-                 "requirements-gpu.lock"):
-        shutil.copy2(ROOT / name, dest / name)
-    return dest
-
-
 @claims(("docs/platforms.md", "make PYTHON=python3.12 repro"),
         ("docs/platforms.md", "$ make PYTHON=python3.10 repro"))
 def test_make_builds_the_venv_with_the_python_named_and_refuses_others(tmp_path):
     """The named Python builds .venv (what make would run is checked: it installs for
     minutes), and an unsupported one gets the page's one line, with nothing run."""
-    checkout = fresh_checkout_files(tmp_path / "checkout")
+    checkout = make_files(tmp_path / "checkout")
     plan = run_sh(block("docs/platforms.md", "make PYTHON=python3.12 repro"), checkout,
                   replace={"make ": "make --no-print-directory -n "},
                   extra=python_on_path(tmp_path, "3.12"))

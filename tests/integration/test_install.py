@@ -11,18 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, make_files
 from tools.pythons import interpreter, supported
 
 
 def planned(tmp_path, target: str) -> str:
-    for name in ("Makefile", "pyproject.toml", "requirements.lock", "requirements-torch.lock"):
-        shutil.copy2(ROOT / name, tmp_path / name)
-    # As a user's shell runs it, not as a sub-make of `make test` (which would add
-    # "Entering directory" lines and the parent's flags).
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    proc = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=60)
+    """What `make TARGET` would run in a fresh clone (make_n), which must plan it."""
+    proc = make_n(tmp_path, target)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -90,10 +85,10 @@ def real_python(version: str) -> str:
 
 
 def make_n(tmp_path, *args, path: str | None = None) -> subprocess.CompletedProcess:
-    """`make -n ARGS` in tmp_path, as a user's shell runs it: no PYTHON in the environment
-    (CI exports one), the PATH given."""
-    for name in ("Makefile", "pyproject.toml", "requirements.lock", "requirements-torch.lock"):
-        shutil.copy2(ROOT / name, tmp_path / name)
+    """`make -n ARGS` in a fresh clone's files in tmp_path, as a user's shell runs it: not
+    as a sub-make of `make test` (which would add "Entering directory" lines and the
+    parent's flags), no PYTHON in the environment (CI exports one), the PATH given."""
+    make_files(tmp_path)
     drop = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "PYTHON")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     if path is not None:
@@ -154,7 +149,6 @@ def test_the_venv_keeps_its_python_unless_another_is_named(tmp_path):
 
 
 def test_make_gpu_replaces_the_cpu_builds_with_the_gpu_lock(tmp_path):
-    shutil.copy2(ROOT / "requirements-gpu.lock", tmp_path / "requirements-gpu.lock")
     plan = planned(tmp_path, "gpu")
     torch = plan.index("-r requirements-torch.lock")
     cpu_tf = plan.index("pip uninstall --quiet --yes tensorflow-cpu")
