@@ -123,15 +123,15 @@ def config(device: str, epochs: int, threads: int) -> dict:
 def load(path: str, limit: int | None) -> tuple[dict, np.ndarray, np.ndarray]:
     """fit()'s data as the train stage gives it (the first `limit` training images, scaled
     to [0, 1] as normalize does, split with the seed), and the test images and labels."""
-    from stages.data.mnist import load_mnist, validation_split
+    from stages.data.mnist import load_mnist, scale, validation_split
 
     raw = load_mnist(path)  # checked: keys, shapes, dtypes, labels
-    x = raw["x_train"][:limit].astype(np.float32) / np.float32(255.0)
+    x = scale(raw["x_train"][:limit])
     y = raw["y_train"][:limit]
     train_idx, val_idx = validation_split(len(y), RECIPE["val_fraction"], SEED)
     data = {"x_train": x[train_idx], "y_train": y[train_idx],
             "x_val": x[val_idx], "y_val": y[val_idx]}
-    return data, raw["x_test"].astype(np.float32) / np.float32(255.0), raw["y_test"]
+    return data, scale(raw["x_test"]), raw["y_test"]
 
 
 def weights_sha256(model) -> str:
