@@ -122,6 +122,9 @@ object-store: $(STAMP)
 		-s3.autoCreateBucket=false -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 \
 		-admin.password="$$AWS_SECRET_ACCESS_KEY" $(OBJECT_STORE_FLAGS)
 
+# The default benchmarks side by side in one session (benchmarks/run.py; BENCH_ARGS="--data
+# PATH" for another full mnist.npz). Each benchmark also runs alone, with its own flags,
+# after `make torch c-compiler`: `python -m benchmarks.NAME --help`.
 bench: $(TORCH_STAMP) c-compiler
 	python -m benchmarks.run $(BENCH_ARGS)
 

@@ -4,16 +4,49 @@ the published points (cited, not measured here).
 
 Cost is given two ways: multiply-adds of one image's forward pass × training images ×
 epochs (× members, for a committee), comparable with papers whatever their hardware; and
-seconds of training on this machine. `python -m benchmarks.run --only frontier` measures
-and prints the table; `--plot DIR` also draws it (frontier.svg) and the validation errors
-against training time of each preset (curves.svg).
+seconds of training on this machine.
+
+Each of `--models` is trained and evaluated by the stages once per `--seeds` (Keras,
+shipped params but the seed, `--set`'s changes to its recipe and `--epochs`); committees
+of `--committees K` of those seeds are scored from the runs' test probabilities; Keras'
+example (benchmarks/keras_example.py) runs once per `--peer-seeds`. Prints one JSON line
+per run as it ends, then the table: test errors (mean, spread, by verdict) against
+multiply-adds × images × epochs and seconds here. `--plot DIR` also draws it
+(frontier.svg) and the validation errors against training time of each preset
+(curves.svg); `--keep DIR` keeps each run's test probabilities. Hours; not part of
+`make bench`.
+
+    python -m benchmarks.frontier [--data PATH] [--models fast cnn] [--seeds 42 1 2]
+        [--epochs N] [--set KEY=VALUE ...] [--committees K ...] [--peer-seeds SEED ...]
+        [--seeds-for MODEL=SEEDS ...] [--plot DIR] [--keep DIR]
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import shutil
 import statistics
+import sys
 from pathlib import Path
+
+import yaml
+
+from benchmarks.committees import errors_of
+from benchmarks.common import (
+    ROOT,
+    argument_parser,
+    check_data,
+    header,
+    prepare_project,
+    run_child,
+    train_and_evaluate,
+    train_seconds,
+    trained_images,
+)
+from stages.runtime.params import MODEL_NAMES
+from testbed.pipeline import paths
 
 TEST_IMAGES = 10_000
 
@@ -129,6 +162,124 @@ def table(rows: list[dict]) -> str:
                      f"{verdicts} | {_range(r['macs'], _sci)} | {epochs} | "
                      f"{_range(r['cost'], _sci)} | {seconds} |")
     return "\n".join(lines)
+
+
+# --- the measurements: the stages run once per preset and seed ----------------------------
+
+def epoch_log(stdout: str) -> list[tuple[float, float | None]]:
+    """(seconds, validation accuracy or None) of each epoch, from the train stage's lines
+    `epoch 3/24 41.2s ... eval/accuracy=0.9931 ...`."""
+    log = []
+    for line in stdout.splitlines():
+        found = re.match(r"epoch \d+/\d+ ([\d.]+)s", line)
+        if found:
+            val = re.search(r"eval/accuracy=([\d.]+)", line)
+            log.append((float(found[1]), float(val[1]) if val else None))
+    return log
+
+
+def recipe_changes(pairs: list[str]) -> dict:
+    """`--set ema=0.999 elastic=0` -> {"ema": 0.999, "elastic": 0} (values read as YAML)."""
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set {pair!r}: expected KEY=VALUE, e.g. ema=0.999")
+        changes[key] = yaml.safe_load(value)
+    return changes
+
+
+def seeds_for(pairs: list[str]) -> dict[str, list[int]]:
+    """`--seeds-for cnn=42 fast=1,2` -> {"cnn": [42], "fast": [1, 2]}."""
+    out = {}
+    for pair in pairs:
+        model, sep, seeds = pair.partition("=")
+        try:
+            if not sep or model not in MODEL_NAMES:
+                raise ValueError
+            out[model] = [int(seed) for seed in seeds.split(",")]
+        except ValueError:
+            raise SystemExit(f"error: --seeds-for {pair!r}: expected MODEL=SEED[,SEED...] "
+                             f"with MODEL one of {', '.join(MODEL_NAMES)}") from None
+    return out
+
+
+def variant(model: str, changes: dict) -> str:
+    """A frontier row's name: the preset, and the recipe keys changed from its params."""
+    return model + (f" ({', '.join(f'{k}={v}' for k, v in changes.items())})"
+                    if changes else "")
+
+
+def bench_frontier(data: Path, models: list[str], seeds: list[int], epochs: int | None,
+                   changes: dict | None = None, committees: tuple[int, ...] = (),
+                   peer_seeds: tuple[int, ...] = (), keep: Path | None = None,
+                   seeds_for: dict[str, list[int]] | None = None) -> dict:
+    """Each preset trained and evaluated by the stages once per seed (Keras, shipped params
+    but the seed and `changes` to its recipe; `epochs` shortens them); committees of k of
+    its seeds (consecutive, disjoint sets) from the runs' test probabilities; Keras' "Simple
+    MNIST convnet" once per peer seed (benchmarks/keras_example.py). Returns the frontier's
+    rows and each preset's validation curves; `keep`: a folder where each run's test
+    probabilities stay ({preset}-{seed}.npz), to combine later; `seeds_for`: other seeds
+    for some presets (e.g. one seed of the slow default)."""
+    import numpy as np
+
+    rows, curves, val_images = [], {}, 0
+    changes = dict(changes or {})
+    for model in models:
+        name = variant(model, changes)
+        recipe = changes | ({"epochs": epochs} if epochs else {})
+        project = prepare_project(data, {"train": {"model": model, model: recipe}})
+        runs, probabilities = [], []
+        try:
+            y = np.load(project / paths()["raw"])["y_test"]
+            for seed in (seeds_for or {}).get(model, seeds):
+                child, metrics = train_and_evaluate(project, seed)
+                log = epoch_log(child["stdout"])
+                runs.append({"seed": seed, "epochs": len(log),
+                             "images": trained_images(child["stdout"]),
+                             "train_seconds": train_seconds(child["stdout"]),
+                             "test_errors": metrics["errors"],
+                             "test_accuracy": metrics["accuracy"],
+                             **{k: metrics[k] for k in ("label_errors", "ambiguous",
+                                                         "model_errors") if k in metrics}})
+                print(json.dumps(runs[-1]), flush=True)
+                curves.setdefault(name, []).append(log)
+                held_out = re.search(r"(\d+) held out for validation", child["stdout"])
+                val_images = int(held_out[1]) if held_out else val_images
+                with np.load(project / paths()["predictions"]) as f:
+                    probabilities.append(f["probabilities"])
+                if keep:
+                    keep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(project / paths()["predictions"], keep / f"{model}-{seed}.npz")
+        finally:
+            shutil.rmtree(project, ignore_errors=True)
+        macs = preset_macs(model)
+        rows.append(measured_row(name, runs, macs))
+        for k in committees:
+            sets = [list(range(i, i + k)) for i in range(0, len(runs) - k + 1, k)]
+            if not sets:
+                continue
+            members = []
+            for chosen in sets:
+                errors = errors_of(y, [probabilities[i] for i in chosen])
+                members.append({"seed": "+".join(str(runs[i]["seed"]) for i in chosen),
+                                "epochs": runs[0]["epochs"], "images": runs[0]["images"],
+                                "train_seconds": statistics.mean(runs[i]["train_seconds"]
+                                                                 for i in chosen),
+                                "test_errors": errors, "test_accuracy": 1 - errors / len(y)})
+            print(json.dumps({"committee": k, "of": name, "sets": members}), flush=True)
+            rows.append(measured_row(f"{name}, committee of {k}", members, macs, k))
+    if peer_seeds:
+        runs = []
+        for seed in peer_seeds:
+            child = run_child([sys.executable, "-m", "benchmarks.keras_example", str(data),
+                               str(seed)], ROOT)
+            runs.append(json.loads(child["stdout"].strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]), flush=True)
+        rows.append(measured_row('Keras example "Simple MNIST convnet"', runs,
+                                 runs[0]["macs"]) | {"peer": True})
+    return {"rows": rows + published_rows(), "curves": curves,
+            "val_images": val_images}
 
 
 # --- the plots: plain SVG, no plotting library ---------------------------------------------
@@ -254,3 +405,44 @@ def write_plots(rows: list[dict], curves: dict, val_images: int, folder: Path) -
     written[0].write_text(frontier_svg(rows))
     written[1].write_text(curves_svg(curves, val_images))
     return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser("benchmarks.frontier", __doc__)
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=["mlp"],
+                        help="the presets to train (default: mlp)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2],
+                        help="one training per seed and preset (default: 42 1 2)")
+    parser.add_argument("--epochs", type=int, help="shorten every recipe to N epochs")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="change each preset's recipe (e.g. ema=0)")
+    parser.add_argument("--committees", type=int, nargs="*", default=[], metavar="K",
+                        help="committees of K of each preset's seeds")
+    parser.add_argument("--peer-seeds", type=int, nargs="*", default=[42], metavar="SEED",
+                        help="the Keras example's seeds (default: 42)")
+    parser.add_argument("--seeds-for", nargs="+", default=[], metavar="MODEL=SEEDS",
+                        help="other seeds for a preset, e.g. cnn=42 or cnn=42,1")
+    parser.add_argument("--plot", type=Path, metavar="DIR",
+                        help="also draw frontier.svg and curves.svg into DIR")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep each run's test probabilities in DIR")
+    args = parser.parse_args(argv)
+    changes, other_seeds = recipe_changes(args.set), seeds_for(args.seeds_for)
+    check_data(args.data)
+    header()
+    print(f"\nfrontier: {', '.join(args.models)} in Keras, shipped params"
+          f"{' but ' + str(changes) if changes else ''}, seeds {args.seeds} "
+          f"(train + evaluate stages); committees of {args.committees or 'none'}; the Keras "
+          f"example, seeds {args.peer_seeds or 'none'}")
+    result = bench_frontier(args.data, args.models, args.seeds, args.epochs, changes,
+                            tuple(args.committees), tuple(args.peer_seeds), args.keep,
+                            other_seeds)
+    print(table(result["rows"]))
+    if args.plot:
+        for path in write_plots(result["rows"], result["curves"], result["val_images"],
+                                args.plot):
+            print(f"plot -> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ GPU's test accuracy within a band of the CPU's?), timed side by side.
 
 Written for a machine that has Python, NumPy and a CUDA build of PyTorch only: no
 TensorFlow, DVC, dvclive, PyYAML or tqdm, no network. So it imports NumPy, PyTorch and the
-project's PyTorch modules, and gets past the three imports of theirs that serve the stage
+project's PyTorch modules, and gets past the two imports of theirs that serve the stage
 rather than the training (import_torch_path, EpochLog). It reads MNIST's raw npz (Keras'
 layout) and scales and splits it as the normalize and train stages do; the recipe is
 params.yaml's `train.cnn`, copied below (a test holds the copy to the file).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.runtime.machine import cpu_model
+from stages.runtime.params import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_FILE = "gpu_check.json"
@@ -52,29 +52,20 @@ BAND = 0.005
 
 def import_torch_path() -> tuple:
     """The train stage's PyTorch modules (env, fit, model), importable where only NumPy
-    and PyTorch are. Two of their imports serve the stage, not the training:
-
-    - stages/frameworks/__init__.py, the seam that tells a model's framework from its
-      run_info.json, imports the params schema and with it PyYAML: the package is
-      registered bare (its folder, not its __init__), as Python registers a namespace
-      package;
-    - fit.py's progress bar, tqdm, drawn only when stdout is a terminal: where tqdm is
-      missing, a stand-in that draws nothing.
-
-    The third, fit()'s dvclive curves, is replaced by EpochLog in train_once().
+    and PyTorch are. One of their imports serves the stage, not the training: fit.py's
+    progress bar, tqdm, drawn only when stdout is a terminal; where tqdm is missing, a
+    stand-in that draws nothing. The other, fit()'s dvclive curves, is replaced by
+    EpochLog in train_once().
     """
-    if "stages.frameworks" not in sys.modules:
-        seam = ModuleSpec("stages.frameworks", None, is_package=True)
-        seam.submodule_search_locations = [str(ROOT / "stages" / "frameworks")]
-        sys.modules["stages.frameworks"] = module_from_spec(seam)
     try:
         import tqdm  # noqa: F401
     except ImportError:
         # With a spec of no origin: PyTorch's compiler asks find_spec("tqdm") at import.
         sys.modules["tqdm"] = module_from_spec(ModuleSpec("tqdm", None))
         sys.modules["tqdm"].tqdm = NoBar
-    return tuple(importlib.import_module(f"stages.frameworks.torch.{part}")
-                 for part in ("env", "fit", "model"))
+    from stages.frameworks.torch import env, fit, model
+
+    return env, fit, model
 
 
 class NoBar:
@@ -111,13 +102,13 @@ class EpochLog:
         pass
 
 
-def config(device: str, epochs: int, threads: int) -> dict:
+def config(device: str, epochs: int, threads: int) -> TrainConfig:
     """What fit() gets from the train stage for `train.framework: torch`, `train.model:
     cnn` and `train.torch.device: <device>` with the shipped params (one worker, `threads`
     intra-op threads, one inter-op thread), the recipe's epochs changed."""
-    return {"framework": "torch", "model": "cnn", "seed": SEED, "device": device,
-            "workers": 1, "intra_op_threads": threads, "inter_op_threads": 1,
-            "steps_per_execution": 100, **RECIPE, "epochs": epochs}
+    return TrainConfig(framework="torch", model="cnn", seed=SEED, device=device, workers=1,
+                       intra_op_threads=threads, inter_op_threads=1, steps_per_execution=100,
+                       **RECIPE | {"epochs": epochs})
 
 
 def load(path: str, limit: int | None) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -144,20 +135,20 @@ def weights_sha256(model) -> str:
     return digest.hexdigest()
 
 
-def train_once(modules: tuple, cfg: dict, data: dict, x_test, y_test) -> dict:
+def train_once(modules: tuple, cfg: TrainConfig, data: dict, x_test, y_test) -> dict:
     """One training as the train stage runs it (configure, then fit), timed as the stage
     times it (fit alone), then scored on the test set on the CPU, as evaluate does."""
     env, torch_fit, network = modules
     rows: list = []
     # fit() builds its report as Curves(curves_dir, epochs): this run's EpochLog instead.
     torch_fit.Curves = lambda _curves_dir, epochs: EpochLog(epochs, rows)
-    env.configure(cfg["seed"], cfg["intra_op_threads"], cfg["inter_op_threads"])
+    env.configure(cfg.seed, cfg.intra_op_threads, cfg.inter_op_threads)
     started = time.perf_counter()
     model = torch_fit.fit(cfg, dict(data), None)  # it pops the arrays from the dict it gets
     seconds = time.perf_counter() - started
     predicted = network.predict(model, x_test, 1000).argmax(1)
-    images = len(data["y_train"]) * cfg["epochs"]
-    return {"device": cfg["device"], "seconds": round(seconds, 2),
+    images = len(data["y_train"]) * cfg.epochs
+    return {"device": cfg.device, "seconds": round(seconds, 2),
             "images_per_s": round(images / seconds, 1),
             "test_accuracy": float((predicted == y_test).mean()),
             "test_errors": int((predicted != y_test).sum()),

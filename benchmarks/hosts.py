@@ -1,4 +1,5 @@
-"""Two hosts with a network between them (`make bench BENCH_ARGS="--only hosts"`, as root).
+"""Two hosts with a network between them: the object store and data-parallel training
+across a link (as root, minutes).
 
 The test hosts of testbed/hosts.py (network namespaces joined by a veth pair) on
 full MNIST:
@@ -12,12 +13,11 @@ full MNIST:
    this machine's cores, so the two-host run measures what the link and the all-reduce
    across it cost, not what a second machine would add.
 
-Usage: python -m benchmarks.hosts [--data PATH] [--epochs N]
+    python -m benchmarks.hosts [--data PATH] [--epochs N]     (as root)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -26,7 +26,13 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.train_runs import DEFAULT_DATA, train_seconds, trained_images
+from benchmarks.common import (
+    argument_parser,
+    check_data,
+    header,
+    train_seconds,
+    trained_images,
+)
 from testbed.hosts import Hosts, clone_on
 from testbed.objectstore import ObjectStore
 from testbed.pipeline import copy_pipeline, stage_command
@@ -127,11 +133,15 @@ def run(data: Path, epochs: int) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser("benchmarks.hosts", __doc__)
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs of the mlp's recipe for each training (default: 3)")
+    args = parser.parse_args(argv)
+    check_data(args.data)
+    header()
+    print(f"\ntwo test hosts (benchmarks/hosts.py): the object store, and the mlp in "
+          f"PyTorch for {args.epochs} epochs on one host and across both")
     print(json.dumps(run(args.data, args.epochs), indent=2))
 
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from stages import frameworks
 from stages.analysis import verdicts
 from stages.data.mnist import load_processed, validation_split
+from stages.frameworks.trainers import trainer
 from stages.runtime import params
 
 
@@ -31,19 +32,19 @@ def suspects(project: Path) -> np.ndarray:
                                if r["verdict"] == verdicts.LABEL_ERROR), dtype=np.int64)
 
 
-def train_and_score(cfg: dict, data: dict, keep: np.ndarray, k: int) -> dict:
+def train_and_score(cfg: params.TrainConfig, data: dict, keep: np.ndarray, k: int) -> dict:
     """Train on the training images `keep` (train's split of them for validation), then
     the test errors, by verdict."""
-    fit_idx, val_idx = validation_split(len(keep), cfg["val_fraction"], cfg["seed"])
+    fit_idx, val_idx = validation_split(len(keep), cfg.val_fraction, cfg.seed)
     x, y = data["x_train"][keep], data["y_train"][keep]
     split = {"x_train": x[fit_idx], "y_train": y[fit_idx], "x_val": x[val_idx],
              "y_val": y[val_idx]}
-    frameworks.module(cfg["framework"], "env").configure(
-        cfg["seed"], cfg["intra_op_threads"], cfg["inter_op_threads"])
-    network = frameworks.module(cfg["framework"], "model")
+    framework = trainer(cfg.framework)
+    network = framework.network
+    network.configure(cfg.seed, cfg.intra_op_threads, cfg.inter_op_threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as curves:
-        model = frameworks.module(cfg["framework"], "fit").fit(cfg, split, curves)
+        model = framework.fit(cfg, split, curves)
     seconds = time.perf_counter() - started
     probabilities = network.predict(model, data["x_test"], 1000)
     val = network.predict(model, x[val_idx], 1000) if len(val_idx) else None
@@ -63,13 +64,13 @@ def main(argv=None) -> None:
     drop = suspects(args.project)
     every = np.arange(len(data["y_train"]))
     sides = {"all": every, "without suspects": np.setdiff1d(every, drop)}
-    print(f"{cfg['model']} in {cfg['framework']}: {len(drop)} suspects dropped of {len(every)}")
+    print(f"{cfg.model} in {cfg.framework}: {len(drop)} suspects dropped of {len(every)}")
     print("| seed | training set | test errors | label errors | ambiguous | model errors |")
     print("|---|---|---|---|---|---|")
     runs = {name: [] for name in sides}
     for seed in args.seeds:
         for name, keep in sides.items():
-            r = train_and_score(cfg | {"seed": seed}, data, keep, k)
+            r = train_and_score(dataclasses.replace(cfg, seed=seed), data, keep, k)
             runs[name].append(r)
             print(f"| {seed} | {name} | {r['errors']} | {r['label_errors']} | "
                   f"{r['ambiguous']} | {r['model_errors']} |", flush=True)

@@ -14,7 +14,10 @@ training images of its true digit and of its runner-up digit (~2 × 6000 per que
 Predictions: data/predictions.npz if it exists and fits the test set, else a fixed fake
 one (seeded, ~2% of test images wrong, like the original network).
 
-    python -m benchmarks.mosaics [path/to/mnist.npz]     (default: dvc.yaml's raw path)
+Prints the times, the speed-up against its target and whether the pixels match; exits 1
+when either falls short. Part of `make bench`.
+
+    python -m benchmarks.mosaics [--data PATH]     (default: dvc.yaml's raw path)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import argument_parser, header
 from stages.analysis.mosaic import mosaics
 from stages.analysis.neighbours import nearest_by_class
 from stages.data.mnist import IMAGE_SIDE, load_mnist
@@ -140,13 +144,11 @@ def run(mnist_path=None, repeats: int = 3, stress: bool = True,
     return result
 
 
-def main(argv: list[str]) -> int:
-    path = argv[0] if argv else paths()["raw"]
-    if not Path(path).is_file():
-        print(f"error: {path} not found: run `dvc repro download` or pass the path of "
-              "a full mnist.npz", file=sys.stderr)
-        return 2
-    r = run(path)
+def report(data: Path) -> bool:
+    """Measure, and print the results; whether the speed-up met its target and the pixels
+    matched."""
+    print("\nrendering and neighbour search (benchmarks/mosaics.py)")
+    r = run(data)
     print(f"mosaics: {r['mosaics']} files, {r['tiles']} tiles, predictions: {r['predictions']}")
     print(f"  {'naive PIL paste loop':<28}{r['naive_paste_s']:8.3f} s")
     print(f"  {'stages.analysis.mosaic.tile':<28}{r['numpy_tile_s']:8.3f} s")
@@ -160,8 +162,19 @@ def main(argv: list[str]) -> int:
     if "neighbours_all_test_s" in r:
         print(f"  all {r['neighbours_all_test_queries']} test images (true + runner-up digit)"
               f"{r['neighbours_all_test_s']:8.3f} s")
-    return 0 if r["meets_target"] and r["pixel_identical"] else 1
+    return r["meets_target"] and r["pixel_identical"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argument_parser("benchmarks.mosaics", __doc__, Path(paths()["raw"]))
+    args = parser.parse_args(argv)
+    if not args.data.is_file():
+        print(f"error: {args.data} not found: run `dvc repro download` or pass --data PATH "
+              "to a full mnist.npz", file=sys.stderr)
+        return 2
+    header()
+    return 0 if report(args.data) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

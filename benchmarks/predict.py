@@ -7,10 +7,15 @@
 - Side by side for a 12 Mpx colour JPEG (a phone's photo): mnist_cli/preprocess.read_gray,
   which lets libjpeg decode at 1/2..1/8 scale (PIL's draft mode), against the same read
   decoding the full image first.
+
+Part of `make bench`.
+
+    python -m benchmarks.predict [--data PATH]
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -19,6 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import argument_parser, check_data, header
 
 # The child's own high-water mark (VmHWM): ru_maxrss would carry the parent's over exec.
 PEAK = """
@@ -95,3 +102,21 @@ def run(data: Path) -> dict:
             "read_gray_ms": round(1000 * draft), "full_decode_ms": round(1000 * full),
             "ratio": round(draft / full, 2)}
     return results
+
+
+def report(data: Path) -> None:
+    """Measure, and print the results as JSON."""
+    print("\nmnist-predict's preprocessing, per image file (benchmarks/predict.py)")
+    print(json.dumps(run(data), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser("benchmarks.predict", __doc__)
+    args = parser.parse_args(argv)
+    check_data(args.data)
+    header()
+    report(args.data)
+
+
+if __name__ == "__main__":
+    main()

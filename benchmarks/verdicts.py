@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     train, k = cfg["train"], cfg["evaluate"]["neighbours"]
     data = load_processed(args.project / "data/processed/mnist.npz")
     y = data["y_test"].astype(np.int64)
-    _, val = validation_split(len(data["y_train"]), train["val_fraction"], train["seed"])
+    _, val = validation_split(len(data["y_train"]), train.val_fraction, train.seed)
 
     started = time.perf_counter()
     model = frameworks.predictor(args.project / "data/model", 2, 2)

@@ -51,12 +51,9 @@ def line(file: str, result: dict) -> str:
 def load_model(model_dir: Path):
     """The model in model_dir, whichever framework made it (its run_info.json says), as a
     function from N×28×28 digits to N×10 probabilities."""
-    framework = frameworks.framework_of(model_dir)
     # One thread: a few images need no more, and the prediction does not depend on it.
-    frameworks.module(framework, "env").configure(0, 1, 1)
-    network = frameworks.module(framework, "model")
-    model = network.load(model_dir)
-    return lambda digits: network.predict(model, digits, BATCH)
+    model = frameworks.predictor(model_dir, 1, 1)
+    return lambda digits: model(digits, BATCH)
 
 
 def classify(files: list[str], model, names: list[str]):

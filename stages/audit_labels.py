@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages import frameworks
 from stages.analysis import verdicts
 from stages.analysis.mosaic import tile
 from stages.analysis.neighbours import nearest
 from stages.data.mnist import load_processed, raw_pixels, validation_split
+from stages.frameworks.trainers import trainer
 from stages.runtime import params
 from stages.runtime.failures import DataError, run, stop_if_interrupted
 from stages.runtime.outputs import atomic_dir, round_floats, save_image, write_csv, write_json
@@ -48,24 +48,22 @@ def folds(n: int, k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(part) for part in np.array_split(order, k)]
 
 
-def out_of_fold(cfg: dict, x: np.ndarray, y: np.ndarray, parts: list[np.ndarray],
-                batch_size: int) -> np.ndarray:
+def out_of_fold(cfg: params.TrainConfig, x: np.ndarray, y: np.ndarray,
+                parts: list[np.ndarray], batch_size: int) -> np.ndarray:
     """Each image's probabilities from the model trained on the other folds (N×10)."""
-    env = frameworks.module(cfg["framework"], "env")
-    env.configure(cfg["seed"], cfg["intra_op_threads"], cfg["inter_op_threads"])
-    network = frameworks.module(cfg["framework"], "model")
-    fit = frameworks.module(cfg["framework"], "fit").fit
+    framework = trainer(cfg.framework)
+    framework.network.configure(cfg.seed, cfg.intra_op_threads, cfg.inter_op_threads)
     out = np.zeros((len(y), params.CLASSES), dtype=np.float32)
     for j, held_out in enumerate(parts):
         rest = np.setdiff1d(np.arange(len(y)), held_out)
-        fit_idx, val_idx = validation_split(len(rest), cfg["val_fraction"], cfg["seed"])
+        fit_idx, val_idx = validation_split(len(rest), cfg.val_fraction, cfg.seed)
         data = {"x_train": x[rest[fit_idx]], "y_train": y[rest[fit_idx]],
                 "x_val": x[rest[val_idx]], "y_val": y[rest[val_idx]]}
         print(f"audit: fold {j + 1}/{len(parts)}: training on {len(fit_idx)} images, "
               f"predicting {len(held_out)}", flush=True)
         with tempfile.TemporaryDirectory(prefix="mnist-audit-") as curves:
-            model = fit(cfg, data, curves)
-        out[held_out] = network.predict(model, x[held_out], batch_size)
+            model = framework.fit(cfg, data, curves)
+        out[held_out] = framework.network.predict(model, x[held_out], batch_size)
         stop_if_interrupted()
     return out
 
@@ -99,12 +97,12 @@ def main(argv=None) -> None:
     names, n_folds = everything["dataset"]["classes"], everything["audit"]["folds"]
     records, temperature, audited = [], None, 0
     if n_folds:
-        if cfg["workers"] > 1 or world()[1] > 1:
+        if cfg.workers > 1 or world()[1] > 1:
             raise DataError("audit-labels trains in this one process: with audit.framework "
                             "torch, set train.torch.workers: 1, and run it alone")
         data = load_processed(args.data, only=("x_train", "y_train"))
         x, y = data["x_train"], data["y_train"]
-        parts = folds(len(y), n_folds, cfg["seed"])
+        parts = folds(len(y), n_folds, cfg.seed)
         probabilities = out_of_fold(cfg, x, y, parts, everything["evaluate"]["batch_size"])
         records, temperature = audit(x, y, probabilities, k)
         audited = len(y)

@@ -54,10 +54,10 @@ def main(argv=None) -> None:
     data = load_processed(args.data)
 
     x, y = data["x_test"], data["y_test"].astype(np.int64)
-    _, val_idx = validation_split(len(data["y_train"]), train["val_fraction"], train["seed"])
+    _, val_idx = validation_split(len(data["y_train"]), train.val_fraction, train.seed)
     # Whichever framework trained it: the model folder says which (stages/frameworks/__init__.py).
-    model = frameworks.predictor(args.model_dir, train["intra_op_threads"],
-                                 train["inter_op_threads"])
+    model = frameworks.predictor(args.model_dir, train.intra_op_threads,
+                                 train.inter_op_threads)
     probabilities = model(x, cfg["batch_size"])
     val_probabilities = model(data["x_train"][val_idx], cfg["batch_size"]) if len(val_idx) else None
     y_pred = probabilities.argmax(axis=1)

@@ -1,4 +1,5 @@
-"""pytest fixtures shared by every test file; plain helpers live in tests/helpers.py."""
+"""pytest fixtures shared by every test file; plain functions live in the other modules of
+tests/ (tests/README.md, Layout)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import FIXTURE, copy_project, dvc, make_project, out_hashes, sh
+from testbed.processes import sh
+from tests.paths import FIXTURE
+from tests.projects import copy_project, dvc, make_project, out_hashes
 
 
 def pytest_configure(config):

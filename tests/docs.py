@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from tests.helpers import ROOT, run_env
+from testbed.processes import run_env
+from tests.paths import ROOT
 
 # Test modules, besides test_docs.py, that run blocks of the pages.
 CLAIMING_MODULES = ("tests.integration.test_object_store", "tests.integration.test_two_hosts")

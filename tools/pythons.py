@@ -70,7 +70,7 @@ def step(args: list[str], env: dict | None = None) -> tuple[float, subprocess.Co
 def fixture_pipeline(out: Path) -> None:
     """In the venv under test: the fixture project through `dvc repro`, once per framework;
     every output file's sha256 and the test accuracy, by framework, into out (JSON)."""
-    from tests.helpers import dvc, make_project, out_hashes, set_params
+    from tests.projects import dvc, make_project, out_hashes, set_params
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="mnist-pythons-") as tmp:

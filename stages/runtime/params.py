@@ -8,11 +8,10 @@ declares in dvc.yaml; the others it reads only to check them.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
-
-import yaml
 
 from stages.runtime.failures import ParamError
 
@@ -251,10 +250,41 @@ def check_c_model(framework: str, model: str, model_key: str, framework_key: str
                    "convnet)")
 
 
-def train(p: dict, knobs: dict, framework_key: str = "train.framework") -> dict:
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What one training run is: params.yaml's `train` section checked and resolved for the
+    chosen framework and model. The train stage, the label audit's auditors and every
+    framework's fit() read it; nothing changes it (dataclasses.replace makes a variant)."""
+
+    framework: str  # train.framework: keras, torch or c
+    model: str  # train.model: the network
+    seed: int
+    # train.<framework>: where and on how many threads it runs (C: speed.c_threads, one pool)
+    device: str
+    workers: int  # PyTorch's data-parallel processes; 1 elsewhere
+    intra_op_threads: int
+    inter_op_threads: int
+    steps_per_execution: int  # speed.keras_steps_per_execution: Keras' batches per call
+    # train.<model>: the recipe
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    lr_schedule: str
+    val_fraction: float
+    rotation: float
+    shift: float
+    zoom: float
+    elastic: float
+    elastic_sigma: float
+    label_smoothing: float
+    restore_best: bool
+    ema: float
+
+
+def train(p: dict, knobs: dict, framework_key: str = "train.framework") -> TrainConfig:
     """The shared settings, the chosen framework's own (train.<framework>) and the recipe of
-    the model `train.model` names, flattened; `knobs` is the checked `speed` section.
-    framework_key: the key that chose the framework, as the messages name it."""
+    the model `train.model` names, as one TrainConfig; `knobs` is the checked `speed`
+    section. framework_key: the key that chose the framework, as the messages name it."""
     where = "train"
     check_keys(p, where, {"framework", "model", "seed", *FRAMEWORKS, *MODEL_NAMES})
     recipes = {name: recipe(p[name], f"{where}.{name}") for name in MODEL_NAMES}
@@ -278,14 +308,14 @@ def train(p: dict, knobs: dict, framework_key: str = "train.framework") -> dict:
                    "each batch")
     if framework == "c":  # one OpenMP pool
         settings |= {"intra_op_threads": knobs["c_threads"], "inter_op_threads": 1}
-    return {
-        "framework": framework,
-        "model": model,
-        "seed": integer(p, where, "seed", 0, 2**31 - 1),
+    return TrainConfig(
+        framework=framework,
+        model=model,
+        seed=integer(p, where, "seed", 0, 2**31 - 1),
         **settings,
-        "steps_per_execution": knobs["keras_steps_per_execution"],
+        steps_per_execution=knobs["keras_steps_per_execution"],
         **recipes[model],
-    }
+    )
 
 
 def evaluate(p: dict) -> dict:
@@ -311,10 +341,10 @@ def render(p: dict) -> dict:
 
 
 def audit(p: dict, train_section: dict, knobs: dict) -> dict:
-    """The number of folds, and the auditors' training settings flattened as train's are:
-    audit.framework, audit.model and audit.seed over train's sections (the framework's
-    settings and the model's recipe), checked by train's rules when the audit is on (off,
-    a recipe the auditor could not train is no error: nothing trains)."""
+    """The number of folds, and the auditors' TrainConfig: audit.framework, audit.model and
+    audit.seed over train's sections (the framework's settings and the model's recipe),
+    checked by train's rules when the audit is on (off, a recipe the auditor could not
+    train is no error: nothing trains, and "train" is None)."""
     where = "audit"
     check_keys(p, where, {"folds", "framework", "model", "seed"})
     folds = integer(p, where, "folds", 0, 100)
@@ -352,6 +382,10 @@ def check(params) -> dict:
 
 
 def read(path: str | os.PathLike = PARAMS_FILE) -> dict:
+    # Imported here: the schema above, TrainConfig included, needs no PyYAML (a GPU
+    # machine's check trains through it with NumPy and PyTorch only: benchmarks/gpu_check.py).
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)

@@ -1,9 +1,10 @@
-"""What every framework's training loop shares: the batch order, the per-epoch report and
-the choice of the best epoch.
+"""What the frameworks' training loops share: the batch order and the choice of the best
+epoch (Keras' and PyTorch's loops; the C programs draw their own batches and choose their
+best epoch themselves), and the per-epoch report (all three).
 
-The same seed gives the same batches in the same order under Keras and PyTorch, and both
-report each epoch the same way: one line on stdout (what `dvc repro` shows) and dvclive
-curves (what `dvc plots` and `dvc metrics` show).
+The same seed gives the same batches in the same order under Keras and PyTorch, and every
+framework reports each epoch the same way: one line on stdout (what `dvc repro` shows) and
+dvclive curves (what `dvc plots` and `dvc metrics` show).
 """
 
 from __future__ import annotations

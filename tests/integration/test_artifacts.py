@@ -27,7 +27,8 @@ import yaml
 from dvc.api import artifacts_show
 from dvc.repo import Repo
 
-from tests.helpers import copy_project, dvc, set_params, sh
+from testbed.processes import sh
+from tests.projects import copy_project, dvc, set_params
 
 pytestmark = pytest.mark.slow
 

@@ -16,16 +16,12 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import (
-    FIXTURE,
-    copy_project,
-    dvc,
-    dvc_vars,
-    load_in_chromium,
-    run_queue,
-    sh,
-)
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.browser import load_in_chromium
 from tests.integration.test_experiments import exp_show
+from tests.paths import FIXTURE
+from tests.projects import copy_project, dvc, run_queue
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import FIXTURE, copy_project, dvc, dvc_vars, set_params, sh
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.paths import FIXTURE
+from tests.projects import copy_project, dvc, set_params
 
 pytestmark = pytest.mark.slow
 

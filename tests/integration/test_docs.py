@@ -42,6 +42,8 @@ import numpy as np
 import pytest
 import yaml
 
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import run_env, sh
 from tests.docs import (
     CLAIMING_MODULES,
     CLAIMS,
@@ -57,17 +59,9 @@ from tests.docs import (
     run_session,
     run_sh,
 )
-from tests.helpers import (
-    ROOT,
-    copy_project,
-    dvc,
-    dvc_vars,
-    make_files,
-    png_bomb,
-    run_env,
-    set_params,
-    sh,
-)
+from tests.hostile import png_bomb
+from tests.paths import ROOT
+from tests.projects import copy_project, dvc, make_files, set_params
 from tools.pythons import interpreter
 
 PATHS = dvc_vars()

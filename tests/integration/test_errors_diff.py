@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import copy_project, dvc, load_in_chromium, reseeded_on_a_remote, set_params, sh
+from testbed.processes import sh
+from tests.browser import load_in_chromium
+from tests.projects import copy_project, dvc, reseeded_on_a_remote, set_params
 
 pytestmark = pytest.mark.slow
 

@@ -22,18 +22,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import (
-    FIXTURE,
-    FIXTURE_SHA256,
-    copy_project,
-    dvc,
-    dvc_vars,
-    ran_training,
-    run_queue,
-    set_params,
-    sh,
-    stages_run,
-)
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.paths import FIXTURE, FIXTURE_SHA256
+from tests.projects import copy_project, dvc, ran_training, run_queue, set_params, stages_run
 
 pytestmark = pytest.mark.slow
 

@@ -14,14 +14,14 @@ import json
 import pytest
 import yaml
 
-from tests.helpers import (
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.projects import (
     dvc,
-    dvc_vars,
     edit_module,
     out_hashes,
     ran_training,
     set_params,
-    sh,
     stages_run,
     status,
 )

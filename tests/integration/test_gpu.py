@@ -17,17 +17,11 @@ import pytest
 
 from stages.normalize import normalize
 from stages.runtime.outputs import save_npz
-from tests.helpers import (
-    FAST_TRAIN,
-    TINY_TRAIN,
-    copy_pipeline,
-    dvc_vars,
-    fixture_data,
-    merge,
-    set_params,
-    sh,
-    stage_command,
-)
+from testbed.pipeline import copy_pipeline, stage_command
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.digits import fixture_data
+from tests.projects import FAST_TRAIN, TINY_TRAIN, merge, set_params
 
 PATHS = dvc_vars()
 GPU = {"keras": "gpu", "torch": "cuda"}  # train.<framework>.device's name for a GPU

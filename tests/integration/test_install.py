@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, make_files
+from tests.paths import ROOT
+from tests.projects import make_files
 from tools.pythons import interpreter, supported
 
 

@@ -28,19 +28,11 @@ from stages import download as dl
 from stages.runtime import params
 from stages.runtime.failures import INTERRUPTED, WriteError
 from stages.runtime.outputs import atomic_dir, save_npz
-from tests.helpers import (
-    FIXTURE,
-    FIXTURE_SHA256,
-    ROOT,
-    busy_cores,
-    copy_project,
-    dvc,
-    dvc_vars,
-    run_env,
-    set_params,
-    sh,
-    start,
-)
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import run_env, sh
+from tests.paths import FIXTURE, FIXTURE_SHA256, ROOT
+from tests.projects import copy_project, dvc, set_params
+from tests.watch import busy_cores, start
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from packaging.markers import Marker
 
-from tests.helpers import ROOT
+from tests.paths import ROOT
 from tools import check_wheels, lock
 from tools.pythons import supported
 

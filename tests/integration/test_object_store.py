@@ -33,17 +33,12 @@ import yaml
 
 from testbed.hosts import Host, Hosts, clone_on
 from testbed.objectstore import ObjectStore
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import run_env, sh
 from tests.docs import block, claims, prose, run_sh
-from tests.helpers import (
-    ROOT,
-    Lines,
-    copy_project,
-    dvc_vars,
-    out_hashes,
-    run_env,
-    set_params,
-    sh,
-)
+from tests.paths import ROOT
+from tests.projects import copy_project, out_hashes, set_params
+from tests.watch import Lines
 
 pytestmark = pytest.mark.slow
 

@@ -22,10 +22,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.helpers import (
-    FIXTURE,
+from testbed.pipeline import paths as dvc_vars
+from tests.paths import FIXTURE
+from tests.projects import (
     dvc,
-    dvc_vars,
     edit_module,
     make_project,
     out_hashes,

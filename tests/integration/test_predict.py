@@ -16,17 +16,11 @@ from PIL import Image
 from mnist_cli.preprocess import load_digit
 from stages.data.console import PALETTE, draw
 from stages.data.npz import load_npz
-from tests.helpers import (
-    TINY_TRAIN,
-    copy_project,
-    drawn_digit,
-    dvc,
-    fixture_data,
-    make_project,
-    png_bomb,
-    reseeded_on_a_remote,
-    sh,
-)
+from testbed.drawing import drawn_digit
+from testbed.processes import sh
+from tests.digits import fixture_data
+from tests.hostile import png_bomb
+from tests.projects import TINY_TRAIN, copy_project, dvc, make_project, reseeded_on_a_remote
 
 pytestmark = pytest.mark.slow
 

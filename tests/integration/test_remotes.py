@@ -25,18 +25,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from testbed.processes import run_env, sh
 from testbed.sshd import SSHServer
-from tests.helpers import (
-    ROOT,
-    copy_project,
-    dvc,
-    out_hashes,
-    ran_training,
-    run_env,
-    set_params,
-    sh,
-    stages_run,
-)
+from tests.paths import ROOT
+from tests.projects import copy_project, dvc, out_hashes, ran_training, set_params, stages_run
 
 pytestmark = pytest.mark.slow
 

@@ -23,17 +23,11 @@ import psutil
 import pytest
 
 from testbed.hosts import Hosts
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import run_env, sh
 from tests.docs import block, claims, prose
-from tests.helpers import (
-    Lines,
-    copy_project,
-    dvc_vars,
-    out_hashes,
-    run_env,
-    set_params,
-    sh,
-    workers_of,
-)
+from tests.projects import copy_project, out_hashes, set_params
+from tests.watch import Lines, workers_of
 
 pytestmark = pytest.mark.slow
 

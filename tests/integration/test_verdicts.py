@@ -19,15 +19,11 @@ import numpy as np
 import pytest
 
 from stages.analysis.verdicts import LABEL_ERROR, VERDICTS
-from tests.helpers import (
-    copy_project,
-    dvc,
-    dvc_vars,
-    fixture_data,
-    load_in_chromium,
-    set_params,
-    sh,
-)
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.browser import load_in_chromium
+from tests.digits import fixture_data
+from tests.projects import copy_project, dvc, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +115,7 @@ def test_the_opt_in_training_audit_finds_flipped_training_labels(tmp_path):
 
     from stages.analysis.neighbours import nearest
     from tests.conftest import READER_TRAIN
-    from tests.helpers import make_project
+    from tests.projects import make_project
 
     data = fixture_data()
     x, y = data["x_train"], data["y_train"]

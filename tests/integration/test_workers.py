@@ -19,18 +19,11 @@ import psutil
 import pytest
 
 from stages.frameworks.torch.fit import share
-from tests.helpers import (
-    ROOT,
-    dvc,
-    dvc_vars,
-    free_port,
-    out_hashes,
-    run_env,
-    set_params,
-    stages_run,
-    start,
-    workers_of,
-)
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import free_port, run_env
+from tests.paths import ROOT
+from tests.projects import dvc, out_hashes, set_params, stages_run
+from tests.watch import start, workers_of
 
 pytestmark = pytest.mark.slow
 
@@ -104,14 +97,16 @@ def test_sigint_to_the_stage_stops_every_worker_with_one_line(trained_copy):
 
 # Each rank trains on its shares of the batches, then reports its weights and what it saw.
 RANKS = textwrap.dedent("""
-    import json, os, sys
+    import dataclasses, json, os, sys
     import numpy as np
     from stages.frameworks.torch import env, fit
-    from tests.helpers import toy_digits, train_cfg
+    from tests.digits import toy_digits
+    from tests.projects import train_cfg
 
     rank = int(os.environ["RANK"])
     env.configure(7, 1, 1)
-    cfg = train_cfg("torch", epochs=2, batch_size=40, val_fraction=0.0) | {"workers": 2}
+    cfg = dataclasses.replace(train_cfg("torch", epochs=2, batch_size=40, val_fraction=0.0),
+                              workers=2)
     data = toy_digits(500)[0]
     data["x_val"], data["y_val"] = data["x_val"][:0], data["y_val"][:0]
     seen, share = [], fit.share

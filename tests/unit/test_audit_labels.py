@@ -20,7 +20,10 @@ from stages.analysis.neighbours import nearest
 from stages.normalize import normalize
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import save_npz
-from tests.helpers import copy_pipeline, dvc_vars, fixture_data, set_params, stage_command
+from testbed.pipeline import copy_pipeline, stage_command
+from testbed.pipeline import paths as dvc_vars
+from tests.digits import fixture_data
+from tests.projects import set_params
 
 PATHS = dvc_vars()
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from stages.training.augment import affine_rows, is_off
-from tests.helpers import fixture_data
+from tests.digits import fixture_data
 
 FRAMEWORKS = ("keras", "torch")
 

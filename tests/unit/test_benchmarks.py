@@ -1,27 +1,30 @@
-"""benchmarks/run.py's arithmetic: the train stage's epoch lines read back; the frontier's
+"""The benchmarks' arithmetic: the train stage's epoch lines read back, the frontier's
 rows, costs and plots (benchmarks/frontier.py); the C cnn's layer lines against the
-measured peak (benchmarks/fma_peak.c, built and run for real)."""
+measured peak (benchmarks/frameworks.py, benchmarks/fma_peak.c built and run for real);
+and each benchmark module's command line, its own flags only."""
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 
 from benchmarks import committees, frontier
-from benchmarks.run import (
+from benchmarks.common import ROOT
+from benchmarks.frameworks import (
     CNN_MACS,
     dense_flops_per_image,
-    epoch_log,
     fma_peak,
     layer_times,
     layers_table,
-    recipe_changes,
-    seeds_for,
-    variant,
 )
+from benchmarks.frontier import epoch_log, recipe_changes, seeds_for, variant
 
 STDOUT = """train: cnn in keras on 57000 images, 3000 held out for validation
 epoch 1/3 63.1s train/loss=0.2867 eval/loss=0.3092 eval/accuracy=0.9713 train/accuracy=0.9417
@@ -153,3 +156,49 @@ def test_the_fma_probe_measures_every_thread_count_asked():
     peaks = fma_peak((1, os.cpu_count()))
     assert set(peaks) == {1, os.cpu_count()}
     assert all(g > 1.0 for g in peaks.values())  # a real FMA loop, not an empty one
+
+
+# Each benchmark module's flags (`python -m benchmarks.NAME --help`): its own, no other's.
+FLAGS = {
+    "run": {"--data"},
+    "train": {"--data", "--repeats"},
+    "mosaics": {"--data"},
+    "frameworks": {"--data", "--models", "--epochs"},
+    "workers": {"--data", "--models", "--epochs"},
+    "predict": {"--data"},
+    "frontier": {"--data", "--models", "--seeds", "--epochs", "--set", "--committees",
+                 "--peer-seeds", "--seeds-for", "--plot", "--keep"},
+    "cnn": {"--data", "--model", "--framework", "--seeds"},
+    "hosts": {"--data", "--epochs"},
+}
+
+
+@functools.cache
+def help_text(name: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_every_benchmark_with_a_command_line_is_checked():
+    commands = {p.stem for p in (ROOT / "benchmarks").glob("*.py")
+                if "argument_parser(" in p.read_text()} - {"common"}
+    assert commands == set(FLAGS)
+
+
+@pytest.mark.parametrize("name", FLAGS)
+def test_each_benchmark_runs_alone_and_its_help_lists_its_own_flags(name):
+    shown = help_text(name)
+    assert shown.startswith(f"usage: python -m benchmarks.{name} ")
+    assert set(re.findall(r"--[a-z][\w-]*", shown)) == FLAGS[name] | {"--help"}
+
+
+def test_a_flag_of_one_benchmark_is_in_no_other_benchmarks_help():
+    def having(flag):
+        return [name for name in FLAGS if re.search(rf"{flag}\b(?!-)", help_text(name))]
+
+    assert having("--committees") == ["frontier"]
+    assert having("--repeats") == ["train"]
+    assert having("--framework") == ["cnn"]
+    assert having("--only") == []

@@ -13,6 +13,7 @@ x86-64's baseline (a memory error or undefined behaviour fails the check with it
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import subprocess
 
@@ -23,18 +24,18 @@ from stages.data import idx
 from stages.frameworks.c import env, fit, model
 from stages.normalize import normalize
 from stages.runtime.failures import DataError, PipelineError
-from tests.helpers import (
+from tests.cprograms import (
     TOOLCHAINS,
     Program,
     c_program,
-    fixture_data,
     on_every_toolchain,
     read_idx,
     require,
-    train_cfg,
     write_idx,
 )
-from tests.helpers import run_program as run
+from tests.cprograms import run_program as run
+from tests.digits import fixture_data
+from tests.projects import train_cfg
 
 HIDDEN, RATE = 128, 0.2
 
@@ -286,8 +287,8 @@ def test_damaged_data_is_refused_in_one_line_and_writes_nothing(program, digits,
 
 def test_fit_reports_epochs_like_every_framework_and_returns_the_weights(digits, tmp_path,
                                                                          capsys):
-    env.configure(0, 2, 1)
-    cfg = train_cfg("c", epochs=2, batch_size=32, val_fraction=0.1, restore_best=True)
+    cfg = dataclasses.replace(train_cfg("c", epochs=2, batch_size=32, val_fraction=0.1,
+                                        restore_best=True), intra_op_threads=2)
     n = 1200
     data = {"x_train": digits["x_train"][:n], "y_train": digits["y_train"][:n],
             "x_val": digits["x_test"][:200], "y_val": digits["y_test"][:200]}

@@ -23,8 +23,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from stages.frameworks.c import env, fit, model
 from stages.normalize import normalize
 from stages.runtime.failures import DataError
-from tests.helpers import c_program, fixture_data, on_every_toolchain, read_idx, write_idx
-from tests.helpers import run_program as run
+from tests.cprograms import c_program, on_every_toolchain, read_idx, write_idx
+from tests.cprograms import run_program as run
+from tests.digits import fixture_data
 
 EPSILON, RATE = model.BN_EPSILON, model.DROPOUT
 

@@ -25,21 +25,13 @@ from stages import download as dl
 from stages.data import idx
 from stages.runtime import params
 from stages.runtime.outputs import save_npz
-from tests.helpers import (
-    FIXTURE,
-    FIXTURE_SHA256,
-    copy_pipeline,
-    dvc,
-    dvc_vars,
-    gz_idx,
-    make_project,
-    probe,
-    refused_in_bounds,
-    set_params,
-    sh,
-    small_mnist,
-    stage_command,
-)
+from testbed.pipeline import copy_pipeline, stage_command
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.digits import gz_idx, small_mnist
+from tests.hostile import probe, refused_in_bounds
+from tests.paths import FIXTURE, FIXTURE_SHA256
+from tests.projects import dvc, make_project, set_params
 
 FIXTURE_BYTES = FIXTURE.read_bytes()
 HTML = b"<!DOCTYPE html>\n<html><body><h1>Please log in</h1></body></html>\n"
@@ -645,7 +637,7 @@ def test_dvc_repro_download_failure(servers, tmp_path):
 
 
 # --- sources that never end, or declare too much: refused at a cap ------------------------
-# Each check that could exhaust memory runs in a child interpreter (tests.helpers.probe) that
+# Each check that could exhaust memory runs in a child interpreter (tests.hostile.probe) that
 # reports its own peak RSS and time.
 
 

@@ -3,11 +3,12 @@
 The import closure is derived from the code itself (every `import stages...` / `from stages
 ... import ...` anywhere in a module, functions included, followed transitively, with the
 packages they sit in), never from a hand-kept list, so an edit reruns exactly the stages it
-can change. A framework's modules are imported by name (`frameworks.module(framework,
-"fit")`): the closure follows those calls for the framework `train.framework` names, and
-dvc.yaml's `stages/${train.framework}...` deps are checked for every framework. A folder
-dep stands for every file in it; a file that is not Python (the C program's source) counts
-as run by a module that names it.
+can change. The frameworks' registries (stages/frameworks/__init__.py's network(),
+trainers.py's trainer()) import each framework in a branch of its own, and a run takes the
+branch of the framework `train.framework` names: the closure follows the imports of that
+framework's modules only, and dvc.yaml's `stages/${train.framework}...` deps are checked
+for every framework. A folder dep stands for every file in it; a file that is not Python
+(the C program's source) counts as run by a module that names it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 from stages.runtime import params
-from tests.helpers import ROOT
+from tests.paths import ROOT
 
 PACKAGE = "stages"
 
@@ -37,23 +38,19 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+def framework_named(module: str) -> str | None:
+    """stages.frameworks.torch.fit -> "torch"; None for a module of no one framework."""
+    parts = module.split(".")
+    in_one = parts[:2] == [PACKAGE, "frameworks"] and len(parts) > 2
+    return parts[2] if in_one and parts[2] in params.FRAMEWORKS else None
+
+
 def imported_modules(path: Path, framework: str) -> set[str]:
-    """Project modules `path` imports anywhere in its body, by import statement or through
-    `frameworks.module(framework, "part")` (stages.frameworks.{framework}.{part})."""
+    """Project modules `path` imports anywhere in its body, those of another framework than
+    `framework` left out (a registry's branch that the run does not take)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if (isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))
-                and getattr(node.func, "attr", getattr(node.func, "id", None)) == "module"
-                and len(node.args) == 2 and isinstance(node.args[1], ast.Constant)):
-            part = node.args[1].value
-            name = f"{PACKAGE}.frameworks.{framework}.{part}"
-            # A part only some frameworks have (torch's launcher) is asked for only when
-            # params allow it (train.torch.workers > 1); it must exist for one of them.
-            assert any(module_file(f"{PACKAGE}.frameworks.{fw}.{part}")
-                       for fw in params.FRAMEWORKS), f"{path.name}: no framework has {part}"
-            if module_file(name):
-                found.add(name)
-        elif isinstance(node, ast.Import):
+        if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if module_file(alias.name)}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if module_file(node.module):
@@ -61,7 +58,7 @@ def imported_modules(path: Path, framework: str) -> set[str]:
             # from stages import params / from stages.frameworks.keras import model as keras_model
             found |= {f"{node.module}.{a.name}" for a in node.names
                       if module_file(f"{node.module}.{a.name}")}
-    return found
+    return {name for name in found if framework_named(name) in (None, framework)}
 
 
 def files_named(path: Path) -> set[Path]:
@@ -128,11 +125,6 @@ def test_code_deps_are_exactly_the_import_closure(name, framework):
     derived = closure(stage_module(stage), framework)
     if name in TRAINING_STAGES:
         derived |= FOR_SOME_FRAMEWORKS
-    if name == "audit-labels":
-        # It trains in one process, but lists the framework's folder as train does (one
-        # line for all frameworks): PyTorch's launcher.py comes with it.
-        derived |= expand(f"{PACKAGE}/frameworks/{framework}/launcher.py") & expand(
-            f"{PACKAGE}/frameworks/{framework}")
     assert declared == derived, (
         f"{name} ({framework}): missing from dvc.yaml deps: {sorted(derived - declared)}; "
         f"listed but not imported: {sorted(declared - derived)}")
@@ -154,12 +146,47 @@ def test_the_closure_follows_imports_inside_functions_and_through_modules():
     # and no stage pulls in framework code it does not run
     assert not any(f.startswith("stages/frameworks/") for f in files)
     assert "stages/frameworks/keras/fit.py" not in closure("stages.evaluate", "keras")
-    # a framework's modules are found through frameworks.module(), for that framework only
+    # a framework's modules are found through the registries, for that framework only
     torch_train = closure("stages.train", "torch")
     assert {"stages/frameworks/torch/env.py", "stages/frameworks/torch/fit.py",
             "stages/frameworks/torch/model.py"} <= torch_train
     assert not any(f.startswith(("stages/frameworks/keras/", "stages/frameworks/c/"))
                    for f in torch_train)
+
+
+def imports_of(node: ast.AST) -> set[str]:
+    """The modules an import statement names (and `from m import x`'s m.x)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return set()
+
+
+REGISTRIES = {"stages/frameworks/__init__.py", "stages/frameworks/trainers.py"}
+
+
+def test_only_the_registries_import_several_frameworks_one_per_branch():
+    """What lets the closure leave out another framework's modules: outside a framework's
+    own folder, only the registries import one, and each such import sits in the `case`
+    branch of the framework it belongs to."""
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        own = framework_named(".".join(path.relative_to(ROOT).with_suffix("").parts))
+        tree = ast.parse(path.read_text())
+        imported = {framework_named(m) for node in ast.walk(tree) for m in imports_of(node)}
+        if rel not in REGISTRIES:
+            assert imported <= {None, own}, f"{rel} imports frameworks {imported - {None, own}}"
+            continue
+        branches = [case for case in ast.walk(tree) if isinstance(case, ast.match_case)]
+        in_branches = 0
+        for case in branches:
+            named = {framework_named(m) for node in ast.walk(case) for m in imports_of(node)}
+            named.discard(None)
+            wanted = getattr(getattr(case.pattern, "value", None), "value", None)
+            assert named <= {wanted}, f"{rel}: the {wanted!r} branch imports {named}"
+            in_branches += len(named)
+        assert set(params.FRAMEWORKS) <= imported and in_branches == len(params.FRAMEWORKS), rel
 
 
 def test_every_project_module_is_some_stages_dependency():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from mnist_cli.errors_diff import attach_verdicts, compare, page, summary, text_table
-from tests.helpers import NAMED_CLASSES, probabilities_for
+from tests.digits import NAMED_CLASSES, probabilities_for
 
 DIGITS = [str(d) for d in range(10)]
 

@@ -14,16 +14,11 @@ from stages.analysis import scoring
 from stages.data.console import draw
 from stages.normalize import normalize
 from stages.runtime.outputs import round_floats, save_npz
-from tests.helpers import (
-    NAMED_CLASSES,
-    copy_pipeline,
-    dvc_vars,
-    fixture_data,
-    set_params,
-    sh,
-    shipped_params,
-    stage_command,
-)
+from testbed.pipeline import copy_pipeline, stage_command
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.digits import NAMED_CLASSES, fixture_data
+from tests.projects import set_params, shipped_params
 
 PATHS = dvc_vars()
 DIGITS = [str(c) for c in range(10)]

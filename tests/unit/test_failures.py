@@ -20,7 +20,9 @@ from stages.runtime.failures import (
     one_line,
     run,
 )
-from tests.helpers import ROOT, Lines, run_env, start
+from testbed.processes import run_env
+from tests.paths import ROOT
+from tests.watch import Lines, start
 
 ONE_LINE = INTERRUPTED + "\n"
 

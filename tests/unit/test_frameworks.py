@@ -14,22 +14,38 @@ import numpy as np
 import pytest
 
 from stages import frameworks
+from stages.frameworks.trainers import trainer
 from stages.normalize import normalize
 from stages.runtime import params
 from stages.runtime.failures import DataError
-from tests.helpers import ROOT, fixture_data, sh
+from testbed.processes import sh
+from tests.digits import fixture_data
+from tests.paths import ROOT
 
 
-def test_each_framework_has_the_three_modules_of_the_seam():
+def test_each_framework_is_in_both_registries_with_its_own_modules():
     for framework in params.FRAMEWORKS:
-        env = frameworks.module(framework, "env")
-        model = frameworks.module(framework, "model")
-        fit = frameworks.module(framework, "fit")
-        assert callable(env.configure) and callable(env.versions)
-        assert all(callable(getattr(model, f)) for f in ("build", "save", "load", "predict"))
+        network = frameworks.network(framework)
+        trained = trainer(framework)
+        package = f"stages.frameworks.{framework}"
+        assert network.framework == framework and trained.network == network
+        assert network.configure.__module__ == network.versions.__module__ == f"{package}.env"
+        assert {f.__module__ for f in (network.save, network.load, network.predict)} == {
+            f"{package}.model"}
+        model = sys.modules[f"{package}.model"]
         supported = params.C_MODELS if framework == "c" else params.MODEL_NAMES
-        assert model.MODEL_FILE and tuple(model.MODELS) == supported
-        assert callable(fit.fit)
+        assert network.model_file == model.MODEL_FILE and tuple(model.MODELS) == supported
+        assert trained.fit.__module__ == f"{package}.fit"
+        # Only PyTorch trains in several processes (train.torch.workers).
+        assert (trained.launch is not None) == (framework == "torch")
+        if trained.launch:
+            assert trained.launch.__module__ == f"{package}.launcher"
+
+
+def test_the_registries_refuse_a_framework_they_do_not_have():
+    for registry in (frameworks.network, trainer):
+        with pytest.raises(DataError, match="^framework 'jax' is none of keras, torch, c$"):
+            registry("jax")
 
 
 @pytest.fixture(scope="module", params=[*((f, "mlp") for f in params.FRAMEWORKS), ("c", "cnn")],
@@ -38,9 +54,9 @@ def model_dir(request, tmp_path_factory):
     """An untrained mlp of each framework, and the C cnn, saved as the train stage saves
     them."""
     framework, name = request.param
-    network = frameworks.module(framework, "model")
     folder = tmp_path_factory.mktemp(framework)
-    network.save(network.build(name), folder)
+    frameworks.network(framework).save(sys.modules[f"stages.frameworks.{framework}.model"]
+                                       .build(name), folder)
     (folder / frameworks.RUN_INFO).write_text(json.dumps({"framework": framework}))
     return folder
 
@@ -71,7 +87,7 @@ def test_predict_reads_which_framework_made_the_model_and_gives_probabilities(
     assert probs.shape == (25, 10) and probs.dtype == np.float32
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     assert np.allclose(runs[1], probs, atol=1e-6)
-    network = frameworks.module(frameworks.framework_of(model_dir), "model")
+    network = frameworks.network(frameworks.framework_of(model_dir))
     assert np.allclose(network.predict(network.load(model_dir), x, 1000), probs, atol=1e-6)
 
 

@@ -20,7 +20,10 @@ from benchmarks import gpu_check
 from stages.data.mnist import validation_split
 from stages.normalize import normalize
 from stages.runtime import params
-from tests.helpers import FIXTURE, ROOT, fixture_data, merge, run_env, shipped_params
+from testbed.processes import run_env
+from tests.digits import fixture_data
+from tests.paths import FIXTURE, ROOT
+from tests.projects import merge, shipped_params
 
 # What the GPU machine lacks: the pipeline's other packages, and two of the torch path's.
 ABSENT = ("yaml", "dvc", "dvclive", "tensorflow", "keras", "tqdm", "safetensors", "PIL")

@@ -15,20 +15,20 @@ from hypothesis.extra import numpy as hnp
 from stages.data import idx
 from stages.data.mnist import load_mnist
 from stages.runtime.failures import DataError
-from tests.helpers import (
+from tests.digits import gz_idx
+from tests.hostile import (
     BOMB_BYTES,
     FINAL_BLOCK,
-    FIXTURE,
     FULL_IMAGES,
     FULL_TRAIN,
     MIB,
     crc_of,
     deflate,
     deflate_zeros,
-    gz_idx,
     probe,
     refused_in_bounds,
 )
+from tests.paths import FIXTURE
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -161,7 +161,7 @@ def test_arbitrary_bytes_give_an_array_or_a_data_error(blob, ndim):
 
 
 # --- sources over the limits: headers claiming too much, gzip bombs --------------------
-# Each check that could exhaust memory runs in a child interpreter (tests.helpers.probe) that
+# Each check that could exhaust memory runs in a child interpreter (tests.hostile.probe) that
 # reports its own peak RSS and time; the bomb is crafted in tmp_path, a few MB on disk.
 
 

@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from tests.helpers import ROOT, run_env
+from testbed.processes import run_env
+from tests.paths import ROOT
 
 PROBE = textwrap.dedent("""
     import numpy as np

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from tests.helpers import fixture_data, toy_digits, train_cfg
+from tests.digits import fixture_data, toy_digits
+from tests.projects import train_cfg
 
 
 def test_label_smoothing_moves_the_loss_minimum_to_the_smoothed_targets():
@@ -52,14 +55,14 @@ def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch):
     # determinism switch matters, and fit() seeds itself.
     tf.config.experimental.enable_op_determinism()
     data, x_val, y_val = toy_digits()
-    cfg = train_cfg(epochs=8, learning_rate=0.01, batch_size=8, val_fraction=0.2,
-                    restore_best=True)
-    cfg["steps_per_execution"] = 4
+    cfg = dataclasses.replace(train_cfg(epochs=8, learning_rate=0.01, batch_size=8,
+                                        val_fraction=0.2, restore_best=True),
+                              steps_per_execution=4)
     first = fit(cfg, dict(data), tmp_path / "curves")
     acc = (first.predict(x_val, verbose=0).argmax(1) == y_val).mean()
     assert acc > 0.9
     # Another chunk length (speed.keras_steps_per_execution): the same bits, curves included.
-    second = fit(cfg | {"steps_per_execution": 3}, dict(data), tmp_path / "curves2")
+    second = fit(dataclasses.replace(cfg, steps_per_execution=3), dict(data), tmp_path / "curves2")
     for a, b in zip(first.get_weights(), second.get_weights()):
         assert np.array_equal(a, b)
     for curve in ("train/loss.tsv", "eval/loss.tsv", "eval/accuracy.tsv"):
@@ -103,11 +106,11 @@ def test_with_ema_the_average_is_validated_and_returned(tmp_path, monkeypatch):
 
     tf.config.experimental.enable_op_determinism()
     data, x_val, y_val = toy_digits()
-    cfg = train_cfg(epochs=3, learning_rate=0.01, batch_size=8, val_fraction=0.2, ema=0.9)
-    cfg["steps_per_execution"] = 4
+    cfg = dataclasses.replace(train_cfg(epochs=3, learning_rate=0.01, batch_size=8,
+                                        val_fraction=0.2, ema=0.9), steps_per_execution=4)
     averaged = fit(cfg, dict(data), tmp_path / "ema")
     again = fit(cfg, dict(data), tmp_path / "ema2")
-    trained = fit(cfg | {"ema": 0.0}, dict(data), tmp_path / "plain")
+    trained = fit(dataclasses.replace(cfg, ema=0.0), dict(data), tmp_path / "plain")
     accuracy = (averaged.predict(x_val, verbose=0).argmax(1) == y_val).mean()
     assert accuracy == pytest.approx(_last_validation(tmp_path / "ema"))
     assert all(np.array_equal(a, b) for a, b in zip(averaged.get_weights(), again.get_weights()))

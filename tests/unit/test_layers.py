@@ -25,7 +25,7 @@ The rules:
       it) under each supported Python, so that it checks exactly what the suite checks;
       moving that fixture out of tests/ would split the suite's fixture in two;
     - tests/: anything, but only a test module (test_*.py) imports benchmarks or tools,
-      to test them; the tests' shared modules (helpers, conftest, docs) import neither.
+      to test them; the tests' shared modules (conftest, docs, projects...) import neither.
 
 (c) A stage entry point is imported by no module but a test module (tests/**/test_*.py):
     not by another stage, the library, the commands, benchmarks, tools, testbed or the
@@ -45,7 +45,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-from tests.helpers import ROOT
+from tests.paths import ROOT
 
 PACKAGES = ("stages", "mnist_cli", "testbed", "benchmarks", "tools", "tests")
 ENTRY_POINTS = frozenset(f"stages.{name}" for name in (
@@ -195,15 +195,15 @@ def test_the_rules_see_imports_inside_functions_and_report_them(tmp_path):
     all_edges = {(e.importer, e.imported) for e in project_edges()}
     # module level, inside a function, and `from package import module`:
     assert ("stages.evaluate", "stages.analysis.verdicts") in all_edges
-    assert ("tools.pythons", "tests.helpers") in all_edges
+    assert ("tools.pythons", "tests.projects") in all_edges
     assert ("stages.render_errors", "stages.analysis.page") in all_edges
     assert ("mnist_cli.predict", "stages.frameworks") in all_edges
 
     made = {
         "benchmarks.a": "def f():\n    from benchmarks import b\n",
-        "benchmarks.b": "from benchmarks.a import f\nfrom tests.helpers import sh\n",
+        "benchmarks.b": "from benchmarks.a import f\nfrom tests.projects import dvc\n",
         "mnist_cli.c": "import stages.train\n",
-        "tests.helpers": "",
+        "tests.projects": "",
         "stages.train": "",
     }
     known = {}
@@ -214,6 +214,6 @@ def test_the_rules_see_imports_inside_functions_and_report_them(tmp_path):
     made_edges = edges(known, tmp_path)
     assert cycles(made_edges) == [["benchmarks.a", "benchmarks.b"]]
     assert [(e.importer, e.imported) for e in layer_violations(made_edges)] == [
-        ("benchmarks.b", "tests.helpers")]
+        ("benchmarks.b", "tests.projects")]
     assert [str(e) for e in entry_point_violations(made_edges)] == [
         "mnist_cli.c -> stages.train (mnist_cli_c.py:1)"]

@@ -26,7 +26,9 @@ from stages.data.mnist import (
 from stages.normalize import normalize
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import save_npz
-from tests.helpers import FIXTURE, property_settings, small_mnist
+from tests.digits import small_mnist
+from tests.hostile import property_settings
+from tests.paths import FIXTURE
 
 SETTINGS = property_settings()
 

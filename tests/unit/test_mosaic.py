@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from stages.analysis.mosaic import mosaics, tile
-from tests.helpers import centroid_probabilities, fixture_data
+from tests.digits import centroid_probabilities, fixture_data
 
 # --- tile ----------------------------------------------------------------------------
 

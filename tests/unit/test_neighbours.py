@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages.analysis.neighbours import nearest, nearest_by_class, squared_distances
-from tests.helpers import fixture_data
+from tests.digits import fixture_data
 
 
 def reference_nearest(queries, train_x, train_y, classes, k):

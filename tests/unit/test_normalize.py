@@ -13,18 +13,13 @@ from stages import normalize
 from stages.data.console import draw
 from stages.data.mnist import MNIST_KEYS, load_processed, scale
 from stages.runtime.failures import DataError
-from tests.helpers import (
-    FIXTURE,
-    NAMED_CLASSES,
-    MakesMarker,
-    copy_pipeline,
-    dvc_vars,
-    fixture_data,
-    set_params,
-    sh,
-    small_mnist,
-    stage_command,
-)
+from testbed.pipeline import copy_pipeline, stage_command
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.digits import NAMED_CLASSES, fixture_data, small_mnist
+from tests.hostile import MakesMarker
+from tests.paths import FIXTURE
+from tests.projects import set_params
 
 PATHS = dvc_vars()
 

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from stages.data.npz import MAX_NPZ_BYTES, PLAIN_KINDS, load_npz
 from stages.runtime.failures import DataError
-from tests.helpers import (
+from tests.digits import small_mnist
+from tests.hostile import (
     BOMB_BYTES,
     FINAL_BLOCK,
-    FIXTURE,
     FULL_IMAGES,
     FULL_TRAIN,
     MEMORY_BOUND_MIB,
@@ -35,11 +35,11 @@ from tests.helpers import (
     probe,
     property_settings,
     refused_in_bounds,
-    small_mnist,
 )
+from tests.paths import FIXTURE
 
 # The arrays the reader is asked for in most tests: Keras' MNIST layout, as small_mnist
-# writes it (the reader itself knows no layout; MNIST's checks are tests/unit/test_dataset).
+# writes it (the reader itself knows no layout; MNIST's checks are tests/unit/test_mnist.py).
 KEYS = tuple(small_mnist())
 
 
@@ -226,7 +226,7 @@ def test_arbitrary_bytes_are_a_data_error(scratch, blob):
 
 
 # --- sources over the limits: npz files declaring too much are refused in bounds --------
-# Each check that could exhaust memory runs in a child interpreter (tests.helpers.probe) that
+# Each check that could exhaust memory runs in a child interpreter (tests.hostile.probe) that
 # reports its own peak RSS and time; bombs are crafted in tmp_path, a few MB on disk each.
 
 

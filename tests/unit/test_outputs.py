@@ -33,7 +33,7 @@ from stages.runtime.outputs import (
     write_json,
     write_text,
 )
-from tests.helpers import NAMED_CLASSES
+from tests.digits import NAMED_CLASSES
 
 
 def entries(folder: Path) -> list[str]:

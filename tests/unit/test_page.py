@@ -1,8 +1,8 @@
 """stages/analysis/page.py: reports/errors.html is self-contained, shows class names escaped,
 and renders in a real headless Chromium.
 
-The browser checks (marked `system`: Debian's chromium) load a test copy of the page with
-the harness of tests/helpers.py's load_in_chromium(); without Chromium they fail, never
+The browser checks (they need Debian's chromium) load a test copy of the page with
+the harness of tests/browser.py's load_in_chromium(); without Chromium they fail, never
 skip.
 """
 
@@ -17,7 +17,8 @@ import pytest
 from stages.analysis import scoring
 from stages.analysis.page import CSP, render
 from stages.render_errors import analyse
-from tests.helpers import NAMED_CLASSES, centroid_probabilities, fixture_data, load_in_chromium
+from tests.browser import load_in_chromium
+from tests.digits import NAMED_CLASSES, centroid_probabilities, fixture_data
 
 DIGITS = [str(c) for c in range(10)]
 

@@ -15,15 +15,11 @@ import yaml
 
 from stages.runtime import params
 from stages.runtime.failures import ParamError
-from tests.helpers import (
-    NAMED_CLASSES,
-    ROOT,
-    copy_pipeline,
-    run_env,
-    set_params,
-    shipped_params,
-    stage_command,
-)
+from testbed.pipeline import copy_pipeline, stage_command
+from testbed.processes import run_env
+from tests.digits import NAMED_CLASSES
+from tests.paths import ROOT
+from tests.projects import set_params, shipped_params
 
 SHIPPED = shipped_params()
 DELETE = object()
@@ -54,17 +50,18 @@ def rejects(path: str, value, match: str) -> str:
     return message
 
 
-def expected_train(model: str, framework: str = "keras") -> dict:
+def expected_train(model: str, framework: str = "keras", **changes) -> params.TrainConfig:
     """What train gets for `model` in `framework`, from the shipped file: the shared keys,
     that framework's settings (device and workers fixed where it has none), the speed
-    knob Keras reads, and the model's recipe."""
+    knob Keras reads, and the model's recipe; `changes` over them."""
     shared = {key: SHIPPED["train"][key] for key in SHARED_TRAIN_KEYS}
     own = {"device": "cpu", "workers": 1} | SHIPPED["train"][framework]
     if framework == "c":
         own |= {"intra_op_threads": SHIPPED["speed"]["c_threads"], "inter_op_threads": 1}
-    return (shared | own | {"framework": framework, "model": model}
-            | {"steps_per_execution": SHIPPED["speed"]["keras_steps_per_execution"]}
-            | SHIPPED["train"][model])
+    return params.TrainConfig(**(
+        shared | own | {"framework": framework, "model": model}
+        | {"steps_per_execution": SHIPPED["speed"]["keras_steps_per_execution"]}
+        | SHIPPED["train"][model] | changes))
 
 
 # --- the shipped file ------------------------------------------------------------------
@@ -93,7 +90,7 @@ def test_another_models_recipe_does_not_reach_train_but_is_still_checked():
     chosen = SHIPPED["train"]["model"]
     other = next(name for name in params.MODEL_NAMES if name != chosen)
     changed = params.check(edited(f"train.{other}.epochs", 7))["train"]
-    assert changed["epochs"] == SHIPPED["train"][chosen]["epochs"] != 7
+    assert changed.epochs == SHIPPED["train"][chosen]["epochs"] != 7
     rejects(f"train.{other}.epochs", 0, rf"^train\.{other}\.epochs: got 0; allowed: ")
 
 
@@ -185,7 +182,8 @@ def test_limits_are_inclusive_where_documented(path, value, kind):
     """The edges of each range are accepted, and numbers come back as floats."""
     assert SHIPPED["train"]["model"] == "cnn"  # train.cnn.* reach check()["train"]
     section, key = path.split(".")[0], path.split(".")[-1]
-    got = params.check(edited(path, value))[section][key]
+    checked = params.check(edited(path, value))[section]
+    got = getattr(checked, key) if section == "train" else checked[key]
     assert got == value and type(got) is kind
 
 
@@ -198,7 +196,7 @@ def test_restore_best_needs_a_validation_split():
     values["train"]["mlp"]["val_fraction"] = 0.1
     values["train"]["model"] = "mlp"
     got = params.check(values)["train"]
-    assert got["restore_best"] is True and got["val_fraction"] == 0.1
+    assert got.restore_best is True and got.val_fraction == 0.1
 
 
 def test_unknown_framework_and_device_list_the_allowed_names():
@@ -215,7 +213,7 @@ def test_each_framework_gets_its_own_settings_only():
         assert params.check(values)["train"] == expected_train(model, framework)
     # Another framework's settings do not reach train, but a typo in them still fails.
     values = edited("train.torch.device", "cuda")
-    assert params.check(values)["train"]["device"] == "cpu"
+    assert params.check(values)["train"].device == "cpu"
     assert rejects("train.torch.workers", 0, r"^train\.torch\.workers: got 0")
 
 
@@ -225,8 +223,7 @@ def test_each_framework_names_a_gpu_its_own_way_and_c_has_none():
     for framework, gpu, other in (("keras", "gpu", "cuda"), ("torch", "cuda", "gpu")):
         values = edited(f"train.{framework}.device", gpu)
         values["train"]["framework"] = framework
-        assert params.check(values)["train"] == expected_train("cnn", framework) | {
-            "device": gpu}
+        assert params.check(values)["train"] == expected_train("cnn", framework, device=gpu)
         assert rejects(f"train.{framework}.device", other, "device") == (
             f"train.{framework}.device: got '{other}'; allowed: one of cpu, {gpu}")
     assert "train.c.device: unknown key" in rejects("train.c.device", "cuda", "device")
@@ -248,7 +245,7 @@ def test_c_trains_the_original_network_and_the_default_convnet_only():
 def test_c_averages_the_convnets_weights_but_not_the_mlps():
     values = edited("train.cnn.ema", 0.999)
     values["train"]["framework"] = "c"
-    assert params.check(values)["train"]["ema"] == 0.999
+    assert params.check(values)["train"].ema == 0.999
     values["train"]["cnn"]["elastic"] = 34.0
     with pytest.raises(ParamError, match=r"^train\.cnn\.elastic: got 34\.0; allowed: 0 with "
                                          r"train\.framework c \(the plain-C program has no "
@@ -276,7 +273,7 @@ def test_c_refuses_what_its_program_does_not_do(key, value, missing):
     assert str(info.value) == (f"train.mlp.{key}: got {value!r}; allowed: 0 with "
                                f"train.framework c (the plain-C program {missing})")
     values["train"]["framework"] = "torch"
-    assert params.check(values)["train"][key] == value
+    assert getattr(params.check(values)["train"], key) == value
 
 
 def test_unknown_model_lists_the_allowed_names():
@@ -598,7 +595,7 @@ def test_more_than_one_worker_is_for_torch_and_must_divide_the_batch():
     assert "train.keras.workers: unknown key" in rejects("train.keras.workers", 2, "workers")
     values = edited("train.torch.workers", 2)
     values["train"]["framework"] = "torch"
-    assert params.check(values)["train"]["workers"] == 2
+    assert params.check(values)["train"].workers == 2
     values["train"]["torch"]["workers"] = 3  # the cnn's batch is 128
     with pytest.raises(ParamError, match=r"^train\.torch\.workers: got 3; allowed: a divisor "
                                          r"of train\.cnn\.batch_size \(128\)"):
@@ -607,7 +604,7 @@ def test_more_than_one_worker_is_for_torch_and_must_divide_the_batch():
 
 def test_speed_knobs_reach_train_but_are_no_stage_dependency():
     loaded = params.check(edited("speed.keras_steps_per_execution", 7))
-    assert loaded["train"]["steps_per_execution"] == 7
+    assert loaded["train"].steps_per_execution == 7
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert "speed" not in {p.split(".")[0] for stage in stages.values()
                            for p in stage.get("params", [])}
@@ -642,7 +639,7 @@ def test_the_auditors_are_trained_as_train_would_train_their_model():
 
 def test_a_recipe_the_auditor_cannot_train_is_refused_only_when_it_trains():
     values = edited("train.mlp.ema", 0.999)  # C keeps no average; the shipped auditor is C
-    assert params.check(values)["train"]["framework"] == "keras"
+    assert params.check(values)["train"].framework == "keras"
     values["audit"]["folds"] = 2
     with pytest.raises(ParamError, match=r"^train\.mlp\.ema: got 0\.999; allowed: 0 with "
                                          r"audit\.framework c"):

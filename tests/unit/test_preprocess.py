@@ -14,7 +14,9 @@ from PIL import Image
 
 from mnist_cli import preprocess
 from mnist_cli.preprocess import ImageError, load_digit
-from tests.helpers import MEMORY_BOUND_MIB, TIME_BOUND_S, drawn_digit, fixture_data, png_bomb, probe
+from testbed.drawing import drawn_digit
+from tests.digits import fixture_data
+from tests.hostile import MEMORY_BOUND_MIB, TIME_BOUND_S, png_bomb, probe
 
 
 def centre_of_mass(digit: np.ndarray) -> tuple[float, float]:

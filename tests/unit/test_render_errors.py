@@ -22,17 +22,12 @@ from stages.analysis import sheets as error_sheets
 from stages.render_errors import analyse, read_table
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import save_npz, write_csv
-from tests.helpers import (
-    FIXTURE,
-    NAMED_CLASSES,
-    centroid_probabilities,
-    copy_pipeline,
-    dvc_vars,
-    fixture_data,
-    set_params,
-    sh,
-    stage_command,
-)
+from testbed.pipeline import copy_pipeline, stage_command
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.digits import NAMED_CLASSES, centroid_probabilities, fixture_data
+from tests.paths import FIXTURE
+from tests.projects import set_params
 
 PATHS = dvc_vars()
 

@@ -14,7 +14,7 @@ import pytest
 
 from stages.analysis import scoring
 from stages.runtime.outputs import write_csv
-from tests.helpers import NAMED_CLASSES, probabilities_for
+from tests.digits import NAMED_CLASSES, probabilities_for
 
 DIGITS = [str(c) for c in range(10)]
 # A small example: (true, predicted) per test image. Class 2 is never predicted, class 5

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from stages.analysis import sheets as error_sheets
 from stages.render_errors import analyse
-from tests.helpers import NAMED_CLASSES, centroid_probabilities, fixture_data
+from tests.digits import NAMED_CLASSES, centroid_probabilities, fixture_data
 
 DIGITS = [str(c) for c in range(10)]
 HEADER_H = error_sheets.PAD + 2 * error_sheets.LINE_H + error_sheets.PAD

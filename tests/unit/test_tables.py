@@ -10,7 +10,7 @@ import pytest
 
 from stages.analysis import tables as error_tables
 from stages.runtime.outputs import write_csv
-from tests.helpers import NAMED_CLASSES, probabilities_for
+from tests.digits import NAMED_CLASSES, probabilities_for
 
 DIGITS = [str(c) for c in range(10)]
 

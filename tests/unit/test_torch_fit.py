@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch  # make test installs PyTorch (make torch)
 
-from tests.helpers import fixture_data, toy_digits, train_cfg
+from tests.digits import fixture_data, toy_digits
+from tests.projects import train_cfg
 
 
 def test_augment_is_seeded_stays_in_range_and_is_off_at_zero():
@@ -94,7 +97,7 @@ def test_fit_learns_and_is_reproducible_in_process(tmp_path, monkeypatch, schedu
     assert len(losses) == 8 and losses[-1] < losses[0]
     val = (tmp_path / "curves/plots/metrics/eval/accuracy.tsv").read_text().splitlines()
     assert len(val) == 1 + 8
-    other = fit(cfg | {"seed": cfg["seed"] + 1}, dict(data), tmp_path / "curves3")
+    other = fit(dataclasses.replace(cfg, seed=cfg.seed + 1), dict(data), tmp_path / "curves3")
     assert not torch.equal(other.state_dict()["fc1.weight"], one["fc1.weight"])
 
 
@@ -134,7 +137,7 @@ def test_with_ema_the_average_is_validated_and_returned(tmp_path, monkeypatch):
                     ema=0.9)
     averaged = fit(cfg, dict(data), tmp_path / "ema")
     again = fit(cfg, dict(data), tmp_path / "ema2")
-    trained = fit(cfg | {"ema": 0.0}, dict(data), tmp_path / "plain")
+    trained = fit(dataclasses.replace(cfg, ema=0.0), dict(data), tmp_path / "plain")
     accuracy = (predict(averaged, x_val, 100).argmax(1) == y_val).mean()
     lines = (tmp_path / "ema/plots/metrics/eval/accuracy.tsv").read_text().splitlines()
     assert accuracy == pytest.approx(float(lines[-1].split("\t")[1]))
@@ -174,4 +177,4 @@ def test_several_machines_need_the_rendezvous_address_and_port(monkeypatch):
     monkeypatch.delenv("MNIST_MASTER_ADDR", raising=False)
     monkeypatch.setenv("MNIST_MASTER_PORT", "29500")
     with pytest.raises(PipelineError, match="set MNIST_MASTER_ADDR and MNIST_MASTER_PORT"):
-        launch({"workers": 2}, [])
+        launch(dataclasses.replace(train_cfg("torch"), workers=2), [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -14,18 +15,11 @@ from stages.normalize import normalize
 from stages.runtime import params
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import save_npz
-from tests.helpers import (
-    TINY_TRAIN,
-    copy_pipeline,
-    dvc_vars,
-    fixture_data,
-    merge,
-    set_params,
-    sh,
-    shipped_params,
-    stage_command,
-    train_cfg,
-)
+from testbed.pipeline import copy_pipeline, stage_command
+from testbed.pipeline import paths as dvc_vars
+from testbed.processes import sh
+from tests.digits import fixture_data
+from tests.projects import TINY_TRAIN, merge, set_params, shipped_params, train_cfg
 
 PATHS = dvc_vars()
 
@@ -59,14 +53,14 @@ def test_split_refuses_a_fraction_that_leaves_no_usable_split(n, fraction):
 def test_run_info_names_the_framework_and_model_and_what_the_bits_depend_on(framework):
     from stages import frameworks
 
-    cfg = train_cfg() | {"framework": framework}
-    env = frameworks.module(framework, "env")
-    info = train.run_info(cfg, env.versions(), frameworks.module(framework, "model").MODEL_FILE)
+    cfg = dataclasses.replace(train_cfg(), framework=framework)
+    network = frameworks.network(framework)
+    info = train.run_info(cfg, network.versions(), network.model_file)
     keys = ("framework", "model", "device", "seed", "intra_op_threads", "inter_op_threads")
     if framework == "c":  # its bits do not depend on its thread count: not recorded
         assert not {"intra_op_threads", "inter_op_threads"} & set(info)
         keys = keys[:4]
-    assert {k: info[k] for k in keys} == {k: cfg[k] for k in keys}
+    assert {k: info[k] for k in keys} == {k: getattr(cfg, k) for k in keys}
     assert info["numpy"] == np.__version__
     if framework == "keras":
         from stages.frameworks.keras.env import keras, tf

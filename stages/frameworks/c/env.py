@@ -58,9 +58,6 @@ OPENMP = "-fopenmp"
 # What has_openmp() builds: the header and the runtime library that -fopenmp needs.
 OPENMP_PROBE = "#include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n"
 
-_threads = 1
-
-
 def compiler() -> str:
     """The C compiler: $CC if set, else the first of cc, gcc, clang on PATH."""
     wanted = os.environ.get("CC")
@@ -131,24 +128,21 @@ def has_openmp(cc: str) -> bool:
 
 
 def configure(seed: int, intra_op_threads: int, inter_op_threads: int) -> None:
-    """The program's thread count; the seed is passed to it with the recipe, and it has no
-    second thread pool (inter_op_threads is not used)."""
-    global _threads
-    _threads = intra_op_threads
+    """Nothing to set up in this process: the program gets the seed with the recipe and its
+    thread count (cfg.intra_op_threads) on its command line, and has one thread pool."""
 
 
-def threads() -> int:
-    return _threads
-
-
-# How fit() built the program: compiler, version, flags, OpenMP or not (for run_info).
-built: dict = {}
+def build_settings(toolchain: Toolchain = NATIVE) -> dict:
+    """How `toolchain` builds a program: compiler, its version, flags, OpenMP or not."""
+    cc = toolchain.compiler()
+    openmp = has_openmp(cc)
+    return {"cc": cc, "cc_version": compiler_version(cc),
+            "cflags": " ".join([*toolchain.cflags, *([OPENMP] if openmp else [])]),
+            "openmp": openmp}
 
 
 def versions() -> dict:
-    """What a C run's bits depend on besides the params: for run_info.json (the compiler
-    fit() built with, or the one it would use)."""
-    if built:
-        return dict(built)
-    cc = compiler()
-    return {"cc": cc, "cc_version": compiler_version(cc)}
+    """What a C run's bits depend on besides the params: for run_info.json (how the
+    pipeline's toolchain builds the programs). Not the source's hash: the source is a dep,
+    and an edit that changes no result (a comment) must leave the model folder as it was."""
+    return build_settings(NATIVE)

@@ -1,6 +1,6 @@
 """Training in plain C: build the program, hand it the data as idx files, follow its epochs.
 
-`fit(cfg, data, curves_dir)` compiles the program for `cfg["model"]` (mnist_mlp.c or
+`fit(cfg, data, curves_dir)` compiles the program for `cfg.model` (mnist_mlp.c or
 mnist_cnn.c beside this file, with the mnist.h they share; once per source, compiler and
 flags: into the ignored build/c/ folder), writes the split the stage made as idx files
 (MNIST's own format, which can carry float32), runs its `train` command with the recipe,
@@ -23,6 +23,7 @@ from stages.data import idx
 from stages.frameworks.c import env
 from stages.frameworks.c.model import MODEL_FILE, decode
 from stages.runtime.failures import PipelineError, stop_if_interrupted
+from stages.runtime.params import TrainConfig
 from stages.training.epochs import Curves
 
 HERE = Path(__file__).parent
@@ -32,15 +33,15 @@ BUILD_DIR = Path(__file__).resolve().parents[3] / "build" / "c"  # the project r
 BUILD_TIMEOUT = 300  # seconds: far more than one compile of the file takes
 
 
-def fit(cfg: dict, data: dict, curves_dir):
-    """Train with the C program for cfg["epochs"], logging curves with dvclive into
+def fit(cfg: TrainConfig, data: dict, curves_dir):
+    """Train with the C program for cfg.epochs, logging curves with dvclive into
     curves_dir; returns the weights (the network's arrays, in stages/frameworks/c/model.py's
     order).
 
     Under deferred_interrupts, Ctrl-C stops it at the next line the program prints (one
     per epoch; the program itself takes the terminal's Ctrl-C and ends at once).
     """
-    program = build(cfg["model"])
+    program = build(cfg.model)
     stop_if_interrupted()
     with tempfile.TemporaryDirectory(prefix="mnist-c-") as tmp:
         tmp = Path(tmp)
@@ -52,7 +53,7 @@ def fit(cfg: dict, data: dict, curves_dir):
                     idx.encode(data.pop(f"y_{part}").astype(np.uint8)))
                 args += [f"--{flag}images", str(tmp / f"{part}-images.idx"),
                          f"--{flag}labels", str(tmp / f"{part}-labels.idx")]
-        curves = Curves(curves_dir, cfg["epochs"])
+        curves = Curves(curves_dir, cfg.epochs)
         with open(tmp / "stderr", "w+") as stderr, subprocess.Popen(
                 args, stdout=subprocess.PIPE, stderr=stderr, text=True) as process:
             try:
@@ -68,7 +69,7 @@ def fit(cfg: dict, data: dict, curves_dir):
                 said = stderr.read().strip().splitlines()
                 raise PipelineError(said[-1] if said else
                                     f"{program.name} train exited with {process.returncode}")
-        curves.close(validated=cfg["val_fraction"] > 0)
+        curves.close(validated=cfg.val_fraction > 0)
         if summary:
             print(f"arithmetic: {float(summary['executed_gflop']):.1f} GFLOP executed "
                   f"({float(summary['dense_gflop']):.1f} dense) in "
@@ -82,20 +83,15 @@ def build(model: str = "mlp", toolchain: env.Toolchain = env.NATIVE) -> Path:
     one) unless this source (and header), compiler and flags were built before.
 
     With OpenMP when the compiler has it, else single-threaded (same bits either way): one
-    compile, the flags decided before it (env.has_openmp).
+    compile, the flags decided before it (env.build_settings).
     """
-    cc = toolchain.compiler()
+    settings = env.build_settings(toolchain)
+    cc, version, flags = settings["cc"], settings["cc_version"], settings["cflags"].split()
     source_path = SOURCES[model]
     source = source_path.read_bytes() + b"\0" + HEADER.read_bytes()
-    version = env.compiler_version(cc)
-    openmp = env.has_openmp(cc)
-    flags = [*toolchain.cflags, *([env.OPENMP] if openmp else [])]
     key = hashlib.sha256(b"\0".join([source, version.encode(), cc.encode(),
                                      " ".join(flags).encode()])).hexdigest()[:16]
     program = BUILD_DIR / key / source_path.stem
-    # Recorded: the compiler and flags. Not the source's hash: the source is a dep, and an
-    # edit that changes no result (a comment) must leave the model folder as it was.
-    env.built.update(cc=cc, cc_version=version, cflags=" ".join(flags), openmp=openmp)
     if program.is_file():
         return program
     program.parent.mkdir(parents=True, exist_ok=True)
@@ -120,16 +116,16 @@ def build(model: str = "mlp", toolchain: env.Toolchain = env.NATIVE) -> Path:
     return program
 
 
-def recipe_args(cfg: dict) -> list[str]:
+def recipe_args(cfg: TrainConfig) -> list[str]:
     """The recipe as the program's options (the mlp's program keeps no weight average: the
     params check refuses its `ema`)."""
-    return ["--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]),
-            "--learning-rate", repr(cfg["learning_rate"]), "--schedule", cfg["lr_schedule"],
-            "--label-smoothing", repr(cfg["label_smoothing"]),
-            "--rotation", repr(cfg["rotation"]), "--shift", repr(cfg["shift"]),
-            "--zoom", repr(cfg["zoom"]), "--restore-best", str(int(cfg["restore_best"])),
-            *(["--ema", repr(cfg["ema"])] if cfg["model"] == "cnn" else []),
-            "--seed", str(cfg["seed"]), "--threads", str(env.threads())]
+    return ["--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),
+            "--learning-rate", repr(cfg.learning_rate), "--schedule", cfg.lr_schedule,
+            "--label-smoothing", repr(cfg.label_smoothing),
+            "--rotation", repr(cfg.rotation), "--shift", repr(cfg.shift),
+            "--zoom", repr(cfg.zoom), "--restore-best", str(int(cfg.restore_best)),
+            *(["--ema", repr(cfg.ema)] if cfg.model == "cnn" else []),
+            "--seed", str(cfg.seed), "--threads", str(cfg.intra_op_threads)]
 
 
 def fields(line: str) -> dict[str, str]:

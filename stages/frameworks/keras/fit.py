@@ -1,7 +1,7 @@
 """Training in Keras: compiled loops over chunks of batches, Keras' Adam, seeded augmentation.
 
-`fit(cfg, data, curves_dir)` trains the network `cfg["model"]` names with its recipe and
-returns the Keras model, trained on the device `cfg["device"]` names. The stage
+`fit(cfg, data, curves_dir)` trains the network `cfg.model` names with its recipe and
+returns the Keras model, trained on the device `cfg.device` names. The stage
 (stages/train.py) has already split the data, seeded everything and pinned the threads
 (env.py). The loop comes first; the compiled steps, the loss and the optimizer below it;
 the augmentation's resampling is resample.py, the weight average (`ema`) average.py.
@@ -20,11 +20,12 @@ from stages.frameworks.keras.env import keras, tf, use_device
 from stages.frameworks.keras.model import build
 from stages.frameworks.keras.resample import augment
 from stages.runtime.failures import stop_if_interrupted
+from stages.runtime.params import TrainConfig
 from stages.training.epochs import BestEpoch, Curves, batch_order
 
 
-def fit(cfg: dict, data: dict, curves_dir):
-    """Train for cfg["epochs"], logging curves with dvclive into curves_dir; returns the model.
+def fit(cfg: TrainConfig, data: dict, curves_dir):
+    """Train for cfg.epochs, logging curves with dvclive into curves_dir; returns the model.
 
     data holds x_train, y_train and x_val, y_val (possibly empty); it is emptied as the
     arrays move into TensorFlow, so the NumPy copies are freed (peak memory).
@@ -32,28 +33,28 @@ def fit(cfg: dict, data: dict, curves_dir):
     """
     # train.keras.device: configure() hid every GPU; a run on `gpu` shows them again, or
     # ends in one line where TensorFlow sees none. First: before TensorFlow's first op.
-    use_device(cfg["device"])
-    keras.utils.set_random_seed(cfg["seed"])  # initial weights and dropout
+    use_device(cfg.device)
+    keras.utils.set_random_seed(cfg.seed)  # initial weights and dropout
     n = len(data["y_train"])
-    steps_per_epoch = -(-n // cfg["batch_size"])
+    steps_per_epoch = -(-n // cfg.batch_size)
     model = compile_model(cfg, steps_per_epoch)
     x = tf.constant(data.pop("x_train"))
     y = tf.constant(data.pop("y_train").astype(np.int32))
     x_val, y_val = data.pop("x_val"), data.pop("y_val").astype(np.int32)
-    average = Average(model, cfg["ema"]) if cfg["ema"] else None
+    average = Average(model, cfg.ema) if cfg.ema else None
     train_chunk, eval_batch = make_steps(model, x, y, cfg, average)
     stop_if_interrupted()
-    rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule as PyTorch's
-    chunk = cfg["steps_per_execution"]
-    best = BestEpoch(cfg["restore_best"])
-    curves = Curves(curves_dir, cfg["epochs"])
+    rng = np.random.default_rng(cfg.seed)  # batch order: the same rule as PyTorch's
+    chunk = cfg.steps_per_execution
+    best = BestEpoch(cfg.restore_best)
+    curves = Curves(curves_dir, cfg.epochs)
     tty = sys.stdout.isatty()
-    for epoch in range(1, cfg["epochs"] + 1):
+    for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
         bar = keras.utils.Progbar(steps_per_epoch, verbose=1) if tty else None
         loss_sum = hits = 0.0
         done = 0
-        for part in batch_order(n, cfg["batch_size"], rng):
+        for part in batch_order(n, cfg.batch_size, rng):
             for start in range(0, len(part), chunk):
                 batches = part[start:start + chunk]
                 step_losses, step_hits = (t.numpy() for t in
@@ -80,15 +81,15 @@ def fit(cfg: dict, data: dict, curves_dir):
     curves.close(validated=bool(len(y_val)))
     if average:
         average.put_in()
-    best.restore(cfg["epochs"], model.set_weights)
+    best.restore(cfg.epochs, model.set_weights)
     return model
 
 
-def compile_model(cfg: dict, steps_per_epoch: int):
-    model = build(cfg["model"])
-    lr = cfg["learning_rate"]
-    if cfg["lr_schedule"] == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(lr, cfg["epochs"] * steps_per_epoch)
+def compile_model(cfg: TrainConfig, steps_per_epoch: int):
+    model = build(cfg.model)
+    lr = cfg.learning_rate
+    if cfg.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, cfg.epochs * steps_per_epoch)
     # Compiled so that the saved model can be evaluated or fine-tuned as it is loaded.
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -107,7 +108,7 @@ def training_loss(label_smoothing: float):
     return lambda labels, probs: smoothed(tf.one_hot(labels, 10), probs)
 
 
-def make_steps(model, x, y, cfg: dict, average: Average | None = None):
+def make_steps(model, x, y, cfg: TrainConfig, average: Average | None = None):
     """Compiled train and eval loops that run many batches per call.
 
     For a network as small as the original one, time goes to per-batch overhead, not
@@ -118,12 +119,12 @@ def make_steps(model, x, y, cfg: dict, average: Average | None = None):
     (speed.keras_steps_per_execution) changes no bit of the result.
     """
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    train_loss = training_loss(cfg["label_smoothing"])
+    train_loss = training_loss(cfg.label_smoothing)
     optimizer = model.optimizer
     weights = model.trainable_variables
-    seed = tf.constant(cfg["seed"], tf.int64)
-    shape_changes = (cfg["rotation"], cfg["shift"], cfg["zoom"], cfg["elastic"],
-                     cfg["elastic_sigma"])
+    seed = tf.constant(cfg.seed, tf.int64)
+    shape_changes = (cfg.rotation, cfg.shift, cfg.zoom, cfg.elastic,
+                     cfg.elastic_sigma)
 
     # One trace for every chunk shape (the last chunk and the last batch are shorter):
     # tracing the model, loss and optimizer into a graph is the slowest part of a call.
@@ -143,7 +144,7 @@ def make_steps(model, x, y, cfg: dict, average: Average | None = None):
             # Logged: plain cross-entropy, the same quantity as the validation loss (the
             # smoothed objective has a floor above 0 and would show a gap that is not there).
             # Without smoothing the objective is that loss already: not computed twice.
-            loss = loss_fn(yb, probs) if cfg["label_smoothing"] else objective
+            loss = loss_fn(yb, probs) if cfg.label_smoothing else objective
             n = tf.cast(tf.size(yb), tf.float32)
             hit = tf.reduce_sum(tf.cast(tf.argmax(probs, 1, output_type=tf.int32) == yb,
                                         tf.float32))

@@ -1,6 +1,6 @@
 """Training in PyTorch: an explicit loop over batches, as in pytorch/examples' mnist.
 
-`fit(cfg, data, curves_dir)` trains the network `cfg["model"]` names with its recipe and
+`fit(cfg, data, curves_dir)` trains the network `cfg.model` names with its recipe and
 returns the module, on the CPU. The stage (stages/train.py) has already split the data,
 seeded everything and pinned the threads (env.py). Same recipe, same rules as Keras' loop:
 the same batches in the same order (stages/training/epochs.py), Adam with Keras' epsilon,
@@ -31,6 +31,7 @@ from stages.frameworks.torch.launcher import interface_towards, lost_worker, whe
 from stages.frameworks.torch.model import build
 from stages.frameworks.torch.resample import augment
 from stages.runtime.failures import PipelineError, stop_if_interrupted
+from stages.runtime.params import TrainConfig
 from stages.training.distributed import world
 from stages.training.epochs import BestEpoch, Curves, batches
 
@@ -48,12 +49,12 @@ def train_epoch(model, optimizer, scheduler, x, y, order, cfg, generator, bar=No
     hits = torch.zeros((), device=x.device, dtype=torch.int64)
     for batch in order:
         idx = torch.from_numpy(share(batch, rank, size)).to(x.device)
-        data = augment(x[idx], generator, cfg["rotation"], cfg["shift"], cfg["zoom"],
-                       cfg["elastic"], cfg["elastic_sigma"])
+        data = augment(x[idx], generator, cfg.rotation, cfg.shift, cfg.zoom,
+                       cfg.elastic, cfg.elastic_sigma)
         target = y[idx]
         optimizer.zero_grad()
         output = model(data)
-        loss = F.cross_entropy(output, target, label_smoothing=cfg["label_smoothing"])
+        loss = F.cross_entropy(output, target, label_smoothing=cfg.label_smoothing)
         if size > 1:
             # DDP averages the workers' gradients; weighting each worker's mean by its share
             # makes that average the gradient of the global batch's mean loss.
@@ -67,7 +68,7 @@ def train_epoch(model, optimizer, scheduler, x, y, order, cfg, generator, bar=No
         with torch.no_grad():
             # Logged: plain cross-entropy, the quantity the validation loss is (the smoothed
             # objective has a floor above 0 and would show a gap that is not there).
-            plain = (loss if not cfg["label_smoothing"] and size == 1
+            plain = (loss if not cfg.label_smoothing and size == 1
                      else F.cross_entropy(output, target))
             loss_sum += plain * len(target)
             hits += (output.argmax(1) == target).sum()
@@ -96,19 +97,19 @@ def evaluate(model, x, y, batch_size: int = 1000) -> dict:
 ALIVE: list = []
 
 
-def fit(cfg: dict, data: dict, curves_dir):
-    """Train for cfg["epochs"], logging curves with dvclive into curves_dir (rank 0; the
+def fit(cfg: TrainConfig, data: dict, curves_dir):
+    """Train for cfg.epochs, logging curves with dvclive into curves_dir (rank 0; the
     others pass None); returns the trained module on the CPU.
 
     data holds x_train, y_train and x_val, y_val (possibly empty); PyTorch shares the
     arrays' memory (no copy on the CPU). Under deferred_interrupts, Ctrl-C stops it
     between two batches.
     """
-    where = device(cfg["device"])
+    where = device(cfg.device)
     rank, size, _ = world()
-    torch.manual_seed(cfg["seed"])  # initial weights and dropout
+    torch.manual_seed(cfg.seed)  # initial weights and dropout
     # channels_last: oneDNN's convolutions run faster on it than on NCHW.
-    model = build(cfg["model"]).to(where, memory_format=torch.channels_last)
+    model = build(cfg.model).to(where, memory_format=torch.channels_last)
     net, where_ranks = model, []
     if size > 1:
         if where.type != "cuda":  # gloo's sockets: on the interface towards the rendezvous
@@ -119,38 +120,38 @@ def fit(cfg: dict, data: dict, curves_dir):
         where_ranks = where_workers(rank, size)
         # Every worker starts from rank 0's weights (DDP broadcasts them) and draws its own
         # dropout masks and augmentation (rank 0 the same ones as a single process).
-        torch.manual_seed(cfg["seed"] + 1_000_003 * rank)
+        torch.manual_seed(cfg.seed + 1_000_003 * rank)
         net = torch.nn.parallel.DistributedDataParallel(model)
     x = torch.from_numpy(data.pop("x_train")).to(where)
     y = torch.from_numpy(data.pop("y_train").astype(np.int64)).to(where)
     x_val = torch.from_numpy(data.pop("x_val")).to(where)
     y_val = torch.from_numpy(data.pop("y_val").astype(np.int64)).to(where)
     n = len(y)
-    steps_per_epoch = -(-n // cfg["batch_size"])
+    steps_per_epoch = -(-n // cfg.batch_size)
     # fused: one kernel for every parameter's update (PyTorch's default loops over them).
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg["learning_rate"],
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate,
                                  eps=KERAS_ADAM_EPSILON, fused=True)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=cfg["epochs"] * steps_per_epoch)
-        if cfg["lr_schedule"] == "cosine" else None)
-    rng = np.random.default_rng(cfg["seed"])  # batch order: the same rule as Keras'
+        optimizer, T_max=cfg.epochs * steps_per_epoch)
+        if cfg.lr_schedule == "cosine" else None)
+    rng = np.random.default_rng(cfg.seed)  # batch order: the same rule as Keras'
     # augmentation draws
-    generator = torch.Generator().manual_seed(cfg["seed"] + 1_000_003 * rank)
+    generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)
     # `ema`: PyTorch's own weight average, updated after every step; BatchNorm's running
     # statistics are averaged alongside (use_buffers), so the average is a complete model.
     average = (torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg["ema"]),
-        use_buffers=True) if cfg["ema"] else None)
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema),
+        use_buffers=True) if cfg.ema else None)
     result = average.module if average else model  # what is validated and returned
-    best = BestEpoch(cfg["restore_best"] and rank == 0)
-    curves = Curves(curves_dir, cfg["epochs"]) if rank == 0 else None
+    best = BestEpoch(cfg.restore_best and rank == 0)
+    curves = Curves(curves_dir, cfg.epochs) if rank == 0 else None
     tty = sys.stdout.isatty() and rank == 0
     try:
-        for epoch in range(1, cfg["epochs"] + 1):
+        for epoch in range(1, cfg.epochs + 1):
             started = time.perf_counter()
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", leave=False) if tty else None
             loss_sum, hits = train_epoch(net, optimizer, scheduler, x, y,
-                                         batches(n, cfg["batch_size"], rng), cfg, generator, bar,
+                                         batches(n, cfg.batch_size, rng), cfg, generator, bar,
                                          rank, size, average)
             if bar:
                 bar.close()
@@ -185,7 +186,7 @@ def fit(cfg: dict, data: dict, curves_dir):
     if rank:
         return result.cpu()  # the same weights as rank 0's; the stage saves rank 0's only
     curves.close(validated=bool(len(y_val)))
-    best.restore(cfg["epochs"], result.load_state_dict)
+    best.restore(cfg.epochs, result.load_state_dict)
     return result.cpu()
 
 

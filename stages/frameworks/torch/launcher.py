@@ -15,6 +15,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 # PyTorch itself, imported as the framework's env does: one line if it is not installed.
 from stages.frameworks.torch.env import torch  # noqa: E402, F401
 from stages.runtime.failures import PipelineError
+from stages.runtime.params import TrainConfig
 
 NODES = "MNIST_NODES"            # machines taking part (default 1: this one)
 ADDRESS = "MNIST_MASTER_ADDR"    # this machine's address the others reach it at
@@ -164,7 +165,7 @@ def failure_line(failures: dict, workers: int, log_dir: Path) -> str:
         f": {said}" if said else "")
 
 
-def launch(cfg: dict, argv: list[str]) -> None:
+def launch(cfg: TrainConfig, argv: list[str]) -> None:
     """Run this stage's command as `train.torch.workers` data-parallel workers with
     torch.distributed's launcher (torchrun's engine), and wait for them.
 
@@ -186,7 +187,7 @@ def launch(cfg: dict, argv: list[str]) -> None:
 
     from stages.runtime.failures import Interrupted
 
-    workers, nodes = cfg["workers"], int(os.environ.get(NODES, "1"))
+    workers, nodes = cfg.workers, int(os.environ.get(NODES, "1"))
     if nodes < 1 or workers % nodes:
         raise PipelineError(f"{NODES}={nodes}: train.torch.workers ({workers}) must split evenly "
                             "over the machines")
