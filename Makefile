@@ -55,12 +55,14 @@ repro: $(STAMP) c-compiler
 
 torch: $(TORCH_STAMP)
 
+# Every test, on every core: each pytest-xdist worker takes whole test files (loadfile), so a
+# project a module's tests share is built once.
 test: $(TORCH_STAMP) c-compiler system-deps
-	python -m pytest
+	python -m pytest -n auto --dist loadfile
 
-# The inner loop: every test that runs no dvc, trains nothing and starts no stage process.
-# No system packages beyond a C compiler (the C program's unit tests build it).
-test-fast: $(TORCH_STAMP) c-compiler
+# The inner loop: every test not marked slow, which starts no process (tests/conftest.py
+# holds each to it): no dvc, no stage, no compiler, no server.
+test-fast: $(TORCH_STAMP)
 	python -m pytest -m "not slow"
 
 # ruff, with the rules in pyproject.toml ([tool.ruff.lint]); .ci/run runs it before the tests.

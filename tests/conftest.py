@@ -3,7 +3,9 @@ tests/ (tests/README.md, Layout)."""
 
 from __future__ import annotations
 
+import platform
 import signal
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +22,51 @@ def pytest_configure(config):
     an ignored signal stays ignored across exec, a handled one starts at its default."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# --- the `slow` mark tells the truth -----------------------------------------------------
+# A test not marked slow starts no process: `make test-fast` runs those only. Python's audit
+# events name every way a process starts (subprocess, os.fork/exec/spawn/system/posix_spawn);
+# a hook notes each one started while a test not marked slow is set up, runs or is torn
+# down, and such a test then fails at teardown, naming what it started.
+PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.exec", "os.spawn",
+                            "os.system", "os.posix_spawn"})
+STARTED = pytest.StashKey[list]()
+_watched: list | None = None  # the list of the test being watched, if any
+
+
+def _note_processes(event: str, args: tuple) -> None:
+    if _watched is not None and event in PROCESS_EVENTS:
+        _watched.append(f"{event} {str(args[:2])[:120]}")
+
+
+sys.addaudithook(_note_processes)
+# platform.processor() runs `uname -p` once per process and keeps the answer; TensorFlow's
+# import asks for it. Asked here, before any test, so that no test is charged for it.
+platform.processor()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    global _watched
+    if item.get_closest_marker("slow"):
+        return (yield)
+    _watched = item.stash.setdefault(STARTED, [])
+    try:
+        return (yield)
+    finally:
+        _watched = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    started = item.stash.get(STARTED, [])
+    if report.when == "teardown" and started and report.passed:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} is not marked slow but started {len(started)} "
+                           f"process(es), first: {started[0]} (mark it @pytest.mark.slow)")
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,9 @@ class Curves:
               + " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)
 
     def close(self, validated: bool) -> None:
+        # The epochs trained, beside dvclive's own `step` (the last epoch's, from 0): what
+        # `dvc exp show` lists for each experiment, whichever model's recipe set it.
+        self.live.summary["epochs"] = self.epochs
         self.live.end()
         if not validated:
             # No validation split (the mlp recipe): every curve dvc.yaml plots still

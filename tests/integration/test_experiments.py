@@ -136,6 +136,7 @@ def test_exp_show_lists_every_run_with_params_and_metrics(lab):
         assert {"accuracy", "errors", "loss", "label_errors", "model_errors"} <= set(scored)
         assert scored["errors"] == round((1 - scored["accuracy"]) * n_test)
         assert metrics[TRAIN_METRICS]["step"] == recipe["epochs"] - 1
+        assert metrics[TRAIN_METRICS]["epochs"] == recipe["epochs"]
         accuracies.add(scored["accuracy"])
     assert len(accuracies) > 1  # different params, different results
 

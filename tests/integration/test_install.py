@@ -23,6 +23,7 @@ def planned(tmp_path, target: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_make_repro_installs_the_main_lock_only(tmp_path):
     plan = planned(tmp_path, "repro")
     assert "pip install --quiet -r requirements.lock" in plan
@@ -30,6 +31,7 @@ def test_make_repro_installs_the_main_lock_only(tmp_path):
     assert plan.rstrip().splitlines()[-1] == "dvc repro"
 
 
+@pytest.mark.slow
 def test_the_venv_gets_the_project_and_its_commands_installed_offline(tmp_path):
     plan = planned(tmp_path, "repro")
     # After the lock (which pins setuptools, so the build needs no index), before the check.
@@ -39,6 +41,7 @@ def test_the_venv_gets_the_project_and_its_commands_installed_offline(tmp_path):
     assert "\nsetuptools==" in pins
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["torch", "test", "bench"])
 def test_make_torch_test_and_bench_add_the_torch_lock(tmp_path, target):
     plan = planned(tmp_path, target)
@@ -56,6 +59,7 @@ def test_the_torch_lock_keeps_every_version_of_the_main_lock():
     assert "safetensors" in torch and "torch" not in main
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["repro", "test", "bench"])
 def test_make_repro_test_and_bench_install_a_c_compiler_when_there_is_none(tmp_path, target):
     plan = planned(tmp_path, target)
@@ -64,6 +68,7 @@ def test_make_repro_test_and_bench_install_a_c_compiler_when_there_is_none(tmp_p
     assert "apt-get install -y -qq --no-install-recommends gcc libc6-dev" in plan
 
 
+@pytest.mark.slow
 def test_a_compiler_named_by_cc_that_is_not_there_stops_make_with_one_line(tmp_path):
     shutil.copy2(ROOT / "Makefile", tmp_path / "Makefile")
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
@@ -104,6 +109,7 @@ def test_the_supported_pythons_are_pyprojects(tmp_path):
     assert line.split(":=")[1].split() == supported()[::-1] == ["3.13", "3.12", "3.11"]
 
 
+@pytest.mark.slow
 def test_make_builds_the_venv_with_the_newest_supported_python_on_path(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -114,6 +120,7 @@ def test_make_builds_the_venv_with_the_newest_supported_python_on_path(tmp_path)
     assert f"python{supported()[-1]} -m venv .venv" in proc.stdout
 
 
+@pytest.mark.slow
 def test_an_unsupported_python_is_refused_in_one_line_before_anything_runs(tmp_path):
     old = real_python("3.10")
     proc = make_n(tmp_path, "repro", f"PYTHON={old}")
@@ -133,6 +140,7 @@ def makefile_line(piece: str) -> int:
                 if piece in line)
 
 
+@pytest.mark.slow
 def test_the_venv_keeps_its_python_unless_another_is_named(tmp_path):
     older, newer = real_python("3.11"), real_python("3.12")
     subprocess.run([older, "-m", "venv", "--without-pip", str(tmp_path / ".venv")], check=True,
@@ -149,6 +157,7 @@ def test_the_venv_keeps_its_python_unless_another_is_named(tmp_path):
 # --- make gpu ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_make_gpu_replaces_the_cpu_builds_with_the_gpu_lock(tmp_path):
     plan = planned(tmp_path, "gpu")
     torch = plan.index("-r requirements-torch.lock")

@@ -161,6 +161,7 @@ def checked(index: str, requirements: str, platform: str, pure: dict | None = No
     return check_wheels.check(requirements, platform, "3.12", env, {} if pure is None else pure)
 
 
+@pytest.mark.slow
 def test_wheels_for_the_platform_pass_and_a_missing_one_is_named(index):
     assert checked(index, "anywhere==1.0\nlinuxonly==1.0\n", "x86_64-manylinux_2_28") == ""
     problem = checked(index, "anywhere==1.0\nlinuxonly==1.0\n", "aarch64-manylinux_2_28")
@@ -168,6 +169,7 @@ def test_wheels_for_the_platform_pass_and_a_missing_one_is_named(index):
     assert "\n" not in problem
 
 
+@pytest.mark.slow
 def test_a_source_archive_passes_only_if_it_builds_into_a_pure_python_wheel(index):
     pure = {}
     assert checked(index, "anywhere==1.0\npuresrc==1.0\n", "aarch64-apple-darwin", pure) == ""

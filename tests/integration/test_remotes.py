@@ -133,9 +133,11 @@ def assert_same_results_and_nothing_to_do(repo, expected: dict, env=None) -> Non
 def test_default_remote_is_a_sibling_directory_and_credentials_stay_out_of_git(team):
     repo = team.a
     config = (ROOT / ".dvc" / "config").read_text()
-    listed = dvc(repo, "remote", "list").stdout.splitlines()
-    default = [line.split() for line in listed if line.endswith("(default)")]
-    assert default == [["storage", str(team.storage), "(default)"]], listed
+    # name, url, "(default)": DVC wraps a row wider than the terminal, words kept whole.
+    listed = dvc(repo, "remote", "list").stdout.split()
+    assert listed.count("(default)") == 1, listed
+    at = listed.index("(default)")
+    assert listed[at - 2:at + 1] == ["storage", str(team.storage), "(default)"], listed
     assert team.storage.is_dir() and any((team.storage / "files" / "md5").rglob("*"))
     # Port, user and key only in the git-ignored .dvc/config.local.
     def keys(text):

@@ -35,6 +35,7 @@ def warp(framework: str, images: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return warp(torch.from_numpy(images), torch.from_numpy(affine)).numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_affine_map_moves_rotates_and_zooms_as_documented(framework):
     x = _digits()

@@ -152,6 +152,7 @@ def test_the_c_cnn_layers_are_read_back_and_set_against_the_peak():
     assert flops / (57000 * 2) == pytest.approx(dense_flops_per_image("cnn"), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_fma_probe_measures_every_thread_count_asked():
     peaks = fma_peak((1, os.cpu_count()))
     assert set(peaks) == {1, os.cpu_count()}
@@ -187,6 +188,7 @@ def test_every_benchmark_with_a_command_line_is_checked():
     assert commands == set(FLAGS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FLAGS)
 def test_each_benchmark_runs_alone_and_its_help_lists_its_own_flags(name):
     shown = help_text(name)
@@ -194,6 +196,7 @@ def test_each_benchmark_runs_alone_and_its_help_lists_its_own_flags(name):
     assert set(re.findall(r"--[a-z][\w-]*", shown)) == FLAGS[name] | {"--help"}
 
 
+@pytest.mark.slow
 def test_a_flag_of_one_benchmark_is_in_no_other_benchmarks_help():
     def having(flag):
         return [name for name in FLAGS if re.search(rf"{flag}\b(?!-)", help_text(name))]

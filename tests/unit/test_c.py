@@ -82,6 +82,7 @@ def test_a_damaged_model_file_is_refused_in_one_line(tmp_path, damage, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 @on_every_toolchain
 def test_the_program_reads_the_file_python_writes_and_predicts_as_numpy(program, digits,
                                                                        tmp_path):
@@ -117,6 +118,7 @@ def reference(net: model.MLP, x, y, mask, smoothing):
     return loss, grads
 
 
+@pytest.mark.slow
 @on_every_toolchain
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_the_backward_pass_agrees_with_numpy_and_finite_differences(program, digits,
@@ -160,6 +162,7 @@ def test_the_backward_pass_agrees_with_numpy_and_finite_differences(program, dig
                                                           abs=1e-9)
 
 
+@pytest.mark.slow
 def test_the_forward_pass_matches_keras_on_the_same_weights(program, digits, tmp_path):
     from stages.frameworks.keras import model as keras_model
 
@@ -193,6 +196,7 @@ def train(program, tmp_path, digits, name, *options, n=1000):
     return out.read_bytes(), proc.stdout
 
 
+@pytest.mark.slow
 @on_every_toolchain
 def test_training_gives_the_same_bits_for_a_seed_whatever_the_thread_count(
         program, digits, tmp_path):
@@ -208,6 +212,7 @@ def test_training_gives_the_same_bits_for_a_seed_whatever_the_thread_count(
     assert losses[1] < losses[0] < np.log(10)  # it learns
 
 
+@pytest.mark.slow
 @on_every_toolchain
 def test_every_recipe_knob_trains_deterministically_across_threads(program, digits, tmp_path):
     """Augmentation, cosine decay, label smoothing, a validation split and restore_best."""
@@ -230,6 +235,7 @@ def test_every_recipe_knob_trains_deterministically_across_threads(program, digi
     assert float(epochs[-1]["val_accuracy"]) > 0.7  # 1000 images, 3 epochs
 
 
+@pytest.mark.slow
 @on_every_toolchain
 @pytest.mark.parametrize("args, message", [
     (("--epochs", 0), "--epochs"),
@@ -266,6 +272,7 @@ def damaged_inputs(digits):
     }
 
 
+@pytest.mark.slow
 @on_every_toolchain
 @pytest.mark.parametrize("case", [
     "wrong magic", "truncated images", "too many bytes", "labels for other images",
@@ -285,6 +292,7 @@ def test_damaged_data_is_refused_in_one_line_and_writes_nothing(program, digits,
 # --- through the seam -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fit_reports_epochs_like_every_framework_and_returns_the_weights(digits, tmp_path,
                                                                          capsys):
     cfg = dataclasses.replace(train_cfg("c", epochs=2, batch_size=32, val_fraction=0.1,
@@ -306,6 +314,7 @@ def test_fit_reports_epochs_like_every_framework_and_returns_the_weights(digits,
     assert "-march=native" in info["cflags"] and "program_sha256" not in info
 
 
+@pytest.mark.slow
 def test_the_program_is_built_once_per_source_and_flags(tmp_path, monkeypatch):
     first = fit.build()
     built_at = first.stat().st_mtime_ns
@@ -330,6 +339,7 @@ def test_no_compiler_is_one_line_naming_how_to_install_one(monkeypatch):
         env.compiler()
 
 
+@pytest.mark.slow
 def test_a_source_that_does_not_compile_is_one_line(tmp_path, monkeypatch):
     broken = tmp_path / "mnist_mlp.c"
     broken.write_text("int main(void) { return undefined_name; }\n")
@@ -350,6 +360,7 @@ def fused_multiply_adds(program, cc: str) -> int:
                if any(m in line for m in ("vfmadd", "vfnmadd", "\tfmla", "\tfmadd")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("toolchain", TOOLCHAINS)
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_both_programs_compute_with_fused_multiply_adds(name, toolchain):

@@ -291,6 +291,7 @@ def test_the_reference_agrees_with_central_differences(digits, smoothing):
 # --- the program ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @on_every_toolchain
 @pytest.mark.parametrize("smoothing, images", [(0.0, 8), (0.1, 64)])
 def test_the_programs_backward_pass_agrees_with_the_reference(program, digits, tmp_path,
@@ -321,6 +322,7 @@ def test_the_programs_backward_pass_agrees_with_the_reference(program, digits, t
         assert np.abs(c - ref).max() < tolerance * scale, name
 
 
+@pytest.mark.slow
 def test_the_program_predicts_as_numpy_whatever_the_thread_count(program, digits, tmp_path):
     net = lively(6)
     model.save(net, tmp_path)
@@ -340,6 +342,7 @@ def test_the_program_predicts_as_numpy_whatever_the_thread_count(program, digits
     assert np.abs(probs - expected).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_the_program_predicts_as_keras_on_weights_exported_from_keras(program, digits,
                                                                       tmp_path):
     from stages.frameworks.keras import model as keras_model
@@ -373,6 +376,7 @@ def train(program, tmp_path, digits, name, *options, n=400):
     return out.read_bytes(), proc.stdout
 
 
+@pytest.mark.slow
 def test_training_gives_the_same_bits_whatever_the_thread_count(program, digits, tmp_path):
     """Every knob on: augmentation, cosine decay, label smoothing, validation, restore_best;
     a last batch shorter than the others (400 = 3 x 128 + 16)."""
@@ -423,6 +427,7 @@ def test_a_short_training_learns_and_its_model_predicts_as_numpy(program, digits
     assert np.abs(read_idx(tmp_path / "p1.idx") - expected).max() < 1e-5
 
 
+@pytest.mark.slow
 @on_every_toolchain
 @pytest.mark.parametrize("args, message", [
     (("--epochs", 0), "--epochs"),
@@ -443,6 +448,7 @@ def test_bad_options_are_refused_in_one_line_before_any_work(program, digits, tm
     assert not (tmp_path / "m.bin").exists()
 
 
+@pytest.mark.slow
 @on_every_toolchain
 @pytest.mark.parametrize("damage, message", [
     (lambda data: data[:-4], "588480 bytes; a model file of this program has 588484"),
@@ -464,6 +470,7 @@ def test_the_program_refuses_a_damaged_model_file_in_one_line(program, digits, t
     assert not (tmp_path / "p.idx").exists()
 
 
+@pytest.mark.slow
 def test_ema_keeps_validates_and_saves_an_average_of_every_parameter(program, digits,
                                                                      tmp_path):
     """--ema d: the saved model is avg = d avg + (1 - d) p over the steps (BatchNorm's moving

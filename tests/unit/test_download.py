@@ -712,6 +712,7 @@ def nothing_left(out: Path) -> bool:
     return not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))
 
 
+@pytest.mark.slow
 def test_http_source_that_never_ends_is_refused_at_the_cap_and_not_retried(tmp_path,
                                                                             endless):
     out = tmp_path / "raw" / "mnist.npz"
@@ -725,6 +726,7 @@ def test_http_source_that_never_ends_is_refused_at_the_cap_and_not_retried(tmp_p
     assert nothing_left(out)
 
 
+@pytest.mark.slow
 def test_http_content_length_over_the_cap_is_refused_before_the_body(tmp_path, endless):
     out = tmp_path / "raw" / "mnist.npz"
     url = endless.url("/huge/mnist.npz")
@@ -736,6 +738,7 @@ def test_http_content_length_over_the_cap_is_refused_before_the_body(tmp_path, e
     assert nothing_left(out)
 
 
+@pytest.mark.slow
 def test_endless_idx_file_is_refused_at_the_per_file_cap(tmp_path, endless):
     out = tmp_path / "raw" / "mnist.npz"
     base = endless.url("/mnist")
@@ -747,6 +750,7 @@ def test_endless_idx_file_is_refused_at_the_per_file_cap(tmp_path, endless):
     assert nothing_left(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["/dev/zero", "file:///dev/zero"])
 def test_dev_zero_as_a_local_source_is_refused_at_the_cap(tmp_path, source):
     out = tmp_path / "raw" / "mnist.npz"

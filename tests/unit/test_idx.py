@@ -185,6 +185,7 @@ def bombs(tmp_path_factory) -> Path:
 # --- idx: the header is read first, the body never past what it declares ------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims, size", [
     ((2**32 - 1, 28, 28), (2**32 - 1) * 784),
     ((2**32 - 1,), 2**32 - 1),
@@ -209,6 +210,7 @@ def test_idx_header_with_a_shape_mnist_does_not_allow_is_refused_from_the_header
     assert idx.parse_gz(raw, "f.gz", 3).shape == (60_000, 28, 27)  # no layout asked: read
 
 
+@pytest.mark.slow
 def test_gzip_bomb_is_inflated_no_further_than_its_header_declares_plus_the_cap(bombs):
     """A 2 MB .gz whose header declares a full training set (47 MB) but which inflates to
     2 GiB: refused once the declared bytes and the cap's worth more are counted."""

@@ -82,6 +82,7 @@ def test_configure_hides_every_gpu_and_a_gpu_is_shown_or_refused_in_one_line():
     assert proc.stdout.endswith(f"): {fix}, or use train.keras.device: cpu\n")
 
 
+@pytest.mark.slow
 def test_pytorch_trains_in_a_process_that_imported_tensorflow_first():
     """A process that imports TensorFlow (this module) and then runs PyTorch with
     deterministic kernels, as the suite and the benchmarks do: PyPI's CUDA build of

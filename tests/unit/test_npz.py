@@ -278,6 +278,7 @@ def bombs(tmp_path_factory) -> Path:
 # --- what the zip directory and the .npy headers declare --------------------------------
 
 
+@pytest.mark.slow
 def test_npy_header_claiming_ten_million_images_is_refused_from_its_header(tmp_path):
     path = tmp_path / "claims.npz"
     with zipfile.ZipFile(path, "w") as zf:  # a tiny, self-consistent zip entry
@@ -311,6 +312,7 @@ def test_member_whose_zip_entry_disagrees_with_its_header_is_refused(tmp_path):
     assert load_npz(path, KEYS)["x_train"].shape == (3, 28, 28)
 
 
+@pytest.mark.slow
 def test_members_declaring_more_than_the_cap_in_total_are_refused_from_the_directory(
         tmp_path):
     # Each entry alone (300 MiB) is under the cap; together they are not. The directory
@@ -325,6 +327,7 @@ def test_members_declaring_more_than_the_cap_in_total_are_refused_from_the_direc
                       r"MiB cap$")
 
 
+@pytest.mark.slow
 def test_zip_bomb_understating_its_size_is_refused_before_inflating(bombs):
     """Declares 1,000 images (784 KB); its 2 MB of deflate data inflate to 2 GiB."""
     head = npy_header((1000, 28, 28))
@@ -350,6 +353,7 @@ def plausible_bomb(bombs) -> dict:
                 crc=crc_of(head, BOMB_BYTES), head=head)
 
 
+@pytest.mark.slow
 def test_zip_bomb_with_a_plausible_size_is_never_inflated_past_it(bombs, plausible_bomb):
     """zipfile stops inflating an entry at its declared file_size, reading in chunks; the
     CRC-32 of all 2 GiB then disagrees with the 47 MB read: a damaged archive."""
@@ -362,6 +366,7 @@ def test_zip_bomb_with_a_plausible_size_is_never_inflated_past_it(bombs, plausib
                       r"'x_train\.npy'\)$")
 
 
+@pytest.mark.slow
 def test_zip_bomb_whose_crc_matches_its_declared_part_yields_only_that_part(
         bombs, plausible_bomb):
     """With the CRC-32 of the declared 47 MB, zipfile cannot tell: the loader returns the
@@ -419,6 +424,7 @@ def test_object_arrays_are_refused_from_their_header(tmp_path):
         load_npz(path, ("predictions",))
 
 
+@pytest.mark.slow
 def test_zip_directory_of_thousands_of_members_is_refused_before_it_is_parsed(tmp_path):
     path = tmp_path / "many.npz"
     with zipfile.ZipFile(path, "w") as zf:
@@ -458,6 +464,7 @@ def test_the_fixture_still_loads_and_matches_numpy():
 # what a stage really holds when it reads all of MNIST, validation included.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "deflated"])
 def test_a_full_size_raw_file_loads_in_bounded_memory(tmp_path, save):
     """60,000 + 10,000 uint8 images (55 MB), as Keras ships MNIST."""
@@ -476,6 +483,7 @@ def test_a_full_size_raw_file_loads_in_bounded_memory(tmp_path, save):
     assert outcome["peak_mib"] < MEMORY_BOUND_MIB and outcome["wall"] < TIME_BOUND_S, outcome
 
 
+@pytest.mark.slow
 def test_a_full_size_processed_file_is_under_the_cap_and_loads(tmp_path):
     """normalize's output for all of MNIST: 70,000 float32 images, 220 MB."""
     x_train = np.zeros(FULL_TRAIN, np.float32)

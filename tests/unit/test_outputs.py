@@ -132,6 +132,7 @@ def test_disk_errors_passes_other_os_errors_on_unchanged(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow
 def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     target = tmp_path / "out.npz"
     dead = dead_pid()

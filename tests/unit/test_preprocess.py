@@ -211,6 +211,7 @@ def test_files_that_hold_no_digit_get_one_line_naming_them(tmp_path):
         load_digit(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
     """20000×20000 (400 Mpx, 400 MB as grey bytes) in a 50 KB file: refused with its size,
     in a child that never holds more than a fraction of the image."""
@@ -224,6 +225,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
     assert outcome["peak_mib"] < MEMORY_BOUND_MIB and outcome["seconds"] < TIME_BOUND_S
 
 
+@pytest.mark.slow
 def test_the_largest_image_it_reads_costs_bounded_memory_and_time(tmp_path):
     """8000×8000 (64 Mpx) is read, shrunk to the working size and classified in bounds."""
     big = drawn_digit("0", size=(8000, 8000), box=(1000, 1000, 5000, 7000), width=300)

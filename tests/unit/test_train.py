@@ -49,6 +49,7 @@ def test_split_refuses_a_fraction_that_leaves_no_usable_split(n, fraction):
 # --- what the model's bits depend on ----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", params.FRAMEWORKS)
 def test_run_info_names_the_framework_and_model_and_what_the_bits_depend_on(framework):
     from stages import frameworks
