@@ -3,7 +3,11 @@ tests/ (tests/README.md, Layout)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import platform
+import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from testbed.processes import sh
+from tests.docs import block, run_sh
 from tests.paths import FIXTURE
 from tests.projects import copy_project, dvc, make_project, out_hashes
 
@@ -74,23 +79,77 @@ def fixture_path() -> Path:
     return FIXTURE
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, filled by `build(folder)` once for the whole run: under `make test`
+    pytest-xdist's workers share it (the first to ask builds it while the others wait on a
+    lock, then all read it), so a session's project is built once, not once per worker."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's own folder, above each worker's
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed part way
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory):
     """The fixture project after one full `dvc repro` (fast training), results committed.
 
-    Trained once per session and shared: READ it, never change it. A test that edits,
-    reruns or commits works on its own copy (`trained_copy`, or `copy_project`). That the
-    shared one stayed untouched is checked when the session ends.
+    Trained once per run and shared: READ it, never change it. A test that edits, reruns
+    or commits works on its own copy (`trained_copy`, or `copy_project`). That the shared
+    one stayed untouched is checked when the session ends.
 
-    Yields .repo (the project dir) and .repro (the CompletedProcess of its first repro).
+    Yields .repo (the project dir) and .repro (its first repro's output: .stdout, .stderr).
     """
-    repo = make_project(tmp_path_factory.mktemp("trained") / "project")
-    first = dvc(repo, "repro")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "results of the fixture params")
+    def build(folder: Path) -> None:
+        repo = make_project(folder / "project")
+        first = dvc(repo, "repro")
+        (folder / "repro.stdout").write_text(first.stdout)
+        (folder / "repro.stderr").write_text(first.stderr)
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", "results of the fixture params")
+
+    folder = built_once(tmp_path_factory, "trained", build)
+    repo = folder / "project"
     hashes = out_hashes(repo)
+    first = SimpleNamespace(stdout=(folder / "repro.stdout").read_text(),
+                            stderr=(folder / "repro.stderr").read_text())
     yield SimpleNamespace(repo=repo, repro=first)
     assert out_hashes(repo) == hashes, "a test changed the shared trained_project's outputs"
+
+
+# The README's block that switches framework and model, one `dvc exp run -S` a line.
+SWITCH_BLOCK = ("README.md", "dvc exp show --only-changed")
+
+
+@pytest.fixture(scope="session")
+def switched(trained_project, tmp_path_factory):
+    """A copy of the trained project in which the README's one-`-S` block ran: Keras' mlp,
+    PyTorch's cnn, C's cnn and C's mlp, each an experiment; the workspace holds the last
+    (C's mlp). Built once per run (built_once): READ it; change a copy.
+
+    .repo, .output (the block's), and by (framework, model): .runs, each experiment's part
+    of that output, and .exps, its name (`dvc exp apply NAME` brings it back)."""
+    def build(folder: Path) -> None:
+        repo = copy_project(trained_project.repo, folder / "project")
+        (folder / "output").write_text(run_sh(block(*SWITCH_BLOCK), repo))
+
+    folder = built_once(tmp_path_factory, "switched", build)
+    repo, output = folder / "project", (folder / "output").read_text()
+    runs, exps = {}, {}
+    parts = output.split("Ran experiment(s): ")  # each run's output ends with its name
+    for run, after in zip(parts, parts[1:]):
+        model, framework = re.search(r"^train: (\w+) in (\w+) on ", run, re.M).groups()
+        runs[framework, model], exps[framework, model] = run, after.split()[0]
+    hashes = out_hashes(repo)
+    yield SimpleNamespace(repo=repo, output=output, runs=runs, exps=exps)
+    assert out_hashes(repo) == hashes, "a test changed the shared switched project's outputs"
 
 
 @pytest.fixture
@@ -109,10 +168,13 @@ def reader_project(tmp_path_factory):
     """A fixture project trained by READER_TRAIN through evaluate, results committed: the
     model the commands that use a model (mnist-predict, mnist-errors-diff) are tested with.
     READ it; change a copy (copy_project)."""
-    repo = make_project(tmp_path_factory.mktemp("reader") / "project", train=READER_TRAIN)
-    dvc(repo, "repro", "evaluate")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "results of the reader params")
+    def build(folder: Path) -> None:
+        repo = make_project(folder / "project", train=READER_TRAIN)
+        dvc(repo, "repro", "evaluate")
+        sh(repo, "git", "add", "-A")
+        sh(repo, "git", "commit", "-qm", "results of the reader params")
+
+    repo = built_once(tmp_path_factory, "reader", build) / "project"
     hashes = out_hashes(repo)
     yield repo
     assert out_hashes(repo) == hashes, "a test changed the shared reader_project's outputs"

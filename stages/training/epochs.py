@@ -49,6 +49,9 @@ class Curves:
         self.live = Live(dir=str(curves_dir), dvcyaml=None, save_dvc_exp=False, report=None)
 
     def epoch(self, epoch: int, seconds: float, logs: dict, train_accuracy: float) -> None:
+        # dvclive's step is the epoch's number, from 1: the curves' x axis, and the summary's
+        # `step` (what `dvc metrics` and `dvc exp show` list) is the epochs trained.
+        self.live.step = epoch
         for name, value in logs.items():
             self.live.log_metric(name, round(value, 6))
         self.live.next_step()
@@ -57,9 +60,6 @@ class Curves:
               + " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)
 
     def close(self, validated: bool) -> None:
-        # The epochs trained, beside dvclive's own `step` (the last epoch's, from 0): what
-        # `dvc exp show` lists for each experiment, whichever model's recipe set it.
-        self.live.summary["epochs"] = self.epochs
         self.live.end()
         if not validated:
             # No validation split (the mlp recipe): every curve dvc.yaml plots still

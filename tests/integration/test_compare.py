@@ -95,8 +95,8 @@ def test_metrics_diff_shows_the_headline_and_the_last_epoch(history):
     # The last training epoch is a DVC metric too: plain loss, validation loss and accuracy.
     curves = diff[TRAIN_METRICS]
     assert set(curves) == {"step", "train.loss", "eval.loss", "eval.accuracy"}
-    assert curves["step"] == {"old": recipes["old"]["epochs"] - 1,
-                              "new": recipes["new"]["epochs"] - 1, "diff": 1}
+    assert curves["step"] == {"old": recipes["old"]["epochs"],  # the epochs trained
+                              "new": recipes["new"]["epochs"], "diff": 1}
     assert curves["eval.accuracy"]["new"] == runs["new"]["curves"]["eval"]["accuracy"]
 
 
@@ -139,7 +139,7 @@ def test_plots_diff_json_has_both_revisions_of_every_plot(history, tmp_path):
     accuracy = values(VAL_ACCURACY)
     loss = values(LOSS)
     for rev, run in revisions:
-        epochs = list(range(recipes[run]["epochs"]))
+        epochs = list(range(1, recipes[run]["epochs"] + 1))
         assert [int(r["step"]) for r in accuracy if r["rev"] == rev] == epochs, rev
         for split in ("train", "eval"):
             steps = [int(r["step"]) for r in loss

@@ -25,8 +25,8 @@ docs/outputs.md lists, the functions of docs/frameworks.md's concept table, and 
 relative link and code path named in the pages.
 
 Each page's trained state is shared: one copy of the trained project in which the README's
-one-`-S` block ran (`switched`) feeds the pages after it, whose runs of the same params
-come back from DVC's run-cache instead of training.
+one-`-S` block ran (conftest.py's `switched`) feeds the pages after it, whose runs of the
+same params come back from DVC's run-cache instead of training.
 """
 
 from __future__ import annotations
@@ -289,16 +289,6 @@ def test_readme_code_map_names_what_is_there():
                 assert rel in seen, f"README map: {rel} is not on it"
 
 
-@pytest.fixture(scope="module")
-def switched(trained_project, tmp_path_factory):
-    """A copy of the trained project in which the README's one-`-S` block ran: Keras' mlp,
-    PyTorch's cnn, C's cnn and C's mlp, each an experiment; the workspace holds the last
-    (C's mlp)."""
-    repo = copy_project(trained_project.repo, tmp_path_factory.mktemp("switched") / "project")
-    output = run_sh(block("README.md", "dvc exp show --only-changed"), repo)
-    return SimpleNamespace(repo=repo, output=output)
-
-
 @pytest.mark.slow
 @claims(("README.md", "dvc exp show --only-changed"))
 def test_one_set_switches_framework_or_model(switched):
@@ -320,7 +310,7 @@ def test_one_set_switches_framework_or_model(switched):
     # table's first 160 columns, and without a pager DVC hides what does not fit behind "…".
     header = set(table_.splitlines()[0].split())
     assert {"accuracy", "errors", "label_errors", "ambiguous", "model_errors", "train.framework",
-            "train.model", "train.seed", "epochs"} <= header, header
+            "train.model", "train.seed", "step"} <= header, header
     assert max(len(line.rstrip()) for line in table_.splitlines()) <= 160, table_
 
 

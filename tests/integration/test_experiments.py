@@ -1,13 +1,14 @@
 """Experiments: `dvc exp run -S`, a grid through the real celery queue, `dvc exp show`.
 
-The baseline is a copy of the session's trained project, switched to the default params'
-offline setup: `download.url` cannot be fetched and the data comes from the mirror
-`../shared/data/mnist.npz`, a path relative to the project, beside which the test puts a
-copy of the fixture. Only download reruns for that (same bytes: nothing after it does).
-Queued experiments run in a temporary copy under .dvc/tmp/exps/, where that relative path
-leads nowhere: they work because download's result is already in the cache (dvc.lock
-committed with the baseline), so no queued experiment runs download at all. The test
-checks exactly that.
+The baseline is a copy of the session's reader project (the original network in plain C: the
+queue's workings are the same in every framework, and C trains in seconds), run to the end
+of the pipeline and switched to the default params' offline setup: `download.url` cannot be
+fetched and the data comes from the mirror `../shared/data/mnist.npz`, a path relative to
+the project, beside which the test puts a copy of the fixture. Only download reruns for that
+(same bytes: nothing after it does). Queued experiments run in a temporary copy under
+.dvc/tmp/exps/, where that relative path leads nowhere: they work because download's result
+is already in the cache (dvc.lock committed with the baseline), so no queued experiment runs
+download at all. The test checks exactly that.
 """
 
 from __future__ import annotations
@@ -45,11 +46,17 @@ def overrides(model: str, recipe: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def lab(trained_project, tmp_path_factory):
+def lab(reader_project, tmp_path_factory):
     root = tmp_path_factory.mktemp("experiments")
     (root / "shared" / "data").mkdir(parents=True)
     shutil.copy(FIXTURE, root / "shared" / "data" / "mnist.npz")
-    repo = copy_project(trained_project.repo, root / "project")
+    repo = copy_project(reader_project, root / "project")
+    # The label audit's auditor (off) on C's cnn, so that the grid over the mlp's recipe is
+    # train's alone; and the stages after evaluate, which the reader project leaves out.
+    set_params(repo, audit={"model": "cnn"})
+    dvc(repo, "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "the whole pipeline")
     set_params(repo, download={
         "url": (root / "unreachable" / "mnist.npz").as_uri(),
         "mirrors": [{"url": "../shared/data/mnist.npz", "sha256": FIXTURE_SHA256,
@@ -135,8 +142,7 @@ def test_exp_show_lists_every_run_with_params_and_metrics(lab):
         scored = metrics[METRICS]
         assert {"accuracy", "errors", "loss", "label_errors", "model_errors"} <= set(scored)
         assert scored["errors"] == round((1 - scored["accuracy"]) * n_test)
-        assert metrics[TRAIN_METRICS]["step"] == recipe["epochs"] - 1
-        assert metrics[TRAIN_METRICS]["epochs"] == recipe["epochs"]
+        assert metrics[TRAIN_METRICS]["step"] == recipe["epochs"]  # the epochs trained
         accuracies.add(scored["accuracy"])
     assert len(accuracies) > 1  # different params, different results
 

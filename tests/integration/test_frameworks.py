@@ -1,15 +1,19 @@
 """Train with PyTorch or plain C instead of Keras: same stages, same data, same outputs.
 
-Real `dvc exp run -S train.framework=torch` (or `=c`) and `dvc repro` on a copy of the
-session's trained (Keras) project: the stages after train run unchanged on the new model, a
-forced rerun gives the same bits, each framework's code is a dependency only when it is
-chosen, and going back to Keras restores its results from DVC's run-cache without training.
+The README's `dvc exp run -S train.framework=torch` (or `=c`) lines run once on a copy of the
+session's trained (Keras) project (conftest.py's `switched`); each test applies one of
+those experiments to a copy of it, as right after its run, and goes on with `dvc repro`:
+the stages after train run unchanged on the new model, a rerun gives the same bits (forced,
+or started by an edit of the framework's code), each framework's code is a dependency only
+when it is chosen, and going back to Keras restores its results from DVC's run-cache
+without training.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -17,6 +21,7 @@ import yaml
 from testbed.pipeline import paths as dvc_vars
 from testbed.processes import sh
 from tests.projects import (
+    copy_project,
     dvc,
     edit_module,
     out_hashes,
@@ -32,6 +37,15 @@ PATHS = dvc_vars()
 ALL_STAGES = ["download", "normalize", "train", "evaluate", "render-errors", "audit-labels"]
 
 
+def applied(switched, run: tuple[str, str], dest: Path) -> tuple[Path, str]:
+    """A copy of the switched project (conftest.py) with the README's `dvc exp run` of
+    `run` (framework, model) applied: its params, dvc.lock and outputs in the workspace, as
+    right after that run on the trained project; and what the run printed."""
+    repo = copy_project(switched.repo, dest / "project")
+    dvc(repo, "exp", "apply", switched.exps[run])
+    return repo, switched.runs[run]
+
+
 def forced_rerun_gives_the_same_bits(repo, results: dict) -> None:
     """Same params, same machine, new processes: every output byte for byte, dvc.lock as
     it was."""
@@ -42,17 +56,17 @@ def forced_rerun_gives_the_same_bits(repo, results: dict) -> None:
     assert (repo / "dvc.lock").read_text() == lock
 
 
-def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
-    repo = trained_copy
-    keras_results = out_hashes(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())["train"]
+def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_project, switched,
+                                                              tmp_path):
+    keras_results = out_hashes(trained_project.repo)
+    params = yaml.safe_load((trained_project.repo / "params.yaml").read_text())["train"]
     recipe = params[params["model"]]
+    repo, out = applied(switched, ("torch", params["model"]), tmp_path)
 
-    run = dvc(repo, "exp", "run", "-S", "train.framework=torch")
     # download and normalize are framework-free: not rerun.
-    assert stages_run(run.stdout) == ["train", "evaluate", "render-errors"], run.stdout
-    assert f"train: {params['model']} in torch on " in run.stdout
-    epochs = [line for line in run.stdout.splitlines() if line.startswith("epoch ")]
+    assert stages_run(out) == ["train", "evaluate", "render-errors"], out
+    assert f"train: {params['model']} in torch on " in out
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == recipe["epochs"]
     assert all("eval/accuracy=" in line for line in epochs)
 
@@ -74,17 +88,22 @@ def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
     assert 0 < metrics["accuracy"] <= 1
     assert (repo / PATHS["page"]).read_text().count("<img") > 0
 
-    forced_rerun_gives_the_same_bits(repo, torch_results)
-
-    # Only the chosen framework's code is a dependency.
+    # Only the chosen framework's code is a dependency: its training loop of train, its
+    # networks of train and evaluate.
     edit_module(repo, "frameworks/keras/fit")
     edit_module(repo, "frameworks/keras/model")
     assert status(repo) == {}
     edit_module(repo, "frameworks/torch/fit")
     assert list(status(repo)) == ["train"]
+    edit_module(repo, "frameworks/torch/model")
+    assert sorted(status(repo)) == ["evaluate", "train"]
+    # A comment retrains and re-evaluates in new processes, and the same bits come out:
+    # the model and every table, so render-errors does not rerun; dvc.lock's outputs stay.
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     rerun = dvc(repo, "repro")
-    # A comment retrains, and the same model bytes come out: nothing after train reruns.
-    assert stages_run(rerun.stdout) == ["train"] and out_hashes(repo) == torch_results
+    assert stages_run(rerun.stdout) == ["train", "evaluate"] and out_hashes(repo) == torch_results
+    after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert {s: after[s]["outs"] for s in after} == {s: lock[s]["outs"] for s in lock}
 
     # Back to Keras, its code as it was: its results come back from the run-cache, with
     # no training.
@@ -96,18 +115,19 @@ def test_torch_trains_behind_the_same_stages_bit_reproducibly(trained_copy):
     assert out_hashes(repo) == keras_results
 
 
-def test_c_trains_the_default_convnet_behind_the_same_stages_bit_reproducibly(trained_copy):
-    repo = trained_copy
-    recipe = yaml.safe_load((repo / "params.yaml").read_text())["train"]["cnn"]
-    keras = {"metrics": json.loads((repo / PATHS["metrics"]).read_text())}
-    keras_curves = json.loads((repo / PATHS["curves"] / "metrics.json").read_text())
+def test_c_trains_the_default_convnet_behind_the_same_stages_bit_reproducibly(
+        trained_project, switched, tmp_path):
+    keras_repo = trained_project.repo
+    recipe = yaml.safe_load((keras_repo / "params.yaml").read_text())["train"]["cnn"]
+    keras = {"metrics": json.loads((keras_repo / PATHS["metrics"]).read_text())}
+    keras_curves = json.loads((keras_repo / PATHS["curves"] / "metrics.json").read_text())
+    repo, out = applied(switched, ("c", "cnn"), tmp_path)
 
-    run = dvc(repo, "exp", "run", "-S", "train.framework=c", "-S", "train.model=cnn")
-    assert stages_run(run.stdout) == ["train", "evaluate", "render-errors"], run.stdout
-    assert "train: cnn in c on " in run.stdout and "GFLOP/s on 2 threads" in run.stdout
-    assert len([line for line in run.stdout.splitlines() if line.startswith("epoch ")]) == (
+    assert stages_run(out) == ["train", "evaluate", "render-errors"], out
+    assert "train: cnn in c on " in out and "GFLOP/s on 2 threads" in out
+    assert len([line for line in out.splitlines() if line.startswith("epoch ")]) == (
         recipe["epochs"])
-    assert [line.split()[1] for line in run.stdout.splitlines()
+    assert [line.split()[1] for line in out.splitlines()
             if line.startswith("layer ")] == ["conv1", "conv2", "conv3", "dense"]
     model_dir = repo / PATHS["model_dir"]
     info = json.loads((model_dir / "run_info.json").read_text())
@@ -141,15 +161,15 @@ def test_c_trains_the_default_convnet_behind_the_same_stages_bit_reproducibly(tr
     assert out_hashes(repo) == c_results
 
 
-def test_c_trains_the_original_network_behind_the_same_stages_bit_reproducibly(trained_copy):
-    repo = trained_copy
-    keras_results = out_hashes(repo)
-    recipe = yaml.safe_load((repo / "params.yaml").read_text())["train"]["mlp"]
+def test_c_trains_the_original_network_behind_the_same_stages_bit_reproducibly(
+        trained_project, switched, tmp_path):
+    keras_results = out_hashes(trained_project.repo)
+    recipe = yaml.safe_load((trained_project.repo / "params.yaml").read_text())["train"]["mlp"]
+    repo, out = applied(switched, ("c", "mlp"), tmp_path)
 
-    run = dvc(repo, "exp", "run", "-S", "train.framework=c", "-S", "train.model=mlp")
-    assert stages_run(run.stdout) == ["train", "evaluate", "render-errors"], run.stdout
-    assert "train: mlp in c on " in run.stdout and "GFLOP/s on 2 threads" in run.stdout
-    epochs = [line for line in run.stdout.splitlines() if line.startswith("epoch ")]
+    assert stages_run(out) == ["train", "evaluate", "render-errors"], out
+    assert "train: mlp in c on " in out and "GFLOP/s on 2 threads" in out
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == recipe["epochs"]
     model_dir = repo / PATHS["model_dir"]
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.bin", "run_info.json"]

@@ -25,6 +25,7 @@ from PIL import Image
 from testbed.pipeline import paths as dvc_vars
 from tests.paths import FIXTURE
 from tests.projects import (
+    copy_project,
     dvc,
     edit_module,
     make_project,
@@ -127,10 +128,10 @@ def test_training_outputs_are_sound(trained_project):
     last = {}
     for name in tsvs:
         rows = read_csv(plots / name, delimiter="\t")
-        assert [int(r["step"]) for r in rows] == list(range(recipe["epochs"])), name
+        assert [int(r["step"]) for r in rows] == list(range(1, recipe["epochs"] + 1)), name
         last[name] = float(rows[-1][name.split("/")[1].removesuffix(".tsv")])
     summary = json.loads((path(repo, "curves") / "metrics.json").read_text())
-    assert summary == {"step": recipe["epochs"] - 1,
+    assert summary == {"step": recipe["epochs"],
                        "train": {"loss": last["train/loss.tsv"]},
                        "eval": {"loss": last["eval/loss.tsv"],
                                 "accuracy": last["eval/accuracy.tsv"]}}
@@ -307,19 +308,6 @@ def test_editing_a_module_reruns_only_the_stages_that_import_it(trained_copy, mo
     assert out_hashes(repo) == before  # a comment changes no result, byte for byte
 
 
-def test_a_speed_knob_reruns_nothing_and_a_forced_rerun_with_it_writes_the_same_bits(
-        trained_copy):
-    """speed.* is no stage's dependency because it cannot change a result: Keras' chunk
-    length (here 3 batches per call against the shipped 100) trains the same bits."""
-    repo = trained_copy
-    before = out_hashes(repo)
-    set_params(repo, speed={"keras_steps_per_execution": 3, "c_threads": 1})
-    assert status(repo) == {}
-    rerun = dvc(repo, "repro", "--force", "train")
-    assert ran_training(rerun.stdout)
-    assert out_hashes(repo) == before
-
-
 def test_a_thread_count_reruns_the_chosen_framework_only(trained_copy):
     """Thread counts change Keras' and PyTorch's last bits: the chosen framework's are
     params of train and evaluate; another framework's are not."""
@@ -330,16 +318,22 @@ def test_a_thread_count_reruns_the_chosen_framework_only(trained_copy):
     assert sorted(status(repo)) == ["evaluate", "train"]
 
 
-def test_editing_params_module_reruns_every_stage_with_identical_bits(trained_copy):
-    """stages/runtime/params.py is every stage's dependency (each checks the whole params.yaml),
-    so editing it reruns everything: expected, and documented here.
+def test_speed_knobs_rerun_nothing_and_editing_params_module_reruns_all_to_the_same_bits(
+        trained_copy):
+    """speed.* is no stage's dependency because it cannot change a result. And
+    stages/runtime/params.py is every stage's dependency (each checks the whole
+    params.yaml), so editing it reruns everything: expected, and documented here.
 
     That full rerun doubles as the determinism check: same params, same machine, new
-    processes, and every output file (model, curves, tables, images) has the same bytes.
+    processes, and every output file (model, curves, tables, images) has the same bytes,
+    with other speed knobs than the first run's: Keras' chunk length (3 batches per call
+    against the shipped 100) trains the same bits.
     """
     repo = trained_copy
     before = out_hashes(repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    set_params(repo, speed={"keras_steps_per_execution": 3, "c_threads": 1})
+    assert status(repo) == {}
     edit_module(repo, "runtime/params")
     assert sorted(status(repo)) == sorted(ALL_STAGES)
     rerun = dvc(repo, "repro")
@@ -366,12 +360,14 @@ def test_only_the_chosen_models_recipe_is_a_dependency(trained_copy):
     assert sorted(status(repo)) == ["evaluate", "train"]
 
 
-def test_exp_run_with_one_set_trains_the_original_network_with_its_recipe(trained_copy):
+def test_exp_run_with_one_set_trains_the_original_network_with_its_recipe(switched, tmp_path):
     """`dvc exp run -S train.model=mlp` alone: the mlp recipe comes with it, nothing else
-    to set. The run trains the original network with the original script's settings."""
-    repo = trained_copy
-    run = dvc(repo, "exp", "run", "-S", "train.model=mlp")
-    out = run.stdout
+    to set. The run trains the original network with the original script's settings. (The
+    run: the README's first line, on the trained project, in conftest.py's `switched`;
+    applied here to a copy, as right after it.)"""
+    repo = copy_project(switched.repo, tmp_path / "project")
+    dvc(repo, "exp", "apply", switched.exps["keras", "mlp"])
+    out = switched.runs["keras", "mlp"]
     assert stages_run(out) == ["train", "evaluate", "render-errors"], out
 
     recipe = shipped_params()["train"]["mlp"]
@@ -386,7 +382,7 @@ def test_exp_run_with_one_set_trains_the_original_network_with_its_recipe(traine
     assert len(epochs) == recipe["epochs"], out
     assert json.loads((path(repo, "model_dir") / "run_info.json").read_text())["model"] == "mlp"
     curves = json.loads((path(repo, "curves") / "metrics.json").read_text())
-    assert curves["step"] == recipe["epochs"] - 1
+    assert curves["step"] == recipe["epochs"]
     assert "eval" not in curves  # val_fraction 0: no validation split, no validation metrics
     eval_curves = path(repo, "curves") / "plots" / "metrics" / "eval"
     assert {p.read_text() for p in eval_curves.iterdir()} == {"step\taccuracy\n", "step\tloss\n"}

@@ -52,9 +52,10 @@ def test_curves_log_each_epoch_print_one_line_and_leave_empty_validation_series(
     for name in ("accuracy", "loss"):  # dvc.yaml plots them: present, empty
         assert (tmp_path / f"curves/plots/metrics/eval/{name}.tsv").read_text() == \
             f"step\t{name}\n"
-    # The summary `dvc metrics` and `dvc exp show` read: the last values and the epochs.
+    assert [s.split("\t")[0] for s in series[1:]] == ["1", "2"]  # each epoch's number
+    # The summary `dvc metrics` and `dvc exp show` read: the last values, at the last epoch.
     summary = json.loads((tmp_path / "curves/metrics.json").read_text())
-    assert summary == {"train": {"loss": 0.25}, "step": 1, "epochs": 2}
+    assert summary == {"train": {"loss": 0.25}, "step": 2}
 
 
 def test_best_epoch_keeps_the_best_and_restores_it_unless_it_was_the_last(capsys):

@@ -47,5 +47,6 @@ def test_a_test_not_marked_slow_that_starts_a_process_fails_naming_it(tmp_path):
     for name in ("test_starts_a_process_unmarked", "test_through_a_fixture"):
         assert (f"test_cases.py::{name} is not marked slow but started 1 process(es), first: "
                 "subprocess.Popen ('true', ['true'])") in out, out
-    errors = {line.rsplit("::", 1)[1] for line in out.splitlines() if line.startswith("ERROR ")}
+    errors = {line.split()[1].rsplit("::", 1)[1] for line in out.splitlines()
+              if line.startswith("ERROR ")}
     assert errors == {"test_starts_a_process_unmarked", "test_through_a_fixture"}, out
