@@ -2,7 +2,7 @@
 
 `fit(cfg, data, curves_dir)` compiles the program for `cfg.model` (mnist_mlp.c or
 mnist_cnn.c beside this file, with the mnist.h they share; once per source, compiler and
-flags: into the ignored build/c/ folder), writes the split the stage made as idx files
+flags: into the user's cache, BUILD_DIR), writes the split the stage made as idx files
 (MNIST's own format, which can carry float32), runs its `train` command with the recipe,
 turns each epoch line it prints into the same report and dvclive curves as the other
 frameworks, and returns the weights it wrote (stages/frameworks/c/model.py's formats).
@@ -29,7 +29,12 @@ from stages.training.epochs import Curves
 HERE = Path(__file__).parent
 SOURCES = {"mlp": HERE / "mnist_mlp.c", "cnn": HERE / "mnist_cnn.c"}  # one program per model
 HEADER = HERE / "mnist.h"  # what both include
-BUILD_DIR = Path(__file__).resolve().parents[3] / "build" / "c"  # the project root's build/
+# Built programs, one folder per source, header, compiler and flags: in the user's cache
+# ($XDG_CACHE_HOME, else ~/.cache), so every checkout and every queued experiment (DVC runs
+# those in temporary copies of the project, which hold no ignored files) builds each
+# program once.
+BUILD_DIR = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+             / "mnist-dvc-pipeline" / "c")
 BUILD_TIMEOUT = 300  # seconds: far more than one compile of the file takes
 
 
