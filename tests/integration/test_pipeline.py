@@ -312,9 +312,9 @@ def test_a_thread_count_reruns_the_chosen_framework_only(trained_copy):
     """Thread counts change Keras' and PyTorch's last bits: the chosen framework's are
     params of train and evaluate; another framework's are not."""
     repo = trained_copy
-    set_params(repo, train={"torch": {"intra_op_threads": 1}})
+    set_params(repo, train={"torch": {"intra_op_threads": 2}})  # the fixture's: one
     assert status(repo) == {}
-    set_params(repo, train={"keras": {"intra_op_threads": 1}})
+    set_params(repo, train={"keras": {"intra_op_threads": 2}})
     assert sorted(status(repo)) == ["evaluate", "train"]
 
 
@@ -327,12 +327,13 @@ def test_speed_knobs_rerun_nothing_and_editing_params_module_reruns_all_to_the_s
     That full rerun doubles as the determinism check: same params, same machine, new
     processes, and every output file (model, curves, tables, images) has the same bytes,
     with other speed knobs than the first run's: Keras' chunk length (3 batches per call
-    against the shipped 100) trains the same bits.
+    against the shipped 100) and the C programs' two threads (against the fixture's one)
+    train the same bits.
     """
     repo = trained_copy
     before = out_hashes(repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    set_params(repo, speed={"keras_steps_per_execution": 3, "c_threads": 1})
+    set_params(repo, speed={"keras_steps_per_execution": 3, "c_threads": 2})
     assert status(repo) == {}
     edit_module(repo, "runtime/params")
     assert sorted(status(repo)) == sorted(ALL_STAGES)

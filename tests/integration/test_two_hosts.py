@@ -35,7 +35,7 @@ PATHS = dvc_vars()
 PAGE = "docs/machines.md"
 PORT = 29500  # the page's rendezvous port (each test host has its own ports)
 SHOWN_ADDRESS = "10.0.0.1"  # the page's machine 0; the tests' is host A's address
-ACROSS = {"framework": "torch", "torch": {"workers": 2}, "model": "mlp",
+ACROSS = {"framework": "torch", "torch": {"workers": 2, "intra_op_threads": 2}, "model": "mlp",
           "mlp": {"epochs": 3, "batch_size": 64, "val_fraction": 0.1}}
 LONG = ACROSS | {"mlp": {"epochs": 10_000, "batch_size": 64, "val_fraction": 0.1}}
 

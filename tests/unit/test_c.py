@@ -304,7 +304,7 @@ def test_fit_reports_epochs_like_every_framework_and_returns_the_weights(digits,
     out = capsys.readouterr().out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == [
         "1/2", "2/2"]
-    assert "eval/accuracy=" in out and "GFLOP/s on 2 threads" in out
+    assert "eval/accuracy=" in out and "GFLOP/s on 2 thread(s)" in out
     accuracy = (tmp_path / "curves/plots/metrics/eval/accuracy.tsv").read_text().splitlines()
     assert len(accuracy) == 3
     probs = model.predict(net, digits["x_test"][:200], 50)

@@ -79,7 +79,7 @@ def fit(cfg: TrainConfig, data: dict, curves_dir):
             print(f"arithmetic: {float(summary['executed_gflop']):.1f} GFLOP executed "
                   f"({float(summary['dense_gflop']):.1f} dense) in "
                   f"{float(summary['seconds']):.2f}s = {float(summary['gflops']):.1f} "
-                  f"GFLOP/s on {summary['threads']} threads", flush=True)
+                  f"GFLOP/s on {summary['threads']} thread(s)", flush=True)
         return decode((tmp / MODEL_FILE).read_bytes(), "the program's model file")
 
 
