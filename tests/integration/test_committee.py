@@ -38,29 +38,26 @@ def committee(repo: Path, *args, check: bool = True):
 def queued(reader_project, tmp_path_factory):
     """A copy of the reader project (the C mlp on the fixture, committed) with three seeds
     run through the real queue (each holding out a validation split), and one experiment
-    evaluated on other test data."""
+    evaluated on other test data, queued with them."""
     root = tmp_path_factory.mktemp("committee")
     repo = copy_project(reader_project, root / "project")
     for name, seed in MEMBERS.items():
         # A validation split, so that evaluate fits each member's temperature on its own.
         dvc(repo, "exp", "run", "--queue", "-n", name, "-S", f"train.seed={seed}",
             "-S", "train.mlp.val_fraction=0.1")
-    status = run_queue(repo, root / "queue-start.log")
-    for name in MEMBERS:
-        line = next((line for line in status.splitlines() if f" {name} " in line), "")
-        assert line.split()[-1:] == ["Success"], status
-
     # Other test data: the fixture with its test set's first image dropped, as a source of
-    # its own (its own hash), run as an experiment in the workspace.
+    # its own (its own hash, at an absolute path the queue's copy reaches too).
     data = dict(np.load(FIXTURE))
     data["x_test"], data["y_test"] = data["x_test"][1:], data["y_test"][1:]
     other = root / "other.npz"
     np.savez_compressed(other, **data)
     digest = hashlib.sha256(other.read_bytes()).hexdigest()
-    dvc(repo, "exp", "run", "-n", "other-data", "-S", f"download.url={other.as_uri()}",
-        "-S", f"download.sha256={digest}")
-    sh(repo, "git", "checkout", "--", ".")
-    dvc(repo, "checkout", "--force", "--with-deps", "evaluate")
+    dvc(repo, "exp", "run", "--queue", "-n", "other-data", "-S",
+        f"download.url={other.as_uri()}", "-S", f"download.sha256={digest}")
+    status = run_queue(repo, root / "queue-start.log")
+    for name in [*MEMBERS, "other-data"]:
+        line = next((line for line in status.splitlines() if f" {name} " in line), "")
+        assert line.split()[-1:] == ["Success"], status
     return repo
 
 
