@@ -57,7 +57,9 @@ def history(trained_project, tmp_path_factory):
     train = yaml.safe_load((repo / "params.yaml").read_text())["train"]
     model, recipe = train["model"], train[train["model"]]
     old = {"epochs": recipe["epochs"], "learning_rate": recipe["learning_rate"]}
-    new = {"epochs": old["epochs"] + 1, "learning_rate": old["learning_rate"] * 2}
+    # One epoch fewer (the cheaper training), or one more where there is only one.
+    epochs = old["epochs"] - 1 if old["epochs"] > 1 else 2
+    new = {"epochs": epochs, "learning_rate": old["learning_rate"] * 2}
     runs = {"old": snapshot(repo)}
     set_params(repo, train={model: new})
     dvc(repo, "repro")
@@ -72,7 +74,8 @@ def test_params_diff_shows_exactly_the_changed_params(history):
     old, new = recipes["old"], recipes["new"]
     diff = json.loads(dvc(repo, "params", "diff", "HEAD~1", "HEAD", "--json").stdout)
     assert diff == {"params.yaml": {
-        f"train.{model}.epochs": {"old": old["epochs"], "new": new["epochs"], "diff": 1},
+        f"train.{model}.epochs": {"old": old["epochs"], "new": new["epochs"],
+                                  "diff": new["epochs"] - old["epochs"]},
         f"train.{model}.learning_rate": {"old": old["learning_rate"],
                                          "new": new["learning_rate"],
                                          "diff": pytest.approx(old["learning_rate"])},
@@ -96,7 +99,8 @@ def test_metrics_diff_shows_the_headline_and_the_last_epoch(history):
     curves = diff[TRAIN_METRICS]
     assert set(curves) == {"step", "train.loss", "eval.loss", "eval.accuracy"}
     assert curves["step"] == {"old": recipes["old"]["epochs"],  # the epochs trained
-                              "new": recipes["new"]["epochs"], "diff": 1}
+                              "new": recipes["new"]["epochs"],
+                              "diff": recipes["new"]["epochs"] - recipes["old"]["epochs"]}
     assert curves["eval.accuracy"]["new"] == runs["new"]["curves"]["eval"]["accuracy"]
 
 
