@@ -25,9 +25,12 @@ MAKE_FILES = ("Makefile", "pyproject.toml", "requirements.lock", "requirements-t
 
 # Small enough to train in seconds on the fixture, yet every code path of the default runs.
 FAST_TRAIN = {"cnn": {"epochs": 2, "batch_size": 64}}
-# One thread per pool: `make test` runs a worker per core, and a process whose threads wait
-# on each other at every op, while the other worker holds the second core, crawls.
+# One thread per pool (Keras, PyTorch, the C programs): `make test` runs a worker per core,
+# and a process whose threads wait on each other at every op, while the other worker holds
+# the second core, crawls.
 ONE_THREAD = {"intra_op_threads": 1, "inter_op_threads": 1}
+SINGLE_THREADED = {"train": {"keras": ONE_THREAD, "torch": ONE_THREAD},
+                   "speed": {"c_threads": 1}}
 # The cheapest training that still runs every stage: the original network, one epoch.
 TINY_TRAIN = {"model": "mlp", "mlp": {"epochs": 1, "batch_size": 64}}
 
@@ -90,10 +93,9 @@ def train_cfg(framework: str = "keras", **recipe) -> dict:
     thread per pool, the mlp with `recipe` changed."""
     from stages.runtime import params
 
-    shipped = shipped_params()
-    section = merge(shipped["train"], {"framework": framework, "model": "mlp", "mlp": recipe,
-                                       "keras": ONE_THREAD, "torch": ONE_THREAD})
-    return params.train(section, params.speed(shipped["speed"] | {"c_threads": 1}))
+    shipped = merge(shipped_params(), SINGLE_THREADED)
+    section = merge(shipped["train"], {"framework": framework, "model": "mlp", "mlp": recipe})
+    return params.train(section, params.speed(shipped["speed"]))
 
 
 def set_params(repo: Path, **sections) -> None:
@@ -108,10 +110,9 @@ def fixture_params(**sections) -> dict:
     defaults = {
         "download": {"url": FIXTURE.as_uri(), "sha256": FIXTURE_SHA256, "format": "npz",
                      "mirrors": [], "retries": 0},
-        "train": FAST_TRAIN | {"keras": ONE_THREAD, "torch": ONE_THREAD},
-        "speed": {"c_threads": 1},
+        "train": FAST_TRAIN,
     }
-    return merge(defaults, sections)
+    return merge(merge(defaults, SINGLE_THREADED), sections)
 
 
 def make_project(dest: Path, **sections) -> Path:
