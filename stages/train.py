@@ -55,7 +55,8 @@ def run_info(cfg: params.TrainConfig, framework_versions: dict, model_file: str)
     # The thread counts where they are the framework's own settings (not C's: its bits do
     # not depend on them).
     own = params.FRAMEWORK_KEYS[cfg.framework]
-    return info | {key: getattr(cfg, key) for key in params.THREAD_KEYS if key in own}
+    return info | {key: getattr(cfg, key) for key in (*params.THREAD_KEYS, "program")
+                   if key in own}
 
 
 def train_and_save(cfg: params.TrainConfig, args) -> None:

@@ -21,6 +21,9 @@ CLASSES = 10  # every network ends in 10 softmax outputs
 MODEL_NAMES = ("mlp", "cnn", "cnn_large", "fast")  # the networks of stages/frameworks/*/model.py
 FRAMEWORKS = ("keras", "torch", "c")  # each one folder: stages/frameworks/F/
 C_MODELS = ("mlp", "cnn")  # what the plain-C programs implement (stages/frameworks/c/mnist_*.c)
+# train.c.program: which C programs train: the fast ones (stages/frameworks/c/mnist_*.c) or
+# the plain references a learner reads (stages/frameworks/c/reference/); their last bits differ.
+C_PROGRAMS = ("fast", "reference")
 C_CNN_MAX_BATCH = 2048  # mnist_cnn.c's MAX_CNN_BATCH: its buffers take ~0.9 MB an image
 # train.<framework>.device, by each framework's own name for a GPU (TensorFlow's "GPU",
 # PyTorch's "cuda"); cpu is the default, and C's only device.
@@ -216,16 +219,19 @@ THREAD_KEYS = ("intra_op_threads", "inter_op_threads")
 # train.<framework>: the settings of that framework that can change its results. Keras:
 # the device and TensorFlow's two thread pools (their sizes change how sums are split, so
 # the last bits). PyTorch: the device, the data-parallel workers and its two thread pools.
-# C: none (the program gives the same bits for any thread count: `speed.c_threads`).
+# C: which program, fast or reference (each gives the same bits for any thread count:
+# `speed.c_threads`).
 FRAMEWORK_KEYS = {"keras": ("device", *THREAD_KEYS),
-                  "torch": ("device", "workers", *THREAD_KEYS), "c": ()}
+                  "torch": ("device", "workers", *THREAD_KEYS), "c": ("program",)}
 
 
 def framework_settings(p: dict, framework: str) -> dict:
     """train.<framework> checked; device and workers are cpu and 1 where it has none."""
     where = f"train.{framework}"
     check_keys(p, where, FRAMEWORK_KEYS[framework])
-    out = {"device": "cpu", "workers": 1}
+    out = {"device": "cpu", "workers": 1, "program": "fast"}
+    if "program" in p:
+        out["program"] = choice(p, where, "program", C_PROGRAMS)
     if "device" in p:
         out["device"] = choice(p, where, "device", DEVICES[framework])
     if "workers" in p:
@@ -262,6 +268,7 @@ class TrainConfig:
     # train.<framework>: where and on how many threads it runs (C: speed.c_threads, one pool)
     device: str
     workers: int  # PyTorch's data-parallel processes; 1 elsewhere
+    program: str  # train.c.program: the C programs, fast or reference; "fast" elsewhere
     intra_op_threads: int
     inter_op_threads: int
     steps_per_execution: int  # speed.keras_steps_per_execution: Keras' batches per call

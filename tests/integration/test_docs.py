@@ -357,6 +357,7 @@ def test_the_c_program_by_hand(trained_project, tmp_path):
     # The model files' documented sizes, and N x 10 probabilities from each program.
     assert (repo / "model.bin").stat().st_size == 407_104
     assert (repo / "cnn.bin").stat().st_size == 588_484
+    assert (repo / "reference.bin").stat().st_size == 407_104  # the reference's: same format
     n_test = len(np.load(repo / PATHS["processed"])["y_test"])
     for name in ("probabilities.idx", "cnn-probabilities.idx"):
         assert (repo / name).stat().st_size == 4 + 2 * 4 + n_test * 10 * 4

@@ -168,6 +168,26 @@ def test_c_trains_the_default_convnet_behind_the_same_stages_bit_reproducibly(
     assert out_hashes(repo) == c_results
 
 
+def test_one_param_trains_with_the_plain_reference_program_instead(switched, tmp_path):
+    """`-S train.c.program=reference`: the plain C a learner reads trains the same network
+    behind the same stages, its model in the same format, about as accurate. The key is
+    train's dep: the reference sums in its own order, so its last bits may differ (for the
+    mlp, GCC happens to give the fast program's very bits; other compilers need not)."""
+    repo, _ = applied(switched, ("c", "mlp"), tmp_path)
+    model_file = repo / PATHS["model_dir"] / "model.bin"
+    fast_model = model_file.read_bytes()
+    fast = json.loads((repo / PATHS["metrics"]).read_text())["accuracy"]
+
+    out = dvc(repo, "exp", "run", "-S", "train.c.program=reference").stdout
+    assert stages_run(out)[:2] == ["train", "evaluate"], out
+    info = json.loads((repo / PATHS["model_dir"] / "run_info.json").read_text())
+    assert (info["framework"], info["model"], info["program"]) == ("c", "mlp", "reference")
+    assert len(model_file.read_bytes()) == len(fast_model)
+    accuracy = json.loads((repo / PATHS["metrics"]).read_text())["accuracy"]
+    assert abs(accuracy - fast) < 0.03, (accuracy, fast)
+    assert list(c_fit.BUILD_DIR.glob("*/mnist_mlp"))
+
+
 def test_c_trains_the_original_network_behind_the_same_stages_bit_reproducibly(
         trained_project, switched, tmp_path):
     keras_results = out_hashes(trained_project.repo)

@@ -5,10 +5,12 @@ The program is built here with the project's own flags (stages/frameworks/c/fit.
 as a real process. Its backward pass is checked against a NumPy reference that finite differences
 check in turn; its forward pass against Keras on the same weights; its training for
 determinism (same seed: same bytes, whatever the thread count), and its inputs for the
-one-line refusals every stage gives. The checks marked `on_every_toolchain` run with each of
+one-line refusals every stage gives. The checks marked `on_every_toolchain...` run with each of
 the toolchains of stages/frameworks/c/env.py: the native compiler, clang without OpenMP,
 GCC's AArch64 cross compiler with the program run under qemu, and GCC's sanitizers at
 x86-64's baseline (a memory error or undefined behaviour fails the check with its report).
+The checks marked `on_every_toolchain_and_the_reference` also run with the plain
+reference program (stages/frameworks/c/reference/mnist_mlp.c): it must pass them too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from tests.cprograms import (
     TOOLCHAINS,
     Program,
     c_program,
-    on_every_toolchain,
+    on_every_toolchain_and_the_reference,
+    program_for,
     read_idx,
     require,
     write_idx,
@@ -42,9 +45,9 @@ HIDDEN, RATE = 128, 0.2
 
 @pytest.fixture(scope="module")
 def program(request):
-    """mnist_mlp, built with the toolchain a test is handed (on_every_toolchain), else the
-    native one."""
-    return c_program("mlp", getattr(request, "param", env.NATIVE))
+    """mnist_mlp, built with the toolchain a test is handed (on_every_toolchain), or the
+    reference one (REFERENCE), else the native fast one."""
+    return program_for("mlp", request)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,7 @@ def test_a_damaged_model_file_is_refused_in_one_line(tmp_path, damage, message):
 
 
 @pytest.mark.slow
-@on_every_toolchain
+@on_every_toolchain_and_the_reference
 def test_the_program_reads_the_file_python_writes_and_predicts_as_numpy(program, digits,
                                                                        tmp_path):
     net = model.build("mlp", seed=5)
@@ -119,7 +122,7 @@ def reference(net: model.MLP, x, y, mask, smoothing):
 
 
 @pytest.mark.slow
-@on_every_toolchain
+@on_every_toolchain_and_the_reference
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_the_backward_pass_agrees_with_numpy_and_finite_differences(program, digits,
                                                                    tmp_path, smoothing):
@@ -197,7 +200,7 @@ def train(program, tmp_path, digits, name, *options, n=1000):
 
 
 @pytest.mark.slow
-@on_every_toolchain
+@on_every_toolchain_and_the_reference
 def test_training_gives_the_same_bits_for_a_seed_whatever_the_thread_count(
         program, digits, tmp_path):
     recipe = ("--epochs", 2, "--batch-size", 32, "--seed", 4)
@@ -213,7 +216,7 @@ def test_training_gives_the_same_bits_for_a_seed_whatever_the_thread_count(
 
 
 @pytest.mark.slow
-@on_every_toolchain
+@on_every_toolchain_and_the_reference
 def test_every_recipe_knob_trains_deterministically_across_threads(program, digits, tmp_path):
     """Augmentation, cosine decay, label smoothing, a validation split and restore_best."""
     write_idx(tmp_path / "vx.idx", digits["x_test"][:300])
@@ -236,7 +239,7 @@ def test_every_recipe_knob_trains_deterministically_across_threads(program, digi
 
 
 @pytest.mark.slow
-@on_every_toolchain
+@on_every_toolchain_and_the_reference
 @pytest.mark.parametrize("args, message", [
     (("--epochs", 0), "--epochs"),
     (("--batch-size", "x"), "--batch-size"),
@@ -273,7 +276,7 @@ def damaged_inputs(digits):
 
 
 @pytest.mark.slow
-@on_every_toolchain
+@on_every_toolchain_and_the_reference
 @pytest.mark.parametrize("case", [
     "wrong magic", "truncated images", "too many bytes", "labels for other images",
     "label 10", "a header claiming 4e9 images", "not a number"])
@@ -326,9 +329,9 @@ def test_the_program_is_built_once_per_source_and_flags(tmp_path, monkeypatch):
     other = fit.build()
     assert other != first and other.parent.parent == tmp_path / "build"
     assert [p.name for p in other.parent.iterdir()] == ["mnist_mlp"]  # no temporaries
-    header = tmp_path / "mnist.h"  # the header the programs share is part of the key
-    header.write_text(fit.HEADER.read_text() + "\n/* edited */\n")
-    monkeypatch.setattr(fit, "HEADER", header)
+    header = tmp_path / "mnist.h"  # the headers the programs include are part of the key
+    header.write_text(fit.HEADERS[0].read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(fit, "HEADERS", (header, *fit.HEADERS[1:]))
     assert fit.build() not in (first, other)
 
 

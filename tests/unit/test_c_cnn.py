@@ -5,11 +5,13 @@ Its model file is checked here for round trips and one-line refusals; its NumPy 
 training step (batch-statistics BatchNorm, an explicit dropout mask, smoothed labels)
 against central finite differences; and the program, run as a real process, against both:
 its gradients and batch statistics against the reference, its predictions against NumPy's
-and against themselves on another thread count. The checks marked `on_every_toolchain` run with
+and against themselves on another thread count. The checks marked `on_every_toolchain...` run with
 each of the toolchains of stages/frameworks/c/env.py: the native compiler, clang without
 OpenMP, GCC's AArch64 cross compiler with the program run under qemu (whose emulation makes
 the cnn some 200 times slower: those checks are the cheap ones, and one short training), and
 GCC's sanitizers at x86-64's baseline, whose 128-bit vectors take AArch64's code paths.
+The checks marked `on_every_toolchain_and_the_reference` or `fast_and_reference` also
+run with the plain reference program (stages/frameworks/c/reference/mnist_cnn.c).
 """
 
 from __future__ import annotations
@@ -20,10 +22,17 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from stages.frameworks.c import env, fit, model
+from stages.frameworks.c import fit, model
 from stages.normalize import normalize
 from stages.runtime.failures import DataError
-from tests.cprograms import c_program, on_every_toolchain, read_idx, write_idx
+from tests.cprograms import (
+    fast_and_reference,
+    lively_cnn,
+    on_every_toolchain_and_the_reference,
+    program_for,
+    read_idx,
+    write_idx,
+)
 from tests.cprograms import run_program as run
 from tests.digits import fixture_data
 
@@ -32,32 +41,15 @@ EPSILON, RATE = model.BN_EPSILON, model.DROPOUT
 
 @pytest.fixture(scope="module")
 def program(request):
-    """mnist_cnn, built with the toolchain a test is handed (on_every_toolchain), else the
-    native one."""
-    return c_program("cnn", getattr(request, "param", env.NATIVE))
+    """mnist_cnn, built with the toolchain a test is handed (on_every_toolchain), or the
+    reference one (REFERENCE), else the native fast one."""
+    return program_for("cnn", request)
 
 
 @pytest.fixture(scope="module")
 def digits():
     """The fixture's scaled images and labels: train and test."""
     return normalize(fixture_data())[0]
-
-
-def lively(seed: int, readout: float = 0.1) -> model.CNN:
-    """Weights under which every part of the network shows in its output: He-scaled kernels
-    (activations of order 1 through the stack), BatchNorm scales, shifts and moving
-    statistics far from the identity, a read-out whose probabilities spread (its columns
-    sum to zero: the ReLU features, all positive, would otherwise favour one class)."""
-    rng = np.random.default_rng(seed)
-    arrays = []
-    for side, _, inputs, channels in model.CNN_SHAPES[:-2:5]:
-        arrays += [rng.normal(0, np.sqrt(2 / (side * side * inputs)),
-                              (side, side, inputs, channels)),
-                   rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.3, channels),
-                   rng.normal(0.3, 0.3, channels), rng.uniform(0.5, 2, channels)]
-    dense = rng.normal(0, readout, (model.FEATURES, 10))
-    arrays += [dense - dense.mean(0), rng.normal(0, 0.3, 10)]
-    return model.CNN(*(a.astype(np.float32) for a in arrays))
 
 
 def offset(field: str) -> int:
@@ -70,7 +62,7 @@ def offset(field: str) -> int:
 
 
 def test_model_file_round_trips_byte_for_byte(tmp_path):
-    net = lively(3)
+    net = lively_cnn(3)
     model.save(net, tmp_path)
     data = (tmp_path / model.MODEL_FILE).read_bytes()
     assert len(data) == model.CNN_SIZE == 588_484 and data[:8] == b"MNISTCNN"
@@ -102,7 +94,7 @@ def test_model_file_round_trips_byte_for_byte(tmp_path):
 ], ids=["truncated", "header only", "wrong magic", "wrong version", "wrong sizes",
         "NaN weight", "infinite weight", "negative variance"])
 def test_a_damaged_model_file_is_refused_in_one_line(tmp_path, damage, message):
-    model.save(lively(0), tmp_path)
+    model.save(lively_cnn(0), tmp_path)
     path = tmp_path / model.MODEL_FILE
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(DataError, match=message) as err:
@@ -111,7 +103,7 @@ def test_a_damaged_model_file_is_refused_in_one_line(tmp_path, damage, message):
 
 
 def test_negative_gammas_and_a_zero_variance_are_weights_like_any(tmp_path):
-    net = lively(1)._replace(bn1_gamma=-np.ones(32, np.float32),
+    net = lively_cnn(1)._replace(bn1_gamma=-np.ones(32, np.float32),
                              bn3_var=np.zeros(128, np.float32))
     model.save(net, tmp_path)
     assert model.encode(model.load(tmp_path)) == model.encode(net)
@@ -147,7 +139,7 @@ def test_numpy_predicts_as_keras_on_the_same_weights(digits, tmp_path):
     from stages.frameworks.keras import model as keras_model
 
     keras_net = keras_model.build("cnn")
-    keras_net.set_weights(list(lively(5)))
+    keras_net.set_weights(list(lively_cnn(5)))
     net = model.CNN(*keras_net.get_weights())  # the layouts agree: no reordering
     model.save(net, tmp_path)
     net = model.load(tmp_path)
@@ -265,7 +257,7 @@ def test_the_reference_agrees_with_central_differences(digits, smoothing):
     x, y = batch(digits)
     rng = np.random.default_rng(1)
     mask = (rng.random((len(x), model.FEATURES)) >= RATE).astype(np.float64)
-    net = lively(7, readout=0.03)  # about ln 10 after BatchNorm on the batch
+    net = lively_cnn(7, readout=0.03)  # about ln 10 after BatchNorm on the batch
     loss, grads = reference(net, x, y, mask, smoothing)
     assert np.log(10) / 3 < loss < 3 * np.log(10)
     # The batch statistics are the batch's: BatchNorm's output is centred and scaled.
@@ -292,14 +284,14 @@ def test_the_reference_agrees_with_central_differences(digits, smoothing):
 
 
 @pytest.mark.slow
-@on_every_toolchain
+@on_every_toolchain_and_the_reference
 @pytest.mark.parametrize("smoothing, images", [(0.0, 8), (0.1, 64)])
 def test_the_programs_backward_pass_agrees_with_the_reference(program, digits, tmp_path,
                                                              smoothing, images):
     """8 images, and 64: a batch of more than 56 is where conv1's weight gradient packs more
     than conv2's does (B x 24 x 24 x 32 floats against 256 x 8 x 8 x 64), which it does when
     vectors are 128-bit (SSE-only x86, AArch64): the scratch it packs into must hold it."""
-    net = lively(5, readout=0.03)  # moving statistics unlike the batch's: using them shows
+    net = lively_cnn(5, readout=0.03)  # moving statistics unlike the batch's: using them shows
     model.save(net, tmp_path)
     x, y = batch(digits, images)
     proc = run(program, "grad", "--model", tmp_path / model.MODEL_FILE,
@@ -323,8 +315,9 @@ def test_the_programs_backward_pass_agrees_with_the_reference(program, digits, t
 
 
 @pytest.mark.slow
+@fast_and_reference
 def test_the_program_predicts_as_numpy_whatever_the_thread_count(program, digits, tmp_path):
-    net = lively(6)
+    net = lively_cnn(6)
     model.save(net, tmp_path)
     x = digits["x_test"][:300]
     images = write_idx(tmp_path / "x.idx", x)
@@ -348,7 +341,7 @@ def test_the_program_predicts_as_keras_on_weights_exported_from_keras(program, d
     from stages.frameworks.keras import model as keras_model
 
     keras_net = keras_model.build("cnn")
-    keras_net.set_weights(list(lively(5)))
+    keras_net.set_weights(list(lively_cnn(5)))
     model.save(model.CNN(*keras_net.get_weights()), tmp_path)
     x = digits["x_test"][:300]
     run(program, "predict", "--model", tmp_path / model.MODEL_FILE,
@@ -377,6 +370,7 @@ def train(program, tmp_path, digits, name, *options, n=400):
 
 
 @pytest.mark.slow
+@fast_and_reference
 def test_training_gives_the_same_bits_whatever_the_thread_count(program, digits, tmp_path):
     """Every knob on: augmentation, cosine decay, label smoothing, validation, restore_best;
     a last batch shorter than the others (400 = 3 x 128 + 16)."""
@@ -394,8 +388,10 @@ def test_training_gives_the_same_bits_whatever_the_thread_count(program, digits,
     epochs = [fit.fields(line) for line in report.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == 3 and all("val_accuracy" in e for e in epochs)
     assert float(epochs[2]["loss"]) < float(epochs[0]["loss"])  # it learns
+    # The fast program times each layer; the reference keeps timers out of its arithmetic.
     layers = [line.split()[1] for line in report.splitlines() if line.startswith("layer ")]
-    assert layers == ["conv1", "conv2", "conv3", "dense"]
+    assert layers == ([] if program.kind == "reference" else
+                      ["conv1", "conv2", "conv3", "dense"])
     summary = fit.fields(report.splitlines()[-1])
     # 3 epochs of 400 images: forward + backward, conv1 without an input gradient.
     per_image = 2 * (3 * (64 * 800 * 64 + 16 * 576 * 128 + 2048 * 10) + 2 * 576 * 25 * 32)
@@ -403,7 +399,7 @@ def test_training_gives_the_same_bits_whatever_the_thread_count(program, digits,
 
 
 @pytest.mark.slow
-@on_every_toolchain
+@on_every_toolchain_and_the_reference
 def test_a_short_training_learns_and_its_model_predicts_as_numpy(program, digits, tmp_path):
     """The cheapest training that shows learning, for every toolchain (under emulation too):
     64 images, 2 epochs of 4 steps. It shows in the training accuracy (batch statistics,
@@ -428,7 +424,7 @@ def test_a_short_training_learns_and_its_model_predicts_as_numpy(program, digits
 
 
 @pytest.mark.slow
-@on_every_toolchain
+@on_every_toolchain_and_the_reference
 @pytest.mark.parametrize("args, message", [
     (("--epochs", 0), "--epochs"),
     (("--batch-size", 2049), "--batch-size: 2049 is out of range 1..2048"),
@@ -449,7 +445,7 @@ def test_bad_options_are_refused_in_one_line_before_any_work(program, digits, tm
 
 
 @pytest.mark.slow
-@on_every_toolchain
+@on_every_toolchain_and_the_reference
 @pytest.mark.parametrize("damage, message", [
     (lambda data: data[:-4], "588480 bytes; a model file of this program has 588484"),
     (lambda data: b"MNISTMLP" + data[8:], "no MNISTCNN header"),
@@ -461,7 +457,7 @@ def test_bad_options_are_refused_in_one_line_before_any_work(program, digits, tm
 ])
 def test_the_program_refuses_a_damaged_model_file_in_one_line(program, digits, tmp_path,
                                                               damage, message):
-    (tmp_path / "m.bin").write_bytes(damage(model.encode(lively(1))))
+    (tmp_path / "m.bin").write_bytes(damage(model.encode(lively_cnn(1))))
     proc = run(program, "predict", "--model", tmp_path / "m.bin",
                "--images", write_idx(tmp_path / "x.idx", digits["x_test"][:5]),
                "--out", tmp_path / "p.idx", check=False)
@@ -471,6 +467,7 @@ def test_the_program_refuses_a_damaged_model_file_in_one_line(program, digits, t
 
 
 @pytest.mark.slow
+@fast_and_reference
 def test_ema_keeps_validates_and_saves_an_average_of_every_parameter(program, digits,
                                                                      tmp_path):
     """--ema d: the saved model is avg = d avg + (1 - d) p over the steps (BatchNorm's moving

@@ -62,11 +62,19 @@ def imported_modules(path: Path, framework: str) -> set[str]:
 
 
 def files_named(path: Path) -> set[Path]:
-    """Files beside `path`, not Python, that its code names in a string (a source it builds)."""
-    return {path.parent / node.value for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, ast.Constant) and isinstance(node.value, str)
-            and re.fullmatch(r"[\w-]+\.\w+", node.value) and not node.value.endswith(".py")
-            and (path.parent / node.value).is_file()}
+    """Files beside `path`, not Python, that its code names in a string (a source it builds),
+    and every file of a folder beside it that holds no Python (C's reference/ programs)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and re.fullmatch(r"[\w-]+(\.\w+)?", node.value)):
+            continue
+        named = path.parent / node.value
+        if named.is_file() and named.suffix != ".py":
+            found.add(named)
+        elif named.is_dir() and not list(named.rglob("*.py")):
+            found |= {f for f in named.rglob("*") if f.is_file()}
+    return found
 
 
 def closure(module: str, framework: str = "keras") -> set[str]:

@@ -55,7 +55,7 @@ def expected_train(model: str, framework: str = "keras", **changes) -> params.Tr
     that framework's settings (device and workers fixed where it has none), the speed
     knob Keras reads, and the model's recipe; `changes` over them."""
     shared = {key: SHIPPED["train"][key] for key in SHARED_TRAIN_KEYS}
-    own = {"device": "cpu", "workers": 1} | SHIPPED["train"][framework]
+    own = {"device": "cpu", "workers": 1, "program": "fast"} | SHIPPED["train"][framework]
     if framework == "c":
         own |= {"intra_op_threads": SHIPPED["speed"]["c_threads"], "inter_op_threads": 1}
     return params.TrainConfig(**(
@@ -227,6 +227,17 @@ def test_each_framework_names_a_gpu_its_own_way_and_c_has_none():
         assert rejects(f"train.{framework}.device", other, "device") == (
             f"train.{framework}.device: got '{other}'; allowed: one of cpu, {gpu}")
     assert "train.c.device: unknown key" in rejects("train.c.device", "cuda", "device")
+
+
+def test_c_trains_with_the_fast_programs_or_the_plain_references():
+    values = edited("train.c.program", "reference")
+    values["train"]["framework"] = "c"
+    assert params.check(values)["train"] == expected_train("cnn", "c", program="reference")
+    assert rejects("train.c.program", "slow", "program") == (
+        "train.c.program: got 'slow'; allowed: one of fast, reference")
+    # The other frameworks have one implementation each: the key is unknown there.
+    assert "train.keras.program: unknown key" in rejects("train.keras.program", "fast",
+                                                         "program")
 
 
 def test_c_trains_the_original_network_and_the_default_convnet_only():

@@ -1,11 +1,13 @@
 """Training in plain C: build the program, hand it the data as idx files, follow its epochs.
 
-`fit(cfg, data, curves_dir)` compiles the program for `cfg.model` (mnist_mlp.c or
-mnist_cnn.c beside this file, with the mnist.h they share; once per source, compiler and
-flags: into the user's cache, BUILD_DIR), writes the split the stage made as idx files
-(MNIST's own format, which can carry float32), runs its `train` command with the recipe,
-turns each epoch line it prints into the same report and dvclive curves as the other
-frameworks, and returns the weights it wrote (stages/frameworks/c/model.py's formats).
+`fit(cfg, data, curves_dir)` compiles the program for `cfg.model` and `cfg.program`: the
+fast mnist_mlp.c or mnist_cnn.c beside this file, or the plain one of the same name in
+reference/ (the same command line, files and randomness), with the headers they include;
+once per source, headers, compiler and flags: into the user's cache, BUILD_DIR. It writes
+the split the stage made as idx files (MNIST's own format, which can carry float32), runs
+its `train` command with the recipe, turns each epoch line it prints into the same report
+and dvclive curves as the other frameworks, and returns the weights it wrote
+(stages/frameworks/c/model.py's formats).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from stages.runtime.params import TrainConfig
 from stages.training.epochs import Curves
 
 HERE = Path(__file__).parent
-SOURCES = {"mlp": HERE / "mnist_mlp.c", "cnn": HERE / "mnist_cnn.c"}  # one program per model
-HEADER = HERE / "mnist.h"  # what both include
-# Built programs, one folder per source, header, compiler and flags: in the user's cache
+# One program per model and train.c.program: the fast ones, and the plain references.
+SOURCES = {"mlp": HERE / "mnist_mlp.c", "cnn": HERE / "mnist_cnn.c"}
+REFERENCES = {"mlp": HERE / "reference" / "mnist_mlp.c", "cnn": HERE / "reference" / "mnist_cnn.c"}
+HEADERS = (HERE / "mnist.h", HERE / "vector.h")  # what they include (vector.h: the fast ones)
+# Built programs, one folder per source, headers, compiler and flags: in the user's cache
 # ($XDG_CACHE_HOME, else ~/.cache), so every checkout and every queued experiment (DVC runs
 # those in temporary copies of the project, which hold no ignored files) builds each
 # program once.
@@ -46,7 +50,7 @@ def fit(cfg: TrainConfig, data: dict, curves_dir):
     Under deferred_interrupts, Ctrl-C stops it at the next line the program prints (one
     per epoch; the program itself takes the terminal's Ctrl-C and ends at once).
     """
-    program = build(cfg.model)
+    program = build(cfg.model, program=cfg.program)
     stop_if_interrupted()
     with tempfile.TemporaryDirectory(prefix="mnist-c-") as tmp:
         tmp = Path(tmp)
@@ -83,42 +87,45 @@ def fit(cfg: TrainConfig, data: dict, curves_dir):
         return decode((tmp / MODEL_FILE).read_bytes(), "the program's model file")
 
 
-def build(model: str = "mlp", toolchain: env.Toolchain = env.NATIVE) -> Path:
-    """The program that trains `model`, built with `toolchain` (the pipeline's: the native
-    one) unless this source (and header), compiler and flags were built before.
+def build(model: str = "mlp", toolchain: env.Toolchain = env.NATIVE,
+          program: str = "fast") -> Path:
+    """The `program` (fast or reference) that trains `model`, built with `toolchain` (the
+    pipeline's: the native one) unless this source (and headers), compiler and flags were
+    built before.
 
     With OpenMP when the compiler has it, else single-threaded (same bits either way): one
     compile, the flags decided before it (env.build_settings).
     """
     settings = env.build_settings(toolchain)
     cc, version, flags = settings["cc"], settings["cc_version"], settings["cflags"].split()
-    source_path = SOURCES[model]
-    source = source_path.read_bytes() + b"\0" + HEADER.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), cc.encode(),
+    source_path = (SOURCES if program == "fast" else REFERENCES)[model]
+    name = source_path.name if program == "fast" else f"{program}/{source_path.name}"
+    texts = [source_path.read_bytes(), *(header.read_bytes() for header in HEADERS)]
+    key = hashlib.sha256(b"\0".join([*texts, version.encode(), cc.encode(),
                                      " ".join(flags).encode()])).hexdigest()[:16]
-    program = BUILD_DIR / key / source_path.stem
-    if program.is_file():
-        return program
-    program.parent.mkdir(parents=True, exist_ok=True)
+    built = BUILD_DIR / key / source_path.stem
+    if built.is_file():
+        return built
+    built.parent.mkdir(parents=True, exist_ok=True)
     # Built aside and renamed in: a half-written program is never run, and two runs building
     # at once both end with a complete one.
-    partial = program.with_name(f".{program.name}.{os.getpid()}.tmp")
+    partial = built.with_name(f".{built.name}.{os.getpid()}.tmp")
     started = time.perf_counter()
     try:
-        done = subprocess.run([cc, *flags, "-I", str(HEADER.parent), "-o", str(partial),
+        done = subprocess.run([cc, *flags, "-I", str(HERE), "-o", str(partial),
                                str(source_path), *env.LIBS],
                               capture_output=True, text=True, timeout=BUILD_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise PipelineError(f"building {source_path.name} with {cc} failed: {err}") from None
+        raise PipelineError(f"building {name} with {cc} failed: {err}") from None
     if done.returncode:
         partial.unlink(missing_ok=True)
         first = next((line for line in done.stderr.splitlines() if "error" in line),
                      done.stderr.strip()[:200])
-        raise PipelineError(f"{cc} could not build {source_path.name}: {first}")
-    partial.replace(program)
-    print(f"built {source_path.name} in {time.perf_counter() - started:.1f}s: {cc} "
+        raise PipelineError(f"{cc} could not build {name}: {first}")
+    partial.replace(built)
+    print(f"built {name} in {time.perf_counter() - started:.1f}s: {cc} "
           f"{' '.join(flags)} ({version})", flush=True)
-    return program
+    return built
 
 
 def recipe_args(cfg: TrainConfig) -> list[str]:

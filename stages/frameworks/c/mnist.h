@@ -1,8 +1,10 @@
 /*
- * mnist.h: what the C programs beside it share (mnist_mlp.c, mnist_cnn.c): errors and memory,
- * threads, counter-based randomness, idx files, the augmentation map, Adam's step size and the
- * command-line flags. Included once by each program, after it defines PROGRAM (its name, for
- * error lines); every function is static, so each program is still one translation unit.
+ * mnist.h: what every C program here shares (the fast mnist_mlp.c and mnist_cnn.c beside it,
+ * and the plain ones in reference/): errors and memory, threads, counter-based randomness, idx
+ * files, the augmentation map, Adam's step size and the command-line flags, in plain C (the
+ * fast programs' vector code is in vector.h). Included once by each program, after it defines
+ * PROGRAM (its name, for error lines); every function is static, so each program is still
+ * one translation unit.
  */
 #ifndef MNIST_H
 #define MNIST_H
@@ -18,10 +20,6 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX__) || defined(__SSE2__)
-#include <immintrin.h>
-#endif
-
 
 enum { SIDE = 28, INPUTS = SIDE * SIDE, CLASSES = 10 };
 enum { MAX_IMAGES = 1000000, MAX_BATCH = 65536, MAX_THREADS = 256 };
@@ -316,23 +314,6 @@ static AdamStep adam_step(double learning_rate, uint64_t step)
     AdamStep s = {(float)(learning_rate * sqrt(1.0 - pow(0.999, t)) / (1.0 - pow(0.9, t))),
                   (float)(1.0 - 0.9), (float)(1.0 - 0.999), 1e-7f};
     return s;
-}
-
-/* out[i] = sqrtf(in[i]). Under ISO C sqrtf() may set errno, so GCC will not vectorise a
-   sqrtf() loop (it would with -fno-math-errno); the SSE/AVX instruction is the same correctly
-   rounded square root, so every path gives the same bits. */
-static void square_roots(float *restrict out, const float *restrict in, int n)
-{
-    int i = 0;
-#if defined(__AVX__)
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_sqrt_ps(_mm256_loadu_ps(in + i)));
-#elif defined(__SSE2__)
-    for (; i + 4 <= n; i += 4)
-        _mm_storeu_ps(out + i, _mm_sqrt_ps(_mm_loadu_ps(in + i)));
-#endif
-    for (; i < n; i++)
-        out[i] = sqrtf(in[i]);
 }
 
 /* ---------------------------------------------------------------------------------------- */

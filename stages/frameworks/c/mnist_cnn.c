@@ -104,6 +104,7 @@
  */
 #define PROGRAM "mnist_cnn"
 #include "mnist.h"
+#include "vector.h"
 #include <stddef.h>
 
 enum {

@@ -81,6 +81,7 @@
  */
 #define PROGRAM "mnist_mlp"
 #include "mnist.h"
+#include "vector.h"
 
 enum { HIDDEN = 128, OUTPUTS = CLASSES };
 enum { PARAM_COUNT = INPUTS * HIDDEN + HIDDEN + HIDDEN * OUTPUTS + OUTPUTS }; /* 101,770 */
