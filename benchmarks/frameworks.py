@@ -1,5 +1,6 @@
 """Frameworks side by side: each model trained by the train stage in Keras, in PyTorch and
-(the mlp and the cnn) in plain C with the shipped params.
+(the mlp and the cnn) in plain C with the shipped params, the fast C programs and the plain
+references (train.c.program).
 
 Every variant is trained twice, alternating, so that machine noise hits all alike, and
 evaluated after its first run. The table: training time, images/s, the arithmetic (dense
@@ -128,6 +129,9 @@ def bench_frameworks(data: Path, models: list[str], epochs: int | None) -> list[
     for model in models:
         for framework in ("keras", "torch", "c") if model in C_MODELS else ("keras", "torch"):
             variants[model, framework, 1] = {"framework": framework, "model": model}
+        if model in C_MODELS:  # the plain reference C a learner reads, for its cost
+            variants[model, "c reference", 1] = {"framework": "c", "model": model,
+                                                 "c": {"program": "reference"}}
     return bench_variants(data, variants, epochs)
 
 

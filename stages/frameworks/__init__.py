@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.frameworks.files import RUN_INFO_CAP, read_capped
 from stages.runtime.failures import DataError
 from stages.runtime.params import FRAMEWORKS
 
@@ -74,9 +75,10 @@ def network(framework: str) -> Network:
 def framework_of(model_dir: Path) -> str:
     """Which framework trained the model in model_dir, from its run_info.json."""
     path = Path(model_dir) / RUN_INFO
+    data = read_capped(path, RUN_INFO_CAP, "model's run info")
     try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        info = json.loads(data)
+    except ValueError as err:
         raise DataError(f"{path}: cannot read the model's run info ({err})") from None
     # A run_info.json without the key: a Keras model (Keras was the first framework).
     framework = info.get("framework", "keras") if isinstance(info, dict) else None

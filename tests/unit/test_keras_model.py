@@ -86,12 +86,14 @@ def test_save_load_and_predict_through_the_model_folder(tmp_path):
     assert np.allclose(keras_model.predict(model, x, 7), probs, atol=1e-6)  # any batch size
 
 
-@pytest.mark.parametrize("content", [None, b"not a zip", b"PK\x03\x04" + bytes(50)],
-                         ids=["missing", "garbage", "broken-zip"])
-def test_load_refuses_a_model_it_cannot_read(tmp_path, content):
+@pytest.mark.parametrize("content, reason", [
+    (None, "cannot read the model file"), (b"not a zip", "not a model file of this project"),
+    (b"PK\x03\x04" + bytes(50), "not a model file of this project")],
+    ids=["missing", "garbage", "broken-zip"])
+def test_load_refuses_a_model_it_cannot_read(tmp_path, content, reason):
     from stages.frameworks.keras import model as keras_model
 
     if content is not None:
         (tmp_path / "model.keras").write_bytes(content)
-    with pytest.raises(DataError, match=f"^{tmp_path / 'model.keras'}: cannot load the model"):
+    with pytest.raises(DataError, match=f"^{tmp_path / 'model.keras'}: {reason}"):
         keras_model.load(tmp_path)

@@ -91,17 +91,17 @@ def test_load_refuses_what_is_not_one_of_its_model_files(tmp_path):
     from stages.frameworks.torch import model as torch_model
 
     path = tmp_path / torch_model.MODEL_FILE
-    with pytest.raises(DataError, match=f"^{path}: cannot load the model"):
+    with pytest.raises(DataError, match=f"^{path}: cannot read the model file"):
         torch_model.load(tmp_path)  # missing
     path.write_bytes(b"not a model at all")
-    with pytest.raises(DataError, match=f"^{path}: cannot load the model"):
+    with pytest.raises(DataError, match=f"^{path}: not a safetensors model file"):
         torch_model.load(tmp_path)
     torch.save(torch_model.build("mlp").state_dict(), path)  # a pickle, never unpickled
-    with pytest.raises(DataError, match=f"^{path}: cannot load the model"):
+    with pytest.raises(DataError, match=f"^{path}: not a safetensors model file"):
         torch_model.load(tmp_path)
     save_file({"w": torch.zeros(2)}, path, metadata={"model": "resnet"})
     with pytest.raises(DataError, match=r"names no network of this project \('resnet'\)"):
         torch_model.load(tmp_path)
     save_file(torch_model.build("mlp").state_dict(), path, metadata={"model": "cnn"})
-    with pytest.raises(DataError, match=f"^{path}: cannot load the model"):
+    with pytest.raises(DataError, match=f"^{path}: its tensors are not those of the cnn"):
         torch_model.load(tmp_path)  # the tensors are not that network's

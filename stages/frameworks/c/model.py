@@ -51,6 +51,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from stages.data.mnist import IMAGE_SIDE
+from stages.frameworks.files import read_capped
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import atomic_path
 
@@ -222,12 +223,11 @@ def save(model: MLP | CNN, model_dir: Path) -> None:
 
 
 def load(model_dir: Path) -> MLP | CNN:
+    """The network in model_dir's model file: its size checked against the formats' before
+    a byte is read, then its header and weights (decode)."""
     path = Path(model_dir) / MODEL_FILE
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read the model ({err.strerror})") from None
-    return decode(data, str(path))
+    largest = max(spec.size for spec in FORMATS.values())
+    return decode(read_capped(path, largest), str(path))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ import numpy as np
 
 from stages.data.mnist import IMAGE_SIDE
 from stages.frameworks.keras.env import keras
-from stages.runtime.failures import DataError
+from stages.frameworks.files import size_of
+from stages.runtime.failures import DataError, one_line
 from stages.runtime.outputs import atomic_path
 
 MODEL_FILE = "model.keras"
@@ -166,12 +167,93 @@ def save(model, model_dir: Path) -> None:
     save_stable(model, Path(model_dir) / MODEL_FILE)
 
 
-def load(model_dir: Path):
-    path = Path(model_dir) / MODEL_FILE
+# What a model file of this project may hold, checked before Keras reads it: the members
+# save_stable() writes, each within its cap (zipfile stops at a member's declared size, so
+# an archive that inflates beyond it fails its CRC check instead). FILE_CAP is several times
+# the largest network's file (tests/unit/test_model_files.py checks that each one fits).
+FILE_CAP = 32 << 20
+MEMBER_CAPS = {"metadata.json": 64 << 10, "config.json": 1 << 20, "model.weights.h5": FILE_CAP}
+# Keys of a saved config that differ between two saves of the same network: the names Keras
+# numbers per process, the object ids save_stable() renumbers, and what compile() and fit()
+# record (loading here never compiles).
+UNCOMPARED = {"name", "shared_object_id", "compile_config", "build_config"}
+
+
+def _comparable(config):
+    """A saved config without the keys that name or number its objects."""
+    if isinstance(config, dict):
+        return {k: _comparable(v) for k, v in config.items() if k not in UNCOMPARED}
+    if isinstance(config, list):
+        return [_comparable(v) for v in config]
+    return config
+
+
+def checked_archive(path: Path) -> None:
+    """Refuse, in one line and before Keras reads it, a model file that is not one of this
+    project's networks as save_stable() writes it: other or oversized archive members; a
+    config.json that is not, layer for layer and setting for setting, the network it names
+    (so no layer, function or module from elsewhere, and no size but the network's); weights
+    whose arrays are not that network's shapes (an HDF5 dataset may be compressed: its
+    declared shape bounds what reading it costs)."""
+    import h5py
+
+    size_of(path, FILE_CAP)
     try:
-        return keras.models.load_model(path)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot load the model ({err})") from None
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            if set(members) != set(MEMBER_CAPS):
+                raise DataError(f"{path}: holds {sorted(members)[:5]}; a model file of this "
+                                f"project holds {sorted(MEMBER_CAPS)}")
+            for name, info in members.items():
+                if info.file_size > MEMBER_CAPS[name]:
+                    raise DataError(f"{path}: {name} inflates to {info.file_size:,} bytes; "
+                                    f"at most {MEMBER_CAPS[name]:,}")
+            config = json.loads(archive.read("config.json"))
+            network = _network_of(config, path)
+            with archive.open("model.weights.h5") as member, h5py.File(member, "r") as h5:
+                arrays = []
+                h5.visititems(lambda name, item: arrays.append((name, tuple(item.shape)))
+                              if isinstance(item, h5py.Dataset) else None)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, KeyError) as err:
+        raise DataError(f"{path}: not a model file of this project ({one_line(err)})") from None
+    # The network's own arrays under layers/; the optimizer's state a compiled save adds
+    # (scalars, and one or two moments of each weight's shape) beside them.
+    expected = sorted(tuple(w.shape) for w in network.weights)
+    weights = sorted(shape for name, shape in arrays if name.startswith("layers/"))
+    others = [shape for name, shape in arrays if not name.startswith("layers/")]
+    if weights != expected or len(others) > 3 * len(expected) + 4 or not all(
+            shape == () or shape in expected for shape in others):
+        raise DataError(f"{path}: its weights are not the {network.name}'s arrays "
+                        f"({len(weights)} of them, and {len(others)} others; the "
+                        f"{network.name} has {len(expected)})")
+
+
+def _network_of(config, path: Path):
+    """This project's network that a saved config describes, built fresh; one line when it
+    describes none."""
+    from keras.saving import serialize_keras_object
+
+    name = config.get("config", {}).get("name") if isinstance(config, dict) else None
+    if name not in MODELS:
+        raise DataError(f"{path}: config.json names no network of this project "
+                        f"({str(name)[:40]!r}); expected one of {', '.join(MODELS)}")
+    network = build(name)
+    fresh = json.loads(json.dumps(serialize_keras_object(network)))
+    if _comparable(config) != _comparable(fresh):
+        raise DataError(f"{path}: config.json is not this project's {name}: other layers or "
+                        "settings (refused before any is built)")
+    return network
+
+
+def load(model_dir: Path):
+    """The network in model_dir's model file, checked first (checked_archive), loaded by
+    Keras with its safe mode on and uncompiled (predicting needs no optimizer)."""
+    path = Path(model_dir) / MODEL_FILE
+    checked_archive(path)
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise DataError(f"{path}: cannot load the model ({one_line(err)})") from None
 
 
 def predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:

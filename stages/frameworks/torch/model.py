@@ -28,6 +28,7 @@ import numpy as np
 
 from stages.data.mnist import IMAGE_SIDE
 from stages.frameworks.torch.env import torch
+from stages.frameworks.files import size_of
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import atomic_path
 
@@ -155,18 +156,74 @@ def save(model: nn.Module, model_dir: Path) -> None:
         tmp.write_bytes(save(tensors, metadata={"model": model.name}))
 
 
+# Bytes of JSON a model file's header may take: this project's networks need a few KB.
+HEADER_CAP = 1 << 20
+# The dtype each tensor of a state_dict has in a safetensors header.
+DTYPES = {torch.float32: ("F32", 4), torch.int64: ("I64", 8)}
+
+
+def checked_network(path: Path) -> nn.Module:
+    """The untrained network a safetensors model file names, once its header has been read
+    (at most HEADER_CAP bytes) and found to describe exactly that network's tensors: names,
+    dtypes, shapes and offsets that tile the rest of the file. Nothing past the header is
+    read here, and a file that claims more than the network holds is refused unread."""
+    import json
+
+    size = size_of(path, 8 + HEADER_CAP + max(
+        sum(v.numel() * DTYPES[v.dtype][1] for v in net().state_dict().values())
+        for net in MODELS.values()))
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or length > min(HEADER_CAP, size - 8):
+            raise DataError(f"{path}: not a safetensors model file of this project (a "
+                            f"header of {length:,} bytes in a file of {size:,})")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise DataError(f"{path}: its safetensors header is not JSON") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: its safetensors header is not a JSON object")
+    name = (header.pop("__metadata__", None) or {}).get("model")
+    if name not in MODELS:
+        raise DataError(f"{path}: names no network of this project ({name!r}); "
+                        f"expected one of {', '.join(MODELS)}")
+    model = MODELS[name]()
+    expected = {key: ([*value.shape], *DTYPES[value.dtype])
+                for key, value in model.state_dict().items()}
+    if set(header) != set(expected):
+        odd = sorted(set(header) ^ set(expected))[0]
+        raise DataError(f"{path}: its tensors are not those of the {name} "
+                        f"(e.g. {odd[:60]!r})")
+    for key, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets)):
+            raise DataError(f"{path}: tensor {key}'s header entry is not a safetensors one")
+    end = 0
+    for key, (shape, dtype, width) in sorted(expected.items(),
+                                              key=lambda kv: header[kv[0]]["data_offsets"]):
+        entry = header[key]
+        count = int(np.prod(shape)) * width
+        if (entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")) != (
+                dtype, shape, [end, end + count]):
+            raise DataError(f"{path}: tensor {key} is {entry.get('dtype')} "
+                            f"{entry.get('shape')}; the {name} has {dtype} {shape}")
+        end += count
+    if 8 + length + end != size:
+        raise DataError(f"{path}: {size:,} bytes; the {name}'s model file has "
+                        f"{8 + length + end:,}")
+    return model
+
+
 def load(model_dir: Path) -> nn.Module:
     """The network a model file holds, in eval mode; one line if it is not one of ours."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(model_dir) / MODEL_FILE
+    model = checked_network(path)
     try:
-        with safe_open(path, "pt") as f:  # one read: the header's name, then the tensors
-            name = (f.metadata() or {}).get("model")
-            if name not in MODELS:
-                raise DataError(f"{path}: names no network of this project ({name!r}); "
-                                f"expected one of {', '.join(MODELS)}")
-            model = MODELS[name]()
+        with safe_open(path, "pt") as f:
             model.load_state_dict({key: f.get_tensor(key) for key in f.keys()})
     except (OSError, SafetensorError, RuntimeError, ValueError) as err:
         raise DataError(f"{path}: cannot load the model ({err})") from None
