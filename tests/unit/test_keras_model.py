@@ -33,7 +33,7 @@ def test_mlp_is_the_original_network():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", params.MODEL_NAMES)
-def test_models_map_images_to_ten_probabilities(name):
+def test_models_map_images_to_ten_probabilities_and_pass_their_own_file_checks(name, tmp_path):
     from stages.frameworks.keras import model as models
 
     model = models.build(name)
@@ -42,6 +42,10 @@ def test_models_map_images_to_ten_probabilities(name):
     probs = model.predict(x, verbose=0)
     assert probs.shape == (4, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (probs >= 0).all()
+    # Saved, it is far inside the caps its loading checks, and loads back through them.
+    models.save(model, tmp_path)
+    assert (tmp_path / models.MODEL_FILE).stat().st_size < models.FILE_CAP / 4
+    assert np.allclose(models.predict(models.load(tmp_path), x, 4), probs, atol=1e-6)
 
 
 # --- the model file ------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.data.mnist import IMAGE_SIDE
-from stages.frameworks.keras.env import keras
 from stages.frameworks.files import size_of
+from stages.frameworks.keras.env import keras
 from stages.runtime.failures import DataError, one_line
 from stages.runtime.outputs import atomic_path
 
@@ -170,7 +170,7 @@ def save(model, model_dir: Path) -> None:
 # What a model file of this project may hold, checked before Keras reads it: the members
 # save_stable() writes, each within its cap (zipfile stops at a member's declared size, so
 # an archive that inflates beyond it fails its CRC check instead). FILE_CAP is several times
-# the largest network's file (tests/unit/test_model_files.py checks that each one fits).
+# the largest network's file (tests/unit/test_keras_model.py saves and loads each network).
 FILE_CAP = 32 << 20
 MEMBER_CAPS = {"metadata.json": 64 << 10, "config.json": 1 << 20, "model.weights.h5": FILE_CAP}
 # Keys of a saved config that differ between two saves of the same network: the names Keras

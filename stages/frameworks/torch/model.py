@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.data.mnist import IMAGE_SIDE
-from stages.frameworks.torch.env import torch
 from stages.frameworks.files import size_of
+from stages.frameworks.torch.env import torch
 from stages.runtime.failures import DataError
 from stages.runtime.outputs import atomic_path
 
