@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import stat
 from pathlib import Path
 
 import yaml
@@ -100,22 +102,42 @@ def _missing_data(path: str, rev: str):
         raise DataError(f"{path} at {rev}: {_reason(err)}") from None
 
 
-def read_bytes(path: str, rev: str | None, repo: str = ".") -> bytes:
-    """The bytes of `path` (relative to the repository's root) at `rev`."""
+# The most a command reads of one text file of a revision (params, dvc.yaml and dvc.lock,
+# metrics, the misclassified table: the largest, for MNIST's 10,000 test images, is far
+# smaller), and of a model folder it fetches: what another revision holds is untrusted.
+TEXT_CAP = 16 << 20
+FOLDER_CAP = 64 << 20
+
+
+def read_bytes(path: str, rev: str | None, repo: str = ".", cap: int = TEXT_CAP) -> bytes:
+    """The bytes of `path` (relative to the repository's root) at `rev`; one line if it
+    holds more than `cap`, read no further."""
     if rev is None:  # the workspace: the file as it is on disk, whoever tracks it
         try:
-            return (Path(repo) / path).read_bytes()
+            if not stat.S_ISREG(os.stat(Path(repo) / path).st_mode):  # a FIFO would block
+                raise DataError(f"{path}: not a regular file in the {WORKSPACE}")
+            with open(Path(repo) / path, "rb") as f:
+                data = f.read(cap + 1)
         except OSError as err:
             raise DataError(f"{path}: {err.strerror or err} in the {WORKSPACE}") from None
-    fs = _tracked(path, rev, repo)
-    with _missing_data(path, rev), fs.open(path, "rb") as f:
-        return f.read()
+    else:
+        fs = _tracked(path, rev, repo)
+        with _missing_data(path, rev), fs.open(path, "rb") as f:
+            data = f.read(cap + 1)
+    if len(data) > cap:
+        raise DataError(f"{path} at {label(rev)}: more than {cap:,} bytes; refused unread")
+    return data
 
 
-def fetch(path: str, rev: str, dest: Path, repo: str = ".") -> Path:
-    """Copy the file or folder `path` as `rev` has it to dest (which must not exist)."""
+def fetch(path: str, rev: str, dest: Path, repo: str = ".", cap: int = FOLDER_CAP) -> Path:
+    """Copy the file or folder `path` as `rev` has it to dest (which must not exist), once
+    its size (from DVC's index, before any byte is copied) is found within `cap`."""
     fs = _tracked(path, rev, repo)
     with _missing_data(path, rev):
+        size = fs.du(path, total=True)
+        if size > cap:
+            raise DataError(f"{path} at {rev}: {size:,} bytes; a model folder of this "
+                            f"project holds at most {cap:,}")
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         fs.get(path, str(dest), recursive=fs.isdir(path))
     return dest

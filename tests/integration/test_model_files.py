@@ -389,3 +389,43 @@ def test_mnist_predict_refuses_a_hostile_folder_in_one_line(genuine, tmp_path, f
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert str(tmp_path / case) in lines[0] and proc.stdout == ""
     assert not marker.exists()
+
+
+# --- what other revisions hold ------------------------------------------------------------
+
+
+def test_another_revisions_oversized_model_folder_and_tables_are_refused_unread(
+        reader_project, tmp_path):
+    """A commit whose model folder holds a file beyond any network's size, and whose
+    metrics are a file of tens of megabytes: `mnist-predict --rev` refuses the folder from
+    DVC's index, before copying a byte, and the committee refuses the metrics unread."""
+    from mnist_cli import revisions
+    from testbed.processes import sh
+    from tests.projects import copy_project, dvc
+
+    repo = copy_project(reader_project, tmp_path / "project")
+    model_file = repo / "data" / "model" / c_model.MODEL_FILE
+    model_file.unlink()
+    with open(model_file, "wb") as f:
+        f.truncate(revisions.FOLDER_CAP + 1)
+    metrics = repo / "reports" / "metrics.json"
+    metrics.write_text('{"accuracy": 0.5, "pad": "' + " " * revisions.TEXT_CAP + '"}')
+    dvc(repo, "commit", "--force", "train", "evaluate")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "a model folder and metrics no run of ours writes")
+
+    image = tmp_path / "digit.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    proc = subprocess.run([PREDICT, "--rev", "HEAD", str(image)], cwd=repo, env=run_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert re.fullmatch(r"error: data/model at HEAD: [\d,]+ bytes; a model folder of this "
+                        rf"project holds at most {revisions.FOLDER_CAP:,}\n", proc.stderr)
+    committee = subprocess.run([str(Path(sys.executable).parent / "mnist-committee"),
+                                "HEAD~1", "HEAD"], cwd=repo, env=run_env(),
+                               capture_output=True, text=True, timeout=300)
+    assert committee.returncode == 1
+    assert re.fullmatch(rf"error: reports/metrics\.json at HEAD: more than "
+                        rf"{revisions.TEXT_CAP:,} bytes; refused unread\n", committee.stderr)
