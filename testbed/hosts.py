@@ -5,6 +5,7 @@
         a.run(["dvc", "push"], cwd=repo)   # subprocess.run inside host A
         a.popen([...])              # a process on host A (its own session: kill the group)
         b.shape(rate="8mbit")       # B's outgoing traffic shaped (tc tbf) to slow a transfer
+        b.cut()                     # B's link down: it goes silent, its sockets stay open
 
 Each host is a network namespace with its own loopback and one end of the veth pair; the
 pair is the only link, and there is no route out of it: traffic from a host can reach only
@@ -61,6 +62,16 @@ class Host:
     def unshape(self) -> None:
         subprocess.run(self.command(["tc", "qdisc", "del", "dev", self.interface, "root"]),
                        capture_output=True, timeout=30)
+
+    def cut(self) -> None:
+        """Take this host's end of the link down, as a cut cable or a power loss looks from
+        the other host: no packet passes either way from now on, and no socket is closed
+        (no FIN, no RST reaches anyone)."""
+        _ip("-n", self.name, "link", "set", self.interface, "down")
+
+    def mend(self) -> None:
+        """Bring this host's end of the link back up (after cut)."""
+        _ip("-n", self.name, "link", "set", self.interface, "up")
 
     def listening(self) -> list[tuple[str, int, int]]:
         """(address, port, pid) of every TCP socket listening on this host."""

@@ -243,10 +243,11 @@ def speed(p: dict) -> dict:
     """Knobs that change how fast a stage runs and never what it writes: no stage lists
     them in dvc.yaml, so changing one reruns nothing."""
     where = "speed"
-    check_keys(p, where, {"keras_steps_per_execution", "c_threads"})
+    check_keys(p, where, {"keras_steps_per_execution", "c_threads", "peer_timeout"})
     return {"keras_steps_per_execution": integer(p, where, "keras_steps_per_execution", 1,
                                                  100_000),
-            "c_threads": integer(p, where, "c_threads", *THREADS)}
+            "c_threads": integer(p, where, "c_threads", *THREADS),
+            "peer_timeout": number(p, where, "peer_timeout", 1.0, 86_400.0)}
 
 
 def check_c_model(framework: str, model: str, model_key: str, framework_key: str) -> None:
@@ -272,6 +273,7 @@ class TrainConfig:
     intra_op_threads: int
     inter_op_threads: int
     steps_per_execution: int  # speed.keras_steps_per_execution: Keras' batches per call
+    peer_timeout: float  # speed.peer_timeout: seconds a worker waits on a silent machine
     # train.<model>: the recipe
     epochs: int
     batch_size: int
@@ -321,6 +323,7 @@ def train(p: dict, knobs: dict, framework_key: str = "train.framework") -> Train
         seed=integer(p, where, "seed", 0, 2**31 - 1),
         **settings,
         steps_per_execution=knobs["keras_steps_per_execution"],
+        peer_timeout=knobs["peer_timeout"],
         **recipes[model],
     )
 

@@ -14,10 +14,12 @@ opens is reachable from the other host.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -152,6 +154,42 @@ def test_b_s_worker_killed_mid_training_ends_a_s_stage_in_one_line(hosts, checko
     page = " ".join(prose(PAGE).split())
     assert f"`{said.replace(b.address, '10.0.0.2')}`" in page  # the line the page shows
     assert join.wait(timeout=120) != 0
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert not list(model.parent.glob(".*.tmp"))
+
+
+def test_b_gone_silent_mid_training_ends_a_s_stage_within_the_timeout_in_one_line(
+        hosts, checkouts, tmp_path):
+    """B's link cut (its interface down: no packet passes, no socket closes), as a power
+    loss or a cut cable look from A: A's stage ends within speed.peer_timeout and a margin,
+    in one line naming B, and writes nothing."""
+    a, b = hosts
+    timeout = 5
+    a_repo = copy_project(checkouts[0], tmp_path / "A")
+    b_repo = copy_project(checkouts[1], tmp_path / "B")
+    for repo in (a_repo, b_repo):
+        set_params(repo, train=LONG, speed={"peer_timeout": timeout})
+    model = a_repo / PATHS["model_dir"]
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    train = shlex.join([sys.executable, "-m", "stages.train", "--data", PATHS["processed"],
+                        "--model-dir", PATHS["model_dir"], "--curves", PATHS["curves"]])
+    command_0, command_1 = page_commands(a)
+    stage, lines, join = across(hosts, a_repo, b_repo, command_0.replace("dvc repro", train),
+                                command_1)
+    lines.wait_for("epoch 2/10000 ", timeout=300)
+    b.cut()
+    try:
+        cut_at = time.monotonic()
+        assert stage.wait(timeout=timeout + 60) == 1
+        ended_after = time.monotonic() - cut_at
+        err = stage.stderr.read()
+    finally:
+        os.killpg(join.pid, signal.SIGKILL)  # B's side, waiting on A in vain
+        b.mend()
+    assert err == (f"error: worker 1 of 2 (node 1, {b.address}) went silent mid-training: "
+                   f"no word for {timeout} s (speed.peer_timeout)\n")
+    print(f"\nA's stage ended {ended_after:.1f} s after the cut (peer_timeout {timeout} s)")
+    assert timeout <= ended_after < timeout + 30
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     assert not list(model.parent.glob(".*.tmp"))
 

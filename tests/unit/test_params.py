@@ -60,7 +60,8 @@ def expected_train(model: str, framework: str = "keras", **changes) -> params.Tr
         own |= {"intra_op_threads": SHIPPED["speed"]["c_threads"], "inter_op_threads": 1}
     return params.TrainConfig(**(
         shared | own | {"framework": framework, "model": model}
-        | {"steps_per_execution": SHIPPED["speed"]["keras_steps_per_execution"]}
+        | {"steps_per_execution": SHIPPED["speed"]["keras_steps_per_execution"],
+           "peer_timeout": SHIPPED["speed"]["peer_timeout"]}
         | SHIPPED["train"][model] | changes))
 
 

@@ -162,6 +162,23 @@ def test_a_lost_worker_is_named_by_rank_node_and_address():
     assert lost_worker("Connection reset by peer", one_each, 0) is None
 
 
+def test_a_silent_machine_is_named_when_a_collective_times_out():
+    from stages.frameworks.torch.launcher import silent_worker
+
+    gloo = ("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+            "5000ms for recv operation to complete")
+    one_each = [(0, "10.0.0.1"), (1, "10.0.0.2")]
+    assert silent_worker(gloo, one_each, 0, 5.0) == (
+        "worker 1 of 2 (node 1, 10.0.0.2) went silent mid-training: no word for 5 s "
+        "(speed.peer_timeout)")
+    two_each = [(0, "10.0.0.1"), (0, "10.0.0.1"), (1, "10.0.0.2"), (1, "10.0.0.2")]
+    assert silent_worker(gloo, two_each, 2, 180.0).startswith(
+        "workers 0, 1 of 4 (node 0, 10.0.0.1) went silent")
+    # Another error, or every worker on this machine: not a silent machine.
+    assert silent_worker("Connection reset by peer", one_each, 0, 5.0) is None
+    assert silent_worker(gloo, [(0, "127.0.0.1"), (0, "127.0.0.1")], 0, 5.0) is None
+
+
 def test_gloo_goes_out_by_the_interface_towards_the_rendezvous():
     from stages.frameworks.torch.launcher import address_towards, interface_towards
 

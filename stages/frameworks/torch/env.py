@@ -16,6 +16,11 @@ from stages.runtime.failures import PipelineError
 
 INSTALL = "make torch"
 
+# c10d's C++ warnings (a peer whose hostname does not resolve back, a socket whose peer
+# went silent...) are not for the stage's stderr, which says what happened in one line;
+# read once, when torch loads.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
 try:
     import torch
 except ImportError:

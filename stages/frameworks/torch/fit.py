@@ -19,6 +19,7 @@ evaluates, reports and returns the model.
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import sys
 import time
@@ -27,7 +28,12 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.frameworks.torch.env import device, torch
-from stages.frameworks.torch.launcher import interface_towards, lost_worker, where_workers
+from stages.frameworks.torch.launcher import (
+    interface_towards,
+    lost_worker,
+    silent_worker,
+    where_workers,
+)
 from stages.frameworks.torch.model import build
 from stages.frameworks.torch.resample import augment
 from stages.runtime.failures import PipelineError, stop_if_interrupted
@@ -115,7 +121,11 @@ def fit(cfg: TrainConfig, data: dict, curves_dir):
         if where.type != "cuda":  # gloo's sockets: on the interface towards the rendezvous
             os.environ.setdefault("GLOO_SOCKET_IFNAME",
                                   interface_towards(os.environ["MASTER_ADDR"]))
-        torch.distributed.init_process_group("nccl" if where.type == "cuda" else "gloo")
+        # A collective that waits longer than speed.peer_timeout for another machine
+        # raises (gloo's default would wait 30 minutes on one that went silent).
+        torch.distributed.init_process_group(
+            "nccl" if where.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=cfg.peer_timeout))
         # Which machine each worker is on, to name one that stops answering.
         where_ranks = where_workers(rank, size)
         # Every worker starts from rank 0's weights (DDP broadcasts them) and draws its own
@@ -179,7 +189,9 @@ def fit(cfg: TrainConfig, data: dict, curves_dir):
             # (stages/training/distributed.py: leave).
             ALIVE.append(net)
     except RuntimeError as err:  # gloo's, when a worker on another machine stops answering
-        lost = lost_worker(str(err), where_ranks, rank) if size > 1 else None
+        lost = (lost_worker(str(err), where_ranks, rank)
+                or silent_worker(str(err), where_ranks, rank, cfg.peer_timeout)
+                if size > 1 else None)
         if lost is None:
             raise
         raise PipelineError(lost) from None

@@ -9,11 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-# c10d's C++ warnings (a peer whose hostname does not resolve back...) are not for the
-# stage's stderr either; read once, when torch loads.
-os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 # PyTorch itself, imported as the framework's env does: one line if it is not installed.
-from stages.frameworks.torch.env import torch  # noqa: E402, F401
+from stages.frameworks.torch.env import torch  # noqa: F401
 from stages.runtime.failures import PipelineError
 from stages.runtime.params import TrainConfig
 
@@ -137,6 +134,26 @@ def lost_worker(error: str, where: list[tuple[int, str]], me: int) -> str | None
             return (f"{who} of {size} (node {node}, {address}) stopped answering "
                     "mid-training: gloo lost its connection")
     return None
+
+
+def silent_worker(error: str, where: list[tuple[int, str]], me: int,
+                  timeout: float) -> str | None:
+    """What worker `me` says when a gloo collective timed out (speed.peer_timeout) waiting
+    for the workers of another machine: that machine, gone silent without closing its
+    sockets (a cut link, a power loss). gloo's message names no peer, so every worker on
+    another machine is named. None for any other error, or when all are on this one."""
+    if "timed out" not in error.lower():
+        return None
+    mine = where[me][0]
+    ranks = [rank for rank, (node, _) in enumerate(where) if node != mine]
+    if not ranks:
+        return None
+    machines = sorted({where[rank] for rank in ranks})
+    who = (f"worker {ranks[0]}" if len(ranks) == 1 else
+           "workers " + ", ".join(map(str, ranks)))
+    on = ", ".join(f"node {node}, {address}" for node, address in machines)
+    return (f"{who} of {len(where)} ({on}) went silent mid-training: no word for "
+            f"{timeout:g} s (speed.peer_timeout)")
 
 
 def failure_line(failures: dict, workers: int, log_dir: Path) -> str:
