@@ -328,12 +328,13 @@ def test_speed_knobs_rerun_nothing_and_editing_params_module_reruns_all_to_the_s
     processes, and every output file (model, curves, tables, images) has the same bytes,
     with other speed knobs than the first run's: Keras' chunk length (3 batches per call
     against the shipped 100) and the C programs' two threads (against the fixture's one)
-    train the same bits.
+    train the same bits; the workers' peer_timeout changes nothing either.
     """
     repo = trained_copy
     before = out_hashes(repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    set_params(repo, speed={"keras_steps_per_execution": 3, "c_threads": 2})
+    set_params(repo, speed={"keras_steps_per_execution": 3, "c_threads": 2,
+                            "peer_timeout": 30})
     assert status(repo) == {}
     edit_module(repo, "runtime/params")
     assert sorted(status(repo)) == sorted(ALL_STAGES)
