@@ -146,7 +146,7 @@ def fetch(path: str, rev: str, dest: Path, repo: str = ".", cap: int = FOLDER_CA
 def read_yaml(path: str, rev: str | None, repo: str = ".") -> dict:
     try:
         data = yaml.safe_load(read_bytes(path, rev, repo))
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, RecursionError) as err:  # RecursionError: nested past the stack
         raise DataError(f"{path} at {label(rev)}: not valid YAML ({_reason(err)})") from None
     return data if isinstance(data, dict) else {}
 

@@ -78,7 +78,7 @@ def framework_of(model_dir: Path) -> str:
     data = read_capped(path, RUN_INFO_CAP, "model's run info")
     try:
         info = json.loads(data)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested past the stack
         raise DataError(f"{path}: cannot read the model's run info ({err})") from None
     # A run_info.json without the key: a Keras model (Keras was the first framework).
     framework = info.get("framework", "keras") if isinstance(info, dict) else None

@@ -190,6 +190,8 @@ def common_cases(genuine: Path, root: Path) -> dict[str, str]:
     info_case("run-info-not-json", lambda p: p.write_text("{framework: keras"),
               "cannot read the model's run info")
     info_case("run-info-a-list", lambda p: p.write_text("[]"), "framework None is none of")
+    info_case("run-info-nested-50k-deep", lambda p: p.write_text("[" * 50_000),
+              "cannot read the model's run info")
     info_case("run-info-other-framework", lambda p: p.write_text('{"framework": "jax"}'),
               "framework 'jax' is none of keras, torch, c")
     return cases
@@ -250,6 +252,9 @@ def torch_cases(genuine: Path, root: Path, marker: Path) -> dict[str, str]:
         (16).to_bytes(8, "little") + b"{not json at all" + data[8 + length:]),
         "its safetensors header is not JSON")
     case("torch-shape-lies", with_header(grow), r"tensor fc1\.weight is F32 \[1000000, 784\]")
+    case("torch-header-nested-100k-deep", lambda p: p.write_bytes(
+        (100_000).to_bytes(8, "little") + b"[" * 100_000 + data[8 + length:]),
+        "its safetensors header is not JSON")
     case("torch-other-network", with_header(lambda h: h.update(__metadata__={"model": "vit"})),
          r"names no network of this project \('vit'\)")
     case("torch-extra-tensor", with_header(lambda h: h.update(extra=h["fc2.bias"])),
@@ -328,6 +333,9 @@ def keras_cases(genuine: Path, root: Path, marker: Path) -> dict[str, str]:
         {"class_name": "Sequential", "config": {"name": "resnet", "layers": []}}).encode()),
         r"names no network of this project \('resnet'\)")
     case("keras-config-not-json", lambda p: replace_member(p, "config.json", b"{layers"),
+         "not a model file of this project")
+    case("keras-config-nested-100k-deep",
+         lambda p: replace_member(p, "config.json", b"[" * 100_000),
          "not a model file of this project")
     case("keras-weights-with-a-huge-array", huge_dataset, "its weights are not the cnn's arrays")
     case("keras-not-a-zip", lambda p: p.write_bytes(pickle.dumps(Marks(str(marker)))),

@@ -214,7 +214,8 @@ def checked_archive(path: Path) -> None:
                 arrays = []
                 h5.visititems(lambda name, item: arrays.append((name, tuple(item.shape)))
                               if isinstance(item, h5py.Dataset) else None)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, KeyError) as err:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, KeyError,
+            RecursionError) as err:  # RecursionError: a config nested past the stack
         raise DataError(f"{path}: not a model file of this project ({one_line(err)})") from None
     # The network's own arrays under layers/; the optimizer's state a compiled save adds
     # (scalars, and one or two moments of each weight's shape) beside them.

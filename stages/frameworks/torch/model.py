@@ -180,7 +180,7 @@ def checked_network(path: Path) -> nn.Module:
                             f"header of {length:,} bytes in a file of {size:,})")
         try:
             header = json.loads(f.read(length))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the stack
             raise DataError(f"{path}: its safetensors header is not JSON") from None
     if not isinstance(header, dict):
         raise DataError(f"{path}: its safetensors header is not a JSON object")
