@@ -107,7 +107,8 @@ def config(device: str, epochs: int, threads: int) -> TrainConfig:
     cnn` and `train.torch.device: <device>` with the shipped params (one worker, `threads`
     intra-op threads, one inter-op thread), the recipe's epochs changed."""
     return TrainConfig(framework="torch", model="cnn", seed=SEED, device=device, workers=1,
-                       intra_op_threads=threads, inter_op_threads=1, steps_per_execution=100,
+                       program="fast", intra_op_threads=threads, inter_op_threads=1,
+                       steps_per_execution=100, peer_timeout=180.0,
                        **RECIPE | {"epochs": epochs})
 
 
