@@ -8,9 +8,10 @@ compiler use every vector instruction of this CPU: the bits are those of this ma
 every framework's.
 
 The pipeline builds with the native toolchain: this machine's compiler, for this CPU. The
-tests also build and run the programs with clang (which, like Apple's, may have no OpenMP),
-for AArch64 with a cross compiler, run under an emulator, and with GCC's sanitizers at the
-x86-64 baseline's vector width (CLANG, AARCH64, SANITIZED below).
+tests also build and run the programs at AVX2's vector width, with clang (which, like
+Apple's, may have no OpenMP), for AArch64 with a cross compiler, run under an emulator, and
+with GCC's sanitizers at the x86-64 baseline's vector width (AVX2, CLANG, AARCH64,
+SANITIZED below).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ CFLAGS = ("-std=c11", "-O3", "-march=native", "-ffp-contract=fast")
 # A cross compiler has no `native` CPU to build for: AArch64's is named instead. armv8-a is
 # every 64-bit ARM's baseline, and has NEON, with its fused multiply-add (fmla).
 AARCH64_CFLAGS = ("-std=c11", "-O3", "-march=armv8-a", "-ffp-contract=fast")
+# The AVX2 build: x86-64 with AVX2 and FMA (Haswell's set, no AVX-512), the 256-bit vectors
+# (VL 8 in the programs) of the machines without AVX-512, run natively on any x86-64 CPU
+# that has AVX2: on an AVX-512 machine it is the code path the native build never takes.
+AVX2_CFLAGS = ("-std=c11", "-O3", "-march=haswell", "-ffp-contract=fast")
 # The sanitized build: x86-64's baseline (SSE2, no FMA) has AArch64's vector width, 128 bits
 # (VL 4 in the programs), the width whose code paths only the emulated AArch64 build runs
 # otherwise; AddressSanitizer and UndefinedBehaviorSanitizer check every access and operation,
@@ -91,16 +96,18 @@ class Toolchain:
 
 NATIVE = Toolchain("native")
 # The toolchains the tests build and run the programs with besides the native one (Debian's
-# packages, which `make system-deps` installs). clang: Debian's, without libomp-dev, has no
+# packages, which `make system-deps` installs). avx2: the native compiler at AVX2's width.
+# clang: Debian's, without libomp-dev, has no
 # OpenMP, as Apple's clang has none. aarch64: GCC's cross compiler, the program run under
 # qemu's user-mode emulation, with the target's loader and libraries from Debian's cross
 # packages (-L). sanitized: GCC (libasan and libubsan come with it) at the x86-64 baseline,
 # run by env(1) with the sanitizers' options; x86_64 hosts only, as the tests' machines are.
 CLANG = Toolchain("clang", "clang")
+AVX2 = Toolchain("avx2", cflags=AVX2_CFLAGS)
 AARCH64 = Toolchain("aarch64", "aarch64-linux-gnu-gcc", AARCH64_CFLAGS,
                     ("qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"))
 SANITIZED = Toolchain("sanitized", "gcc", SANITIZED_CFLAGS, ("env", *SANITIZER_ENV))
-TOOLCHAINS = (NATIVE, CLANG, AARCH64, SANITIZED)
+TOOLCHAINS = (NATIVE, AVX2, CLANG, AARCH64, SANITIZED)
 
 
 def compiler_version(cc: str) -> str:
