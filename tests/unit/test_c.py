@@ -6,9 +6,10 @@ as a real process. Its backward pass is checked against a NumPy reference that f
 check in turn; its forward pass against Keras on the same weights; its training for
 determinism (same seed: same bytes, whatever the thread count), and its inputs for the
 one-line refusals every stage gives. The checks marked `on_every_toolchain...` run with each of
-the toolchains of stages/frameworks/c/env.py: the native compiler, clang without OpenMP,
-GCC's AArch64 cross compiler with the program run under qemu, and GCC's sanitizers at
-x86-64's baseline (a memory error or undefined behaviour fails the check with its report).
+the toolchains of stages/frameworks/c/env.py: the native compiler, the same at AVX2's width,
+clang without OpenMP, GCC's AArch64 cross compiler with the program run under qemu, and
+GCC's sanitizers at x86-64's baseline (a memory error or undefined behaviour fails the
+check with its report).
 The checks marked `on_every_toolchain_and_the_reference` also run with the plain
 reference program (stages/frameworks/c/reference/mnist_mlp.c): it must pass them too.
 """
