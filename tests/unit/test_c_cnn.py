@@ -5,11 +5,12 @@ Its model file is checked here for round trips and one-line refusals; its NumPy 
 training step (batch-statistics BatchNorm, an explicit dropout mask, smoothed labels)
 against central finite differences; and the program, run as a real process, against both:
 its gradients and batch statistics against the reference, its predictions against NumPy's
-and against themselves on another thread count. The checks marked `on_every_toolchain...` run with
-each of the toolchains of stages/frameworks/c/env.py: the native compiler, the same at
-AVX2's width (256-bit vectors), clang without OpenMP, GCC's AArch64 cross compiler with the program run under qemu (whose emulation makes
-the cnn some 200 times slower: those checks are the cheap ones, and one short training), and
-GCC's sanitizers at x86-64's baseline, whose 128-bit vectors take AArch64's code paths.
+and against themselves on another thread count. The checks marked `on_every_toolchain...`
+run with each of the toolchains of stages/frameworks/c/env.py: the native compiler, the same
+at AVX2's width (256-bit vectors), clang without OpenMP, GCC's AArch64 cross compiler with
+the program run under qemu (whose emulation makes the cnn some 200 times slower: those
+checks are the cheap ones, and one short training), and GCC's sanitizers at x86-64's
+baseline, whose 128-bit vectors take AArch64's code paths.
 The checks marked `on_every_toolchain_and_the_reference` or `fast_and_reference` also
 run with the plain reference program (stages/frameworks/c/reference/mnist_cnn.c).
 """
