@@ -257,6 +257,10 @@ def torch_cases(genuine: Path, root: Path, marker: Path) -> dict[str, str]:
         "its safetensors header is not JSON")
     case("torch-other-network", with_header(lambda h: h.update(__metadata__={"model": "vit"})),
          r"names no network of this project \('vit'\)")
+    case("torch-metadata-a-list", with_header(lambda h: h.update(__metadata__=[["model"]])),
+         r"names no network of this project \(None\)")
+    case("torch-name-a-list", with_header(lambda h: h.update(__metadata__={"model": ["mlp"]})),
+         r"names no network of this project \(\['mlp'\]\)")
     case("torch-extra-tensor", with_header(lambda h: h.update(extra=h["fc2.bias"])),
          "its tensors are not those of the mlp")
     case("torch-offsets-not-ints", with_header(
@@ -332,6 +336,12 @@ def keras_cases(genuine: Path, root: Path, marker: Path) -> dict[str, str]:
     case("keras-other-network", lambda p: replace_member(p, "config.json", json.dumps(
         {"class_name": "Sequential", "config": {"name": "resnet", "layers": []}}).encode()),
         r"names no network of this project \('resnet'\)")
+    case("keras-config-a-list", lambda p: replace_member(p, "config.json", json.dumps(
+        {"class_name": "Sequential", "config": [["name", "cnn"]]}).encode()),
+        r"names no network of this project \('None'\)")
+    case("keras-name-a-list", lambda p: replace_member(p, "config.json", json.dumps(
+        {"class_name": "Sequential", "config": {"name": ["cnn"]}}).encode()),
+        r"names no network of this project \(\"\['cnn'\]\"\)")
     case("keras-config-not-json", lambda p: replace_member(p, "config.json", b"{layers"),
          "not a model file of this project")
     case("keras-config-nested-100k-deep",

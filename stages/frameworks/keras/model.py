@@ -234,8 +234,9 @@ def _network_of(config, path: Path):
     describes none."""
     from keras.saving import serialize_keras_object
 
-    name = config.get("config", {}).get("name") if isinstance(config, dict) else None
-    if name not in MODELS:
+    inner = config.get("config") if isinstance(config, dict) else None
+    name = inner.get("name") if isinstance(inner, dict) else None
+    if not isinstance(name, str) or name not in MODELS:
         raise DataError(f"{path}: config.json names no network of this project "
                         f"({str(name)[:40]!r}); expected one of {', '.join(MODELS)}")
     network = build(name)

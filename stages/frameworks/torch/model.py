@@ -184,8 +184,9 @@ def checked_network(path: Path) -> nn.Module:
             raise DataError(f"{path}: its safetensors header is not JSON") from None
     if not isinstance(header, dict):
         raise DataError(f"{path}: its safetensors header is not a JSON object")
-    name = (header.pop("__metadata__", None) or {}).get("model")
-    if name not in MODELS:
+    metadata = header.pop("__metadata__", None)
+    name = metadata.get("model") if isinstance(metadata, dict) else None
+    if not isinstance(name, str) or name not in MODELS:
         raise DataError(f"{path}: names no network of this project ({name!r}); "
                         f"expected one of {', '.join(MODELS)}")
     model = MODELS[name]()
