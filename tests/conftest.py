@@ -24,9 +24,16 @@ from tests.projects import copy_project, dvc, make_project, out_hashes
 def pytest_configure(config):
     """Ctrl-C reaches the processes the tests start as it does under a terminal, even when
     the suite itself was started with SIGINT ignored (a background job of a script, nohup):
-    an ignored signal stays ignored across exec, a handled one starts at its default."""
+    an ignored signal stays ignored across exec, a handled one starts at its default.
+
+    And OpenMP's idle threads sleep instead of spinning, in this process and every one it
+    starts (the C programs, PyTorch): under `make test` each core already runs a worker, so
+    a thread that spins while it waits for its team burns the time the other worker needs
+    (a 2-thread C run beside a busy core: twice the CPU time). How threads wait changes no
+    result; the benchmarks keep OpenMP's default."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # --- the `slow` mark tells the truth -----------------------------------------------------
