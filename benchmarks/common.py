@@ -71,20 +71,36 @@ def deep_update(base: dict, changes: dict) -> None:
             base[key] = value
 
 
+# What run_child runs the command under: a small interpreter that forks and execs it, waits,
+# and prints the command's own peak RSS on its last stderr line. A child's ru_maxrss counts
+# what its forked copy of the parent held before exec (measured: a benchmark process holding
+# 1 GB made a 100 MB child read as 968 MB); forked from this small process, it counts the
+# command alone.
+TIMER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(f"\\npeak_rss_kb={usage.ru_maxrss}", file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def run_child(args: list[str], cwd: Path) -> dict:
-    """Run a child under /usr/bin/time-like accounting: wall time and peak RSS (MB)."""
+    """Run a child under /usr/bin/time-like accounting: wall time and its own peak RSS (MB)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", TIMER, *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    # wait4 gives this child's own rusage, unlike getrusage(RUSAGE_CHILDREN) which sums.
     out = proc.stdout.read().decode()
     err = proc.stderr.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
+    proc.wait()
+    err, _, peak = err.rstrip("\n").rpartition("\npeak_rss_kb=")
+    if proc.returncode or not peak.isdigit():
         sys.exit(f"benchmark child failed: {' '.join(map(str, args))}\n{err[-3000:]}")
     return {"stdout": out, "wall": time.perf_counter() - started,
-            "peak_rss_mb": usage.ru_maxrss / 1024}
+            "peak_rss_mb": int(peak) / 1024}
 
 
 def prepare_project(data: Path, preset: dict) -> Path:

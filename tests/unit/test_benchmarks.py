@@ -205,3 +205,18 @@ def test_a_flag_of_one_benchmark_is_in_no_other_benchmarks_help():
     assert having("--repeats") == ["train"]
     assert having("--framework") == ["cnn"]
     assert having("--only") == []
+
+
+@pytest.mark.slow
+def test_a_childs_peak_rss_is_its_own_not_what_this_process_holds(tmp_path):
+    """A forked child's ru_maxrss would count this process's memory at the fork: run_child
+    reports the command's own peak, whatever this process holds."""
+    from benchmarks.common import run_child
+
+    held = bytearray(600 << 20)
+    held[::4096] = b"\1" * len(held[::4096])  # touched: resident
+    child = run_child([sys.executable, "-c", "import sys; x = bytearray(150 << 20); "
+                       "x[::4096] = b'1' * len(x[::4096]); print('ok')"], tmp_path)
+    del held
+    assert child["stdout"] == "ok\n"
+    assert 150 < child["peak_rss_mb"] < 300, child["peak_rss_mb"]
