@@ -118,6 +118,17 @@ def variant(genuine: Path, root: Path, name: str) -> tuple[Path, Path]:
     return folder, files[0]
 
 
+def adder(genuine: Path, root: Path, cases: dict, target: str | None = None):
+    """A function (name, damage, pattern) that adds the case `name` to `cases`: a variant of
+    the genuine folder whose file `target` (default: its model file) `damage` changes, and
+    the pattern its refusal must match."""
+    def add(name: str, damage, pattern: str) -> None:
+        folder, model_file = variant(genuine, root, name)
+        damage(folder / target if target else model_file)
+        cases[name] = pattern
+    return add
+
+
 def sparse(path: Path, size: int = HUGE) -> None:
     path.unlink()
     with open(path, "wb") as f:
@@ -175,11 +186,7 @@ def append_raw_member(path: Path, name: str, deflated: bytes, declared: int) -> 
 def common_cases(genuine: Path, root: Path) -> dict[str, str]:
     """run_info.json cases (any framework's folder): case name -> the reason's pattern."""
     cases = {}
-
-    def info_case(name: str, write, pattern: str) -> None:
-        folder, _ = variant(genuine, root, name)
-        write(folder / RUN_INFO)
-        cases[name] = pattern
+    info_case = adder(genuine, root, cases, RUN_INFO)
 
     info_case("run-info-missing", Path.unlink, r"cannot read the model's run info \(No such")
     info_case("run-info-huge", lambda p: p.write_text("{" + " " * (2 << 20) + "}"),
@@ -199,11 +206,7 @@ def common_cases(genuine: Path, root: Path) -> dict[str, str]:
 
 def c_cases(genuine: Path, root: Path, marker: Path) -> dict[str, str]:
     cases = {}
-
-    def case(name: str, damage, pattern: str) -> None:
-        _, model_file = variant(genuine, root, name)
-        damage(model_file)
-        cases[name] = pattern
+    case = adder(genuine, root, cases)
 
     case("c-sparse-10GiB", sparse, rf"{HUGE:,} bytes; a model file of this project has at "
          rf"most {c_model.CNN_SIZE:,}")
@@ -221,15 +224,11 @@ def c_cases(genuine: Path, root: Path, marker: Path) -> dict[str, str]:
 
 def torch_cases(genuine: Path, root: Path, marker: Path) -> dict[str, str]:
     cases = {}
+    case = adder(genuine, root, cases)
     genuine_file = next(p for p in genuine.iterdir() if p.suffix == ".safetensors")
     data = genuine_file.read_bytes()
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + length])
-
-    def case(name: str, damage, pattern: str) -> None:
-        _, model_file = variant(genuine, root, name)
-        damage(model_file)
-        cases[name] = pattern
 
     def with_header(edit):
         def write(path: Path) -> None:
@@ -276,15 +275,11 @@ def keras_cases(genuine: Path, root: Path, marker: Path) -> dict[str, str]:
     import h5py
 
     cases = {}
+    case = adder(genuine, root, cases)
     genuine_file = genuine / "model.keras"
     with zipfile.ZipFile(genuine_file) as z:
         config = json.loads(z.read("config.json"))
         weights = z.read("model.weights.h5")
-
-    def case(name: str, damage, pattern: str) -> None:
-        _, model_file = variant(genuine, root, name)
-        damage(model_file)
-        cases[name] = pattern
 
     def with_config(edit):
         def write(path: Path) -> None:

@@ -124,16 +124,19 @@ def lost_worker(error: str, where: list[tuple[int, str]], me: int) -> str | None
     names no other worker's address."""
     import re
 
-    size = len(where)
     for address in re.findall(r"\[([0-9.]+)\]:\d+", error):
         ranks = [rank for rank, (_, at) in enumerate(where) if at == address and rank != me]
         if ranks:
-            node = where[ranks[0]][0]
-            who = (f"worker {ranks[0]}" if len(ranks) == 1 else
-                   "workers " + ", ".join(map(str, ranks)))
-            return (f"{who} of {size} (node {node}, {address}) stopped answering "
-                    "mid-training: gloo lost its connection")
+            return (f"{workers_named(ranks, where)} stopped answering mid-training: gloo "
+                    "lost its connection")
     return None
+
+
+def workers_named(ranks: list[int], where: list[tuple[int, str]]) -> str:
+    """`worker 1 of 2 (node 1, 10.0.0.2)`: the ranks, of how many, and their machines."""
+    who = f"worker {ranks[0]}" if len(ranks) == 1 else "workers " + ", ".join(map(str, ranks))
+    on = ", ".join(f"node {node}, {address}" for node, address in sorted({where[r] for r in ranks}))
+    return f"{who} of {len(where)} ({on})"
 
 
 def silent_worker(error: str, where: list[tuple[int, str]], me: int,
@@ -148,11 +151,7 @@ def silent_worker(error: str, where: list[tuple[int, str]], me: int,
     ranks = [rank for rank, (node, _) in enumerate(where) if node != mine]
     if not ranks:
         return None
-    machines = sorted({where[rank] for rank in ranks})
-    who = (f"worker {ranks[0]}" if len(ranks) == 1 else
-           "workers " + ", ".join(map(str, ranks)))
-    on = ", ".join(f"node {node}, {address}" for node, address in machines)
-    return (f"{who} of {len(where)} ({on}) went silent mid-training: no word for "
+    return (f"{workers_named(ranks, where)} went silent mid-training: no word for "
             f"{timeout:g} s (speed.peer_timeout)")
 
 

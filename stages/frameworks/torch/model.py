@@ -22,6 +22,7 @@ The architecture is named in its header and in run_info.json:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,13 @@ HEADER_CAP = 1 << 20
 DTYPES = {torch.float32: ("F32", 4), torch.int64: ("I64", 8)}
 
 
+@functools.cache
+def largest_tensors() -> int:
+    """Bytes of tensors in the largest network's model file (built once per process)."""
+    return max(sum(v.numel() * DTYPES[v.dtype][1] for v in net().state_dict().values())
+               for net in MODELS.values())
+
+
 def checked_network(path: Path) -> nn.Module:
     """The untrained network a safetensors model file names, once its header has been read
     (at most HEADER_CAP bytes) and found to describe exactly that network's tensors: names,
@@ -169,9 +177,7 @@ def checked_network(path: Path) -> nn.Module:
     read here, and a file that claims more than the network holds is refused unread."""
     import json
 
-    size = size_of(path, 8 + HEADER_CAP + max(
-        sum(v.numel() * DTYPES[v.dtype][1] for v in net().state_dict().values())
-        for net in MODELS.values()))
+    size = size_of(path, 8 + HEADER_CAP + largest_tensors())
     with open(path, "rb") as f:
         head = f.read(8)
         length = int.from_bytes(head, "little")
