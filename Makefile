@@ -56,9 +56,14 @@ repro: $(STAMP) c-compiler
 torch: $(TORCH_STAMP)
 
 # Every test, on every core: each pytest-xdist worker takes whole test files (loadfile), so a
-# project a module's tests share is built once.
+# project a module's tests share is built once. One worker more than cores: many tests wait
+# (a slowed link, a queue's poll, a peer's timeout, a project another worker is building),
+# and the extra worker keeps the cores busy meanwhile. Python caches compiled modules even
+# where the environment turns that off (PYTHONDONTWRITEBYTECODE): each worker and each
+# process the tests start would otherwise compile, and pytest rewrite, every module anew.
+TEST_WORKERS = $(shell python -c 'import os; print(os.cpu_count() + 1)')
 test: $(TORCH_STAMP) c-compiler system-deps
-	python -m pytest -n auto --dist loadfile
+	PYTHONDONTWRITEBYTECODE= python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The inner loop: every test not marked slow, which starts no process (tests/conftest.py
 # holds each to it): no dvc, no stage, no compiler, no server.

@@ -25,9 +25,9 @@ MAKE_FILES = ("Makefile", "pyproject.toml", "requirements.lock", "requirements-t
 
 # Small enough to train in seconds on the fixture, yet every code path of the default runs.
 FAST_TRAIN = {"cnn": {"epochs": 2, "batch_size": 64}}
-# One thread per pool (Keras, PyTorch, the C programs): `make test` runs a worker per core,
-# and a process whose threads wait on each other at every op, while the other worker holds
-# the second core, crawls.
+# One thread per pool (Keras, PyTorch, the C programs): `make test` keeps every core busy
+# with workers, and a process whose threads wait on each other at every op, while other
+# workers hold the other cores, crawls.
 ONE_THREAD = {"intra_op_threads": 1, "inter_op_threads": 1}
 SINGLE_THREADED = {"train": {"keras": ONE_THREAD, "torch": ONE_THREAD},
                    "speed": {"c_threads": 1}}

@@ -185,13 +185,13 @@ def test_host_b_reads_a_s_older_revision_through_the_store(team):
     a, b = team.repo, clone_b(team, "B-revisions")
     on(team.b, b, "dvc", "pull", env=team.env)  # HEAD's outputs only: HEAD~1 is in the store
     image = ROOT / "examples" / "four.gif"
+    read = {}
     for rev in ("HEAD~1", "HEAD"):
         here = on(team.a, a, MNIST_PREDICT, "--json", "--rev", rev, image, env=team.env)
         there = on(team.b, b, MNIST_PREDICT, "--json", "--rev", rev, image, env=team.env)
-        assert json.loads(there.stdout) == json.loads(here.stdout), rev
-    older = on(team.b, b, MNIST_PREDICT, "--json", "--rev", "HEAD~1", image, env=team.env)
-    newer = on(team.b, b, MNIST_PREDICT, "--json", "--rev", "HEAD", image, env=team.env)
-    assert json.loads(older.stdout) != json.loads(newer.stdout)  # two models, two answers
+        read[rev] = json.loads(there.stdout)
+        assert read[rev] == json.loads(here.stdout), rev
+    assert read["HEAD~1"] != read["HEAD"]  # two models, two answers
     diff_a = on(team.a, a, MNIST_ERRORS_DIFF, "--json", "HEAD~1", "HEAD", env=team.env)
     diff_b = on(team.b, b, MNIST_ERRORS_DIFF, "--json", "HEAD~1", "HEAD", env=team.env)
     assert json.loads(diff_b.stdout) == json.loads(diff_a.stdout)
