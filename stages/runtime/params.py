@@ -24,7 +24,7 @@ C_MODELS = ("mlp", "cnn")  # what the plain-C programs implement (stages/framewo
 # train.c.program: which C programs train: the fast ones (stages/frameworks/c/mnist_*.c) or
 # the plain references a learner reads (stages/frameworks/c/reference/); their last bits differ.
 C_PROGRAMS = ("fast", "reference")
-C_CNN_MAX_BATCH = 2048  # mnist_cnn.c's MAX_CNN_BATCH: its buffers take ~0.9 MB an image
+C_CNN_MAX_BATCH = 2048  # mnist_cnn.c's MAX_CNN_BATCH: its buffers take ~0.8 MB an image
 # train.<framework>.device, by each framework's own name for a GPU (TensorFlow's "GPU",
 # PyTorch's "cuda"); cpu is the default, and C's only device.
 DEVICES = {"keras": ("cpu", "gpu"), "torch": ("cpu", "cuda")}

@@ -300,9 +300,8 @@ def test_the_reference_agrees_with_central_differences(digits, smoothing):
 @pytest.mark.parametrize("smoothing, images", [(0.0, 8), (0.1, 64)])
 def test_the_programs_backward_pass_agrees_with_the_reference(program, digits, tmp_path,
                                                              smoothing, images):
-    """8 images, and 64: a batch of more than 56 is where conv1's weight gradient packs more
-    than conv2's does (B x 24 x 24 x 32 floats against 256 x 8 x 8 x 64), which it does when
-    vectors are 128-bit (SSE-only x86, AArch64): the scratch it packs into must hold it."""
+    """8 images, and 64: a batch whose conv1 positions (64 x 576) split into the weight
+    gradient's four ranges at places other than a chunk's or an image's boundary."""
     net = lively_cnn(5, readout=0.03)  # moving statistics unlike the batch's: using them shows
     model.save(net, tmp_path)
     x, y = batch(digits, images)

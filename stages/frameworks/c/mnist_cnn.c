@@ -57,9 +57,9 @@
  * draw * 5 + k; draw = step * batch_size + the image's place in its batch.
  *
  * Layout and speed. Activations are NHWC, a batch at a time: images x rows x columns x
- * channels, channels contiguous. Each convolution is one matrix product over the whole batch:
- * im2col lays every output position's input window out as a row (k = (row * K + column) *
- * in + channel, the kernel's own order), so with M = images x positions
+ * channels, channels contiguous. conv2 and conv3 are each one matrix product over the whole
+ * batch: im2col lays every output position's input window out as a row (k = (row * K +
+ * column) * in + channel, the kernel's own order), so with M = images x positions
  *     forward      Z [M x out]   = X [M x K] W [K x out]
  *     weights      dW^T [out x K] = dZ^T [out x M] X [M x K]   (a sum over the whole batch)
  *     inputs       dX [M x K]    = dZ [M x out] W^T [out x K], then folded back (col2im).
@@ -69,7 +69,9 @@
  * extensions (128-bit with SSE or NEON, 256-bit with AVX2, 512-bit with AVX-512). Terms come
  * in blocks of KC, rows in blocks of MC, so each block of A stays in L2 and each panel of B in
  * L1 while it is reused.
- * conv1's window (25 pixels) is padded to 32 so that it fills whole panels.
+ * conv1 (25-pixel windows of one channel, and no input gradient) runs the same arithmetic on
+ * the image in place: a direct forward kernel, MR positions of a row by two vectors of
+ * channels, and a direct kernel for its weight gradient (conv1_forward, conv1_weight_grad).
  *
  * Threads, and why their number changes no bit. Every parallel loop hands out whole outputs:
  * a block of a product's rows (forward, dX) or a panel of its columns (dW^T), an image (im2col,
@@ -112,7 +114,7 @@ enum {
     S1 = 24, P1 = 12, S2 = 8, P2 = 4, S3 = 4, /* sides: conv1, pool1, conv2, pool2, conv3 */
     K1 = 5 * 5, K2 = 5 * 5 * C1, K3 = 3 * 3 * C2, /* window lengths */
     FEATURES = S3 * S3 * C3,                  /* 2,048 */
-    MAX_CNN_BATCH = 2048,                     /* buffers: about 0.9 MB per image */
+    MAX_CNN_BATCH = 2048,                     /* buffers: about 0.8 MB per image */
     EVAL_BATCH = 256,
 };
 static const float DROPOUT = 0.3f, BN_EPSILON = 1e-3f, BN_MOMENTUM = 0.99f;
@@ -347,14 +349,93 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
 /* ---------------------------------------------------------------------------------------- */
 /* Layers, forward and backward side by side                                                  */
 
-/* im2col of one image: conv1's 5x5 windows of the 28x28 input. */
-static void im2col1(const float *restrict x, float *restrict col)
+/* conv1 works on the image itself, with no im2col: its windows are 25 pixels of one channel,
+   too short a product for the micro-kernel to pay, and the windows laid out as rows would
+   be 25 times the image. Both kernels below are the micro-kernel's arithmetic with the
+   window's pixels read in place: each output sums its 25 terms (row-major in the window) in
+   ascending order in one fused multiply-add chain, as a product of the im2col rows would. */
+
+/* conv1's forward pass on one image: z [24 x 24][32] = the 5x5 windows of x times W
+   [25][32]. A tile is MR adjacent positions of a row by two vectors of channels. */
+static void conv1_forward(const float *restrict x, const float *restrict w,
+                          float *restrict z)
 {
     for (int y = 0; y < S1; y++)
-        for (int xx = 0; xx < S1; xx++, col += K1)
+        for (int x0 = 0; x0 < S1; x0 += MR) /* 24 = 4 x MR */
+            for (int j = 0; j < C1; j += 2 * VL) {
+                vec acc[MR][2] = {{(vec){0}}};
+                for (int dy = 0; dy < 5; dy++)
+                    for (int dx = 0; dx < 5; dx++) {
+                        const float *wp = w + (dy * 5 + dx) * C1 + j;
+                        vec b0 = *(const vec *)wp, b1 = *(const vec *)(wp + VL);
+                        const float *pixels = x + (y + dy) * SIDE + x0 + dx;
+                        for (int i = 0; i < MR; i++) {
+                            acc[i][0] += pixels[i] * b0;
+                            acc[i][1] += pixels[i] * b1;
+                        }
+                    }
+                for (int i = 0; i < MR; i++) {
+                    float *out = z + ((size_t)y * S1 + x0 + i) * C1 + j;
+                    *(vec *)out = acc[i][0];
+                    *(vec *)(out + VL) = acc[i][1];
+                }
+            }
+}
+
+enum { CONV1_CHUNK = 128 }; /* positions whose dZ rows (16 KB) stay in L1 while reused */
+
+/* conv1's kernel gradient over a batch: dW [25][32] = the sum over every position m of the
+   batch (images, rows, columns in order) of its window's pixels times dZ [m] [32]. As the
+   other weight gradients (gemm's `parts`), the positions go in PARTS fixed consecutive ranges
+   a thread each: each element sums each range in ascending order, then the ranges' sums in
+   order. A pass holds one row of the window (5 terms) by two vectors of channels in
+   registers over a chunk of positions; between chunks the sums wait in memory as floats. */
+static void conv1_weight_grad(const float *restrict x, const float *restrict d_z, int images,
+                              float *restrict grad)
+{
+    int m_all = images * S1 * S1;
+    float sums[PARTS][K1 * C1];
+    OMP("omp parallel for schedule(static)")
+    for (int part = 0; part < PARTS; part++) {
+        int first, end;
+        share(m_all, PARTS, part, &first, &end);
+        float *sum = sums[part];
+        for (int m0 = first; m0 < end; m0 += CONV1_CHUNK) {
+            int m1 = min_int(m0 + CONV1_CHUNK, end);
+            int window[CONV1_CHUNK]; /* where each position's window starts in x */
+            for (int m = m0; m < m1; m++) {
+                int b = m / (S1 * S1), at = m % (S1 * S1);
+                window[m - m0] = b * INPUTS + at / S1 * SIDE + at % S1;
+            }
             for (int dy = 0; dy < 5; dy++)
-                for (int dx = 0; dx < 5; dx++)
-                    col[dy * 5 + dx] = x[(y + dy) * SIDE + xx + dx];
+                for (int j = 0; j < C1; j += 2 * VL) {
+                    vec acc[5][2];
+                    for (int dx = 0; dx < 5; dx++)
+                        for (int v = 0; v < 2; v++)
+                            acc[dx][v] = m0 > first
+                                             ? *(const vec *)(sum + (dy * 5 + dx) * C1 + j + v * VL)
+                                             : (vec){0};
+                    for (int m = m0; m < m1; m++) {
+                        const float *pixels = x + window[m - m0] + dy * SIDE;
+                        const float *d = d_z + (size_t)m * C1 + j;
+                        vec d0 = *(const vec *)d, d1 = *(const vec *)(d + VL);
+                        for (int dx = 0; dx < 5; dx++) {
+                            acc[dx][0] += pixels[dx] * d0;
+                            acc[dx][1] += pixels[dx] * d1;
+                        }
+                    }
+                    for (int dx = 0; dx < 5; dx++)
+                        for (int v = 0; v < 2; v++)
+                            *(vec *)(sum + (dy * 5 + dx) * C1 + j + v * VL) = acc[dx][v];
+                }
+        }
+    }
+    for (int i = 0; i < K1 * C1; i++) {
+        float total = sums[0][i];
+        for (int part = 1; part < PARTS; part++)
+            total += sums[part][i];
+        grad[i] = total;
+    }
 }
 
 /* im2col of one image for conv2: each 5x5 window of the 12x12x32 map is 5 runs of 160. */
@@ -575,7 +656,7 @@ static const double LAYER_MACS[LAYERS] = {(double)S1 * S1 * K1 * C1, (double)S2 
                                           (double)S3 * S3 * K3 * C3, (double)FEATURES * CLASSES};
 
 typedef struct {
-    float *x, *col1, *z1, *p1, *xhat1, *a1, *col2, *z2, *p2, *xhat2, *a2, *col3, *z3, *xhat3,
+    float *x, *z1, *p1, *xhat1, *a1, *col2, *z2, *p2, *xhat2, *a2, *col3, *z3, *xhat3,
         *a3, *kept, *logits;              /* activations, batch-wide, NHWC */
     uint8_t *which1, *which2, *mask;
     float *d_a3, *d_z3, *d_col3, *d_a2, *d_z2, *d_col2, *d_a1, *d_z1, *d_logits; /* gradients */
@@ -593,7 +674,7 @@ static Net make_net(int capacity)
     size_t n = (size_t)capacity;
 #define BUFFER(name, per_image) t.name = allocate(n * (per_image), sizeof *t.name)
     BUFFER(x, INPUTS);
-    BUFFER(col1, S1 * S1 * K1), BUFFER(z1, S1 * S1 * C1), BUFFER(p1, P1 * P1 * C1);
+    BUFFER(z1, S1 * S1 * C1), BUFFER(p1, P1 * P1 * C1);
     BUFFER(xhat1, P1 * P1 * C1), BUFFER(a1, P1 * P1 * C1), BUFFER(which1, P1 * P1 * C1);
     BUFFER(col2, S2 * S2 * K2), BUFFER(z2, S2 * S2 * C2), BUFFER(p2, P2 * P2 * C2);
     BUFFER(xhat2, P2 * P2 * C2), BUFFER(a2, P2 * P2 * C2), BUFFER(which2, P2 * P2 * C2);
@@ -605,11 +686,8 @@ static Net make_net(int capacity)
     BUFFER(d_a1, P1 * P1 * C1), BUFFER(d_z1, S1 * S1 * C1);
     BUFFER(partial, 2 * C3);
 #undef BUFFER
-    /* The widest B packed: conv2's dZ, or a kernel; or conv1's dZ, where it is packed (its
-       C1 columns are more than two panels when vectors are narrower than AVX's). */
+    /* The widest B packed: conv2's dZ, or a kernel. */
     size_t widest = n * S2 * S2 * C2 > K3 * C3 ? n * S2 * S2 * C2 : K3 * C3;
-    if (!reads_b_in_place((Operand){NULL, C1, 1}, C1) && n * S1 * S1 * C1 > widest)
-        widest = n * S1 * S1 * C1;
     t.scratch.packed_b = allocate(widest, sizeof(float));
     t.scratch.partial = allocate((PARTS - 1) * K3 * C3, sizeof(float)); /* conv3's dW */
     t.dense_t = allocate(FEATURES * CLASSES, sizeof(float));
@@ -643,14 +721,11 @@ static void forward(Net *t, Params *p, Params *stats, int images, int training)
     bind_norms(t, p, stats);
     /* conv1 -> pool -> BatchNorm -> ReLU */
     OMP("omp parallel for schedule(static)")
-    for (int b = 0; b < B; b++)
-        im2col1(t->x + (size_t)b * INPUTS, t->col1 + (size_t)b * S1 * S1 * K1);
-    gemm(&t->scratch, B * S1 * S1, C1, K1, (Operand){t->col1, K1, 1}, (Operand){p->conv1, C1, 1},
-         t->z1, C1, 1);
-    OMP("omp parallel for schedule(static)")
-    for (int b = 0; b < B; b++)
+    for (int b = 0; b < B; b++) {
+        conv1_forward(t->x + (size_t)b * INPUTS, p->conv1, t->z1 + (size_t)b * S1 * S1 * C1);
         pool_forward(t->z1 + (size_t)b * S1 * S1 * C1, S1, C1, t->p1 + (size_t)b * P1 * P1 * C1,
                      t->which1 + (size_t)b * P1 * P1 * C1);
+    }
     norm_forward(&t->norm[0], B, t->p1, training, t->xhat1, t->a1);
     double now = seconds_now();
     t->seconds[CONV1][0] += now - start, start = now;
@@ -808,9 +883,7 @@ static void backward(Net *t, Params *p, Params *g, int images)
     for (int b = 0; b < B; b++)
         pool_backward(t->d_a1 + (size_t)b * P1 * P1 * C1, t->which1 + (size_t)b * P1 * P1 * C1,
                       S1, C1, t->d_z1 + (size_t)b * S1 * S1 * C1);
-    M = B * S1 * S1;
-    gemm(&t->scratch, K1, C1, M, (Operand){t->col1, 1, K1}, (Operand){t->d_z1, C1, 1}, g->conv1,
-         C1, PARTS);
+    conv1_weight_grad(t->x, t->d_z1, B, g->conv1);
     t->seconds[CONV1][1] += seconds_now() - start;
 }
 
