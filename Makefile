@@ -61,7 +61,7 @@ torch: $(TORCH_STAMP)
 # and the extra worker keeps the cores busy meanwhile. Python caches compiled modules even
 # where the environment turns that off (PYTHONDONTWRITEBYTECODE): each worker and each
 # process the tests start would otherwise compile, and pytest rewrite, every module anew.
-TEST_WORKERS = $(shell python -c 'import os; print(os.cpu_count() + 1)')
+TEST_WORKERS = $(shell $(PYTHON) -c 'import os; print(os.cpu_count() + 1)')
 test: $(TORCH_STAMP) c-compiler system-deps
 	PYTHONDONTWRITEBYTECODE= python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
