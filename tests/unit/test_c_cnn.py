@@ -207,19 +207,12 @@ def batch_norm_backward(d_out, normalized, var, gamma):
     return d_in, d_gamma, d_beta
 
 
-def reference(net: model.CNN, x, y, mask, smoothing) -> tuple[float, model.CNN]:
+def reference(net: model.CNN, x, y, mask, smoothing,
+              gradients: bool = True) -> tuple[float, model.CNN | None]:
     """One training step's mean smoothed cross-entropy of a batch, float64 NumPy, and a
     CNN laid out as the program's gradient file: the loss's gradient in each trainable
-    slot, each BatchNorm's batch mean and biased batch variance in its moving ones."""
-    return reference_forward(net, x, y, mask, smoothing, backward=True)
-
-
-def reference_loss(net: model.CNN, x, y, mask, smoothing) -> float:
-    """reference()'s loss alone: the forward pass, for central differences."""
-    return reference_forward(net, x, y, mask, smoothing, backward=False)[0]
-
-
-def reference_forward(net, x, y, mask, smoothing, backward):
+    slot, each BatchNorm's batch mean and biased batch variance in its moving ones. With
+    gradients=False, the forward pass alone: the loss, and None."""
     w = model.CNN(*(np.asarray(a, np.float64) for a in net))
     n = len(x)
     a0 = np.asarray(x, np.float64).reshape(n, 28, 28, 1)
@@ -242,7 +235,7 @@ def reference_forward(net, x, y, mask, smoothing, backward):
     target = np.full(logits.shape, smoothing / 10)
     target[np.arange(n), y] += 1 - smoothing
     loss = -(target * log_p).sum(1).mean()
-    if not backward:
+    if not gradients:
         return loss, None
 
     d_logits = (np.exp(log_p) - target) / n
@@ -285,9 +278,9 @@ def test_the_reference_agrees_with_central_differences(digits, smoothing):
             arrays = [np.asarray(a, np.float64).copy() for a in net]
             h = 1e-6
             arrays[which][at] += h
-            up = reference_loss(model.CNN(*arrays), x, y, mask, smoothing)
+            up = reference(model.CNN(*arrays), x, y, mask, smoothing, gradients=False)[0]
             arrays[which][at] -= 2 * h
-            down = reference_loss(model.CNN(*arrays), x, y, mask, smoothing)
+            down = reference(model.CNN(*arrays), x, y, mask, smoothing, gradients=False)[0]
             assert (up - down) / (2 * h) == pytest.approx(grad[at], rel=1e-4, abs=1e-8), (
                 name, at)
 

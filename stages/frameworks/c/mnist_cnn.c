@@ -356,7 +356,9 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
    ascending order in one fused multiply-add chain, as a product of the im2col rows would. */
 
 /* conv1's forward pass on one image: z [24 x 24][32] = the 5x5 windows of x times W
-   [25][32]. A tile is MR adjacent positions of a row by two vectors of channels. */
+   [25][32]. A tile is MR adjacent positions of a row by two vectors of channels, held in
+   registers across all 25 terms (micro_kernel itself, called a row of the window at a time,
+   would store and reload each tile five times). */
 static void conv1_forward(const float *restrict x, const float *restrict w,
                           float *restrict z)
 {
