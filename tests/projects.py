@@ -192,3 +192,12 @@ def reseeded_on_a_remote(src: Path, dest: Path, seed: int) -> tuple[Path, Path]:
     sh(repo, "git", "commit", "-qam", f"seed {seed}")
     dvc(repo, "push")
     return repo, remote
+
+
+def applied(switched, run: tuple[str, str], dest: Path) -> tuple[Path, str]:
+    """A copy of the switched project (tests/conftest.py) with the README's `dvc exp run` of
+    `run` (framework, model) applied: its params, dvc.lock and outputs in the workspace, as
+    right after that run on the trained project; and what the run printed."""
+    repo = copy_project(switched.repo, dest / "project")
+    dvc(repo, "exp", "apply", switched.exps[run])
+    return repo, switched.runs[run]

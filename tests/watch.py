@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -14,19 +15,55 @@ from pathlib import Path
 from testbed.processes import run_env
 
 
+def running_elsewhere() -> int | None:
+    """How many threads the kernel has running or ready to run now, besides the caller
+    (/proc/loadavg's fourth field counts the reading thread too); None off Linux."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @contextlib.contextmanager
-def busy_cores(n: int = 2):
-    """n processes spinning on a core each, for the duration of the block: a loaded machine.
+def busy_cores(n: int = 2, period: float = 0.1):
+    """A loaded machine for the duration of the block: n runnable threads besides the code
+    under test, topped up by processes spinning on a core.
 
     Under load, every step of the stage takes longer and a signal lands at moments an idle
     machine rarely shows (inside TensorFlow's import, tracing, a chunk's conversion).
+
+    A loop spins only while fewer than n + 1 threads run (the code under test and n more):
+    under `make test` the other workers' processes often load every core already, and a
+    loop beside them would take their time and add no load. A thread looks every `period`
+    seconds and stops (SIGSTOP) or resumes (SIGCONT) loops to make up the difference. Where
+    the count cannot be read (no /proc), all n spin.
     """
     loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    spinning, done = len(loops), threading.Event()
+
+    def keep_loaded():
+        nonlocal spinning
+        while not done.wait(period):
+            others = running_elsewhere()
+            if others is None:
+                return
+            want = max(0, min(n, n + 1 - (others - spinning)))
+            for loop in loops[want:spinning]:
+                loop.send_signal(signal.SIGSTOP)
+            for loop in loops[spinning:want]:
+                loop.send_signal(signal.SIGCONT)
+            spinning = want
+
+    keeper = threading.Thread(target=keep_loaded, daemon=True)
+    keeper.start()
     try:
         yield
     finally:
+        done.set()
+        keeper.join()
         for loop in loops:
-            loop.kill()
+            loop.kill()  # SIGKILL ends a stopped process too
             loop.wait()
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -22,7 +21,7 @@ from stages.frameworks.c import fit as c_fit
 from testbed.pipeline import paths as dvc_vars
 from testbed.processes import sh
 from tests.projects import (
-    copy_project,
+    applied,
     dvc,
     edit_module,
     out_hashes,
@@ -36,15 +35,6 @@ pytestmark = pytest.mark.slow
 
 PATHS = dvc_vars()
 ALL_STAGES = ["download", "normalize", "train", "evaluate", "render-errors", "audit-labels"]
-
-
-def applied(switched, run: tuple[str, str], dest: Path) -> tuple[Path, str]:
-    """A copy of the switched project (conftest.py) with the README's `dvc exp run` of
-    `run` (framework, model) applied: its params, dvc.lock and outputs in the workspace, as
-    right after that run on the trained project; and what the run printed."""
-    repo = copy_project(switched.repo, dest / "project")
-    dvc(repo, "exp", "apply", switched.exps[run])
-    return repo, switched.runs[run]
 
 
 def forced_rerun_gives_the_same_bits(repo, results: dict) -> None:

@@ -2,9 +2,11 @@
 
 Real processes, real signals, a real (tiny) tmpfs, real DVC. The project trains the small
 `mlp` on the fixture, so an epoch takes a fraction of a second. Every Ctrl-C aimed at
-training is sent while two busy loops load the cores: the interrupt must be clean because
-train stops only at its own stopping points (errors.stop_if_interrupted), not because the
-signal happened to arrive between two TensorFlow calls.
+training is sent while the cores are loaded (two runnable threads besides the stage's, busy
+loops making up what the other tests' processes do not: tests/watch.py busy_cores): the
+interrupt must be clean because train stops only at its own stopping points
+(stop_if_interrupted, stages/runtime/failures.py), not because the signal happened to
+arrive between two TensorFlow calls.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from testbed.drawing import drawn_digit
 from testbed.processes import sh
 from tests.digits import fixture_data
 from tests.hostile import png_bomb
-from tests.projects import TINY_TRAIN, copy_project, dvc, make_project, reseeded_on_a_remote
+from tests.projects import applied, copy_project, dvc, reseeded_on_a_remote
 
 pytestmark = pytest.mark.slow
 
@@ -160,9 +160,8 @@ def test_a_keras_model_reads_mnist_as_evaluate_did(trained_project, tmp_path):
     assert_agrees_with_evaluate(trained_project.repo, tmp_path)
 
 
-def test_a_pytorch_model_reads_mnist_as_evaluate_did(tmp_path):
-    repo = make_project(tmp_path / "torch", train={**TINY_TRAIN, "framework": "torch"})
-    dvc(repo, "repro", "evaluate")
+def test_a_pytorch_model_reads_mnist_as_evaluate_did(switched, tmp_path):
+    repo, _ = applied(switched, ("torch", "cnn"), tmp_path)  # the README's PyTorch run
     assert_agrees_with_evaluate(repo, tmp_path)
 
 

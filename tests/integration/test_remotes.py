@@ -1,7 +1,7 @@
 """Share results across machines: real `dvc push`/`dvc pull` between separate clones.
 
-Machine A holds the session's trained project (param set X, results committed), configures
-its remotes, commits, and pushes its results to
+Machine A holds the session's reader project (plain C's mlp, param set X), runs the stages
+after evaluate, configures its remotes, commits, and pushes its results to
   - the project's default remote, the local directory `../mnist-dvc-storage` that the
     committed .dvc/config names (here: beside A and the other clones), and
   - an SSH remote served by a real OpenSSH server on 127.0.0.1 (testbed/sshd.py),
@@ -89,9 +89,10 @@ def clone(team, name: str):
 
 
 @pytest.fixture(scope="module")
-def team(trained_project, tmp_path_factory, sshd):
+def team(reader_project, tmp_path_factory, sshd):
     root = tmp_path_factory.mktemp("team")
-    a = copy_project(trained_project.repo, root / "A")
+    a = copy_project(reader_project, root / "A")
+    assert stages_run(dvc(a, "repro").stdout) == ["render-errors", "audit-labels"]
     # The project's own .dvc/config: its default remote is ../mnist-dvc-storage.
     shutil.copy(ROOT / ".dvc" / "config", a / ".dvc" / "config")
     dvc(a, "remote", "add", SSH_REMOTE, sshd.url(root / "ssh-storage"))

@@ -81,9 +81,9 @@ def test_a_worker_killed_mid_training_ends_the_stage_in_one_line(trained_copy):
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     assert not list(model.parent.glob(".*.tmp"))
 
-    # The next run completes.
+    # The next run of the stage completes.
     set_params(repo, train=TWO_WORKERS)
-    assert "train" in stages_run(dvc(repo, "repro").stdout)
+    assert stages_run(dvc(repo, "repro", "train").stdout) == ["train"]
 
 
 def test_sigint_to_the_stage_stops_every_worker_with_one_line(trained_copy):
