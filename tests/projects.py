@@ -1,7 +1,8 @@
 """Projects under test and their runners: a fresh git + DVC project holding this repo's
 pipeline fed by the fixture, copies of one, params.yaml read and changed (train's settings as
 the stage gets them included), `dvc` and its queue run as a user runs them, what a run's
-output says (the stages it ran, its outputs' hashes), and a fresh clone's files for `make`.
+output says (the stages it ran, its outputs' hashes), a fresh clone's files for `make`, and
+one of the README's experiments applied to a copy of the project that ran them.
 """
 
 from __future__ import annotations
