@@ -40,7 +40,7 @@ def busy_cores(n: int = 2, period: float = 0.1):
     the count cannot be read (no /proc), all n spin.
     """
     loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    spinning, done = len(loops), threading.Event()
+    spinning, done = n, threading.Event()
 
     def keep_loaded():
         nonlocal spinning
