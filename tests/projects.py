@@ -133,8 +133,17 @@ def copy_project(src: Path, dest: Path) -> Path:
 
     DVC's cache keeps copies, not links, so the copy shares nothing with src: a test can
     change a trained project for the price of a file copy instead of a training.
+
+    Left out: the mailbox of DVC's experiment queue (.dvc/tmp/exps/celery). A queue worker
+    can idle on after its queue is stopped and keep writing and deleting messages there, so
+    the folder may change while it is read; the experiments themselves live in git refs.
     """
-    shutil.copytree(src, dest, symlinks=True)
+    queue_mailbox = Path(src) / ".dvc" / "tmp" / "exps"
+
+    def transient(folder, names):
+        return ["celery"] if Path(folder) == queue_mailbox else []
+
+    shutil.copytree(src, dest, symlinks=True, ignore=transient)
     return dest
 
 
