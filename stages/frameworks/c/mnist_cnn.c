@@ -58,12 +58,16 @@
  *
  * Layout and speed. Activations are NHWC, a batch at a time: images x rows x columns x
  * channels, channels contiguous. conv2 and conv3 are each one matrix product over the whole
- * batch: im2col lays every output position's input window out as a row (k = (row * K +
+ * batch: as im2col rows, every output position's input window is a row (k = (row * K +
  * column) * in + channel, the kernel's own order), so with M = images x positions
  *     forward      Z [M x out]   = X [M x K] W [K x out]
  *     weights      dW^T [out x K] = dZ^T [out x M] X [M x K]   (a sum over the whole batch)
  *     inputs       dX [M x K]    = dZ [M x out] W^T [out x K], then folded back (col2im).
- * All three go through one register-tiled micro-kernel (gemm below): a tile of MR = 6 rows by
+ * conv3 writes X out (im2col). conv2, whose X would be 25 times its input map, reads its
+ * windows in the map itself, through tables of where each window and each term starts
+ * (conv2_tables): its forward pass runs the micro-kernel on them in place (conv2_forward),
+ * and its weight gradient packs them straight from the map.
+ * All go through one register-tiled micro-kernel (gemm below): a tile of MR = 6 rows by
  * NR = 2 vectors of columns is held in 12 vector registers while it runs down the shared
  * dimension, one broadcast and two fused multiply-adds per row and term, in GCC/Clang vector
  * extensions (128-bit with SSE or NEON, 256-bit with AVX2, 512-bit with AVX-512). Terms come
@@ -114,7 +118,7 @@ enum {
     S1 = 24, P1 = 12, S2 = 8, P2 = 4, S3 = 4, /* sides: conv1, pool1, conv2, pool2, conv3 */
     K1 = 5 * 5, K2 = 5 * 5 * C1, K3 = 3 * 3 * C2, /* window lengths */
     FEATURES = S3 * S3 * C3,                  /* 2,048 */
-    MAX_CNN_BATCH = 2048,                     /* buffers: about 0.8 MB per image */
+    MAX_CNN_BATCH = 2048,                     /* buffers: about 0.6 MB per image */
     EVAL_BATCH = 256,
 };
 static const float DROPOUT = 0.3f, BN_EPSILON = 1e-3f, BN_MOMENTUM = 0.99f;
@@ -213,9 +217,11 @@ enum { VL = 4 };
 typedef float vec __attribute__((vector_size(4 * VL), aligned(4), may_alias));
 enum { MR = 6, NR = 2 * VL, KC = 256, MC = 96 };
 
-/* c[i][j] (+)= sum over p < kc of a[i * ai + p * ap] * b[p * bp + j], for i < MR, j < NR:
-   twelve accumulators that stay in registers; each term one fused multiply-add per vector. */
-static inline void micro_kernel(int kc, const float *restrict a, ptrdiff_t ai, ptrdiff_t ap,
+/* c[i][j] (+)= sum over p < kc of a[i][p * ap] * b[p * bp + j], for i < MR, j < NR: the
+   tile's accumulators stay in registers; each term one fused multiply-add per vector. A row
+   of A is any pointer (a packed panel's, a matrix row, or a window of an activation map read
+   in place), so the kernel never asks that its rows be evenly spaced. */
+static inline void micro_kernel(int kc, const float *const a[MR], ptrdiff_t ap,
                                 const float *restrict b, ptrdiff_t bp, float *restrict c,
                                 ptrdiff_t ci, int add)
 {
@@ -226,7 +232,7 @@ static inline void micro_kernel(int kc, const float *restrict a, ptrdiff_t ai, p
     for (int p = 0; p < kc; p++) {
         vec b0 = *(const vec *)(b + p * bp), b1 = *(const vec *)(b + p * bp + VL);
         for (int i = 0; i < MR; i++) {
-            float x = a[i * ai + p * ap];
+            float x = a[i][p * ap];
             acc[i][0] += x * b0;
             acc[i][1] += x * b1;
         }
@@ -236,10 +242,24 @@ static inline void micro_kernel(int kc, const float *restrict a, ptrdiff_t ai, p
             *(vec *)(c + i * ci + j * VL) = acc[i][j];
 }
 
+/* The rows of a tile whose rows are evenly spaced: a, a + ai, a + 2 ai, ... */
+static inline void spaced_rows(const float *rows[MR], const float *a, ptrdiff_t ai)
+{
+    for (int i = 0; i < MR; i++)
+        rows[i] = a + i * ai;
+}
+
 static int min_int(int a, int b) { return a < b ? a : b; }
 
-/* A matrix operand read through strides: element (r, q) is at[r * row + q * col]. */
-typedef struct { const float *at; ptrdiff_t row, col; } Operand;
+/* A matrix operand read in place: element (r, q) is at[r * row + q * col], or, where a table
+   is given, at[rows[r] + ...] and at[... + cols[q]] (the windows of an activation map, read
+   as the rows or columns of an im2col matrix that is never written out). */
+typedef struct { const float *at; ptrdiff_t row, col; const int *rows, *cols; } Operand;
+
+static inline const float *element(Operand a, int r, int q)
+{
+    return a.at + (a.rows ? a.rows[r] : r * a.row) + (a.cols ? a.cols[q] : q * a.col);
+}
 
 /* Packs rows [r0, r0 + rows) x terms [p0, p0 + kc) of A into micro-panels of MR rows,
    term-major ([tile][p][MR], rows beyond `rows` zero), as the kernel reads them. */
@@ -247,16 +267,21 @@ static void pack_a(float *restrict out, Operand a, int r0, int rows, int p0, int
 {
     for (int t = 0; t < rows; t += MR) {
         int n = min_int(MR, rows - t);
-        const float *from = a.at + (ptrdiff_t)(r0 + t) * a.row + (ptrdiff_t)p0 * a.col;
         float *to = out + (size_t)t * kc;
-        if (n == MR && a.row == 1) /* a tile's rows are adjacent: six floats a term */
+        /* a tile's rows adjacent (the row table rises by one at each row there): MR floats a
+           term */
+        if (n == MR && (a.rows ? a.rows[r0 + t + MR - 1] - a.rows[r0 + t] == MR - 1
+                               : a.row == 1)) {
+            for (int p = 0; p < kc; p++) {
+                const float *from = element(a, r0 + t, p0 + p);
+                for (int i = 0; i < MR; i++)
+                    to[p * MR + i] = from[i];
+            }
+        } else {
             for (int p = 0; p < kc; p++)
                 for (int i = 0; i < MR; i++)
-                    to[p * MR + i] = from[(ptrdiff_t)p * a.col + i];
-        else
-            for (int p = 0; p < kc; p++)
-                for (int i = 0; i < MR; i++)
-                    to[p * MR + i] = i < n ? from[i * a.row + (ptrdiff_t)p * a.col] : 0.0f;
+                    to[p * MR + i] = i < n ? *element(a, r0 + t + i, p0 + p) : 0.0f;
+        }
     }
 }
 
@@ -281,12 +306,15 @@ static int reads_b_in_place(Operand b, int n) { return b.col == 1 && n / NR <= 2
 
 enum { PARTS = 4 }; /* ranges of terms a weight gradient's product is split into */
 
-/* C [m x n] = A [m x k] B [k x n], C row-major (ldc), n a multiple of NR.
+/* C [m x n] = A [m x k] B [k x n], C row-major (ldc), n a multiple of NR, B read through
+   strides only.
    The terms go in `parts` (1 or PARTS) fixed consecutive ranges: each element sums each range
    in ascending order and then the ranges' sums in order; so a product with few rows and many
    terms (a weight gradient, whose terms are the batch) still splits between threads. Threads
-   take (block of MC rows, range) pairs; every element of a pair is that thread's alone, and
-   the shapes alone decide every sum's order. */
+   take (block of MC rows, range) pairs, range by range, so that with the batch's images split
+   between threads as everywhere else a thread reads the images it computed itself (a cache
+   line another core holds costs a transfer, and writing it later an invalidation); every
+   element of a pair is that thread's alone, and the shapes alone decide every sum's order. */
 static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, float *c,
                  ptrdiff_t ldc, int parts)
 {
@@ -296,7 +324,7 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
         pack_b(scratch->packed_b, b, k, n);
     OMP("omp parallel for schedule(static)")
     for (int item = 0; item < blocks * parts; item++) {
-        int block = item / parts, part = item % parts, r0 = block * MC;
+        int block = item % blocks, part = item / blocks, r0 = block * MC;
         int rows = min_int(MC, m - r0), first, end;
         share(k, parts, part, &first, &end);
         float *out = part == 0 ? c : scratch->partial + (size_t)(part - 1) * m * n;
@@ -304,7 +332,7 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
         /* Packing A pays when its tiles serve many panels; rows whose terms are already
            contiguous are read in place when they serve four or fewer (the forward products
            of conv1 and conv2: six row streams the prefetcher follows). */
-        int direct = a.col == 1 && panels <= 4;
+        int direct = a.col == 1 && !a.rows && !a.cols && panels <= 4;
         _Alignas(64) float a_packed[MC * KC];
         for (int p0 = first; p0 < end; p0 += KC) {
             int kc = min_int(KC, end - p0), add = p0 > first;
@@ -318,17 +346,19 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
                 ptrdiff_t bs = direct_b ? b.row : NR;
                 for (int t = 0; t < rows; t += MR) {
                     float *ct = out + (size_t)(r0 + t) * ld + jr * NR;
+                    const float *tile[MR];
                     if (t + MR <= rows && direct) {
-                        micro_kernel(kc, a.at + (ptrdiff_t)(r0 + t) * a.row + p0, a.row, 1, bp,
-                                     bs, ct, ld, add);
+                        spaced_rows(tile, a.at + (ptrdiff_t)(r0 + t) * a.row + p0, a.row);
+                        micro_kernel(kc, tile, 1, bp, bs, ct, ld, add);
                     } else if (t + MR <= rows) {
-                        micro_kernel(kc, a_packed + (size_t)t * kc, 1, MR, bp, bs, ct, ld, add);
+                        spaced_rows(tile, a_packed + (size_t)t * kc, 1);
+                        micro_kernel(kc, tile, MR, bp, bs, ct, ld, add);
                     } else { /* the last rows of C: through a full tile's copy */
                         float c_pad[MR * NR];
-                        const float *at = a_packed + (direct ? 0 : (size_t)t * kc);
+                        spaced_rows(tile, a_packed + (direct ? 0 : (size_t)t * kc), 1);
                         for (int i = 0; i < rows - t; i++)
                             memcpy(c_pad + i * NR, ct + i * ld, sizeof(float) * NR);
-                        micro_kernel(kc, at, 1, MR, bp, bs, c_pad, NR, add);
+                        micro_kernel(kc, tile, MR, bp, bs, c_pad, NR, add);
                         for (int i = 0; i < rows - t; i++)
                             memcpy(ct + i * ld, c_pad + i * NR, sizeof(float) * NR);
                     }
@@ -440,13 +470,57 @@ static void conv1_weight_grad(const float *restrict x, const float *restrict d_z
     }
 }
 
-/* im2col of one image for conv2: each 5x5 window of the 12x12x32 map is 5 runs of 160. */
-static void im2col2(const float *restrict x, float *restrict col)
+/* conv2 reads its windows in place: a window of the 12x12x32 map is five rows of five pixels
+   by 32 channels, each row a run of 160 contiguous floats. As an im2col row, position m's
+   term k (the kernel's order: k = (row * 5 + column) * 32 + channel) is at
+       map + windows[m] + terms[k],   windows[m] = image * 4608 + (y * 12 + x) * 32,
+                                      terms[k]   = k / 160 * 384 + k % 160. */
+enum { RUN2 = 5 * C1 };
+
+static void conv2_tables(int images, int *windows, int *terms)
 {
-    for (int y = 0; y < S2; y++)
-        for (int xx = 0; xx < S2; xx++, col += K2)
-            for (int dy = 0; dy < 5; dy++)
-                memcpy(col + dy * 5 * C1, x + ((y + dy) * P1 + xx) * C1, sizeof(float) * 5 * C1);
+    for (int m = 0; m < images * S2 * S2; m++) {
+        int b = m / (S2 * S2), at = m % (S2 * S2);
+        windows[m] = b * P1 * P1 * C1 + (at / S2 * P1 + at % S2) * C1;
+    }
+    for (int k = 0; k < K2; k++)
+        terms[k] = k / RUN2 * P1 * C1 + k % RUN2;
+}
+
+/* conv2's forward pass over the batch: z [M][64] = the windows [M][800] times W [800][64],
+   the windows read in the map itself. A tile is MR positions by two vectors of channels, run
+   once per row of the window (160 terms); between rows its sums wait in memory as floats, so
+   each output still sums its 800 terms in the kernel's order in one fused multiply-add chain,
+   as gemm does on im2col rows. Threads take blocks of MC positions. */
+static void conv2_forward(const float *map, const int *windows, int m, const float *w,
+                          float *z)
+{
+    int blocks = (m + MC - 1) / MC;
+    OMP("omp parallel for schedule(static)")
+    for (int block = 0; block < blocks; block++) {
+        int r0 = block * MC, rows = min_int(MC, m - r0);
+        for (int jr = 0; jr < C2 / NR; jr++)
+            for (int dy = 0; dy < 5; dy++) {
+                const float *b = w + (size_t)dy * RUN2 * C2 + jr * NR;
+                for (int t = 0; t < rows; t += MR) {
+                    int n = min_int(MR, rows - t);
+                    const float *tile[MR]; /* past the last position: the last one again */
+                    for (int i = 0; i < MR; i++)
+                        tile[i] = map + windows[r0 + t + min_int(i, n - 1)] + dy * P1 * C1;
+                    float *ct = z + (size_t)(r0 + t) * C2 + jr * NR;
+                    if (n == MR) {
+                        micro_kernel(RUN2, tile, 1, b, C2, ct, C2, dy > 0);
+                    } else { /* the last positions: through a full tile's copy */
+                        float c_pad[MR * NR];
+                        for (int i = 0; i < n; i++)
+                            memcpy(c_pad + i * NR, ct + i * C2, sizeof(float) * NR);
+                        micro_kernel(RUN2, tile, 1, b, C2, c_pad, NR, dy > 0);
+                        for (int i = 0; i < n; i++)
+                            memcpy(ct + i * C2, c_pad + i * NR, sizeof(float) * NR);
+                    }
+                }
+            }
+    }
 }
 
 /* col2im: the gradient of conv2's windows added back into the 12x12x32 map, in window order. */
@@ -571,7 +645,6 @@ static void norm_forward(const Norm *n, int images, const float *z, int training
 {
     int C = n->channels, P = n->positions;
     double total[C3], count = (double)images * P;
-    float scale[C3], shift[C3];
     if (training) {
         norm_sums(n, images, z, NULL, total);
         for (int c = 0; c < C; c++)
@@ -580,26 +653,35 @@ static void norm_forward(const Norm *n, int images, const float *z, int training
         for (int c = 0; c < C; c++)
             n->var[c] = (float)(total[c] / count);
     }
+    /* the per-channel values as local arrays: the loop below then runs in vectors (through
+       the Norm's pointers the compiler must assume that a store may change them) */
+    float mean[C3], inv_std[C3], gamma[C3], beta[C3], scale[C3], shift[C3];
     for (int c = 0; c < C; c++) {
         n->inv_std[c] = 1.0f / sqrtf(n->var[c] + BN_EPSILON);
-        scale[c] = n->inv_std[c] * n->gamma[c];     /* Keras: x inv + (beta - mean inv) */
-        shift[c] = n->beta[c] - n->mean[c] * scale[c];
+        mean[c] = n->mean[c], inv_std[c] = n->inv_std[c], gamma[c] = n->gamma[c];
+        beta[c] = n->beta[c];
+        scale[c] = inv_std[c] * gamma[c];     /* Keras: x inv + (beta - mean inv) */
+        shift[c] = beta[c] - mean[c] * scale[c];
     }
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < images; b++) {
         size_t first = (size_t)b * P * C;
-        for (int q = 0; q < P; q++)
-            for (int c = 0; c < C; c++) {
-                size_t i = first + (size_t)q * C + c;
-                float y;
-                if (training) {
-                    xhat[i] = (z[i] - n->mean[c]) * n->inv_std[c];
-                    y = xhat[i] * n->gamma[c] + n->beta[c];
-                } else {
-                    y = z[i] * scale[c] + shift[c];
+        for (int q = 0; q < P; q++) {
+            const float *zq = z + first + (size_t)q * C;
+            float *xq = xhat + first + (size_t)q * C, *oq = out + first + (size_t)q * C;
+            if (training)
+                for (int c = 0; c < C; c++) {
+                    float x = (zq[c] - mean[c]) * inv_std[c];
+                    float y = x * gamma[c] + beta[c];
+                    xq[c] = x;
+                    oq[c] = y > 0.0f ? y : 0.0f;
                 }
-                out[i] = y > 0.0f ? y : 0.0f;
-            }
+            else
+                for (int c = 0; c < C; c++) {
+                    float y = zq[c] * scale[c] + shift[c];
+                    oq[c] = y > 0.0f ? y : 0.0f;
+                }
+        }
     }
 }
 
@@ -658,9 +740,10 @@ static const double LAYER_MACS[LAYERS] = {(double)S1 * S1 * K1 * C1, (double)S2 
                                           (double)S3 * S3 * K3 * C3, (double)FEATURES * CLASSES};
 
 typedef struct {
-    float *x, *z1, *p1, *xhat1, *a1, *col2, *z2, *p2, *xhat2, *a2, *col3, *z3, *xhat3,
+    float *x, *z1, *p1, *xhat1, *a1, *z2, *p2, *xhat2, *a2, *col3, *z3, *xhat3,
         *a3, *kept, *logits;              /* activations, batch-wide, NHWC */
     uint8_t *which1, *which2, *mask;
+    int *windows2, terms2[K2];            /* conv2's windows in a1 (conv2_tables) */
     float *d_a3, *d_z3, *d_col3, *d_a2, *d_z2, *d_col2, *d_a1, *d_z1, *d_logits; /* gradients */
     Scratch scratch;                      /* the products' packed operands */
     float *dense_t;                       /* the dense kernel (or its gradient) transposed */
@@ -668,6 +751,15 @@ typedef struct {
     double *partial;
     double seconds[LAYERS][2];            /* forward, backward wall time */
 } Net;
+
+static int max_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
 
 static Net make_net(int capacity)
 {
@@ -678,7 +770,8 @@ static Net make_net(int capacity)
     BUFFER(x, INPUTS);
     BUFFER(z1, S1 * S1 * C1), BUFFER(p1, P1 * P1 * C1);
     BUFFER(xhat1, P1 * P1 * C1), BUFFER(a1, P1 * P1 * C1), BUFFER(which1, P1 * P1 * C1);
-    BUFFER(col2, S2 * S2 * K2), BUFFER(z2, S2 * S2 * C2), BUFFER(p2, P2 * P2 * C2);
+    BUFFER(z2, S2 * S2 * C2), BUFFER(p2, P2 * P2 * C2);
+    BUFFER(windows2, S2 * S2);
     BUFFER(xhat2, P2 * P2 * C2), BUFFER(a2, P2 * P2 * C2), BUFFER(which2, P2 * P2 * C2);
     BUFFER(col3, S3 * S3 * K3), BUFFER(z3, FEATURES), BUFFER(xhat3, FEATURES);
     BUFFER(a3, FEATURES), BUFFER(kept, FEATURES), BUFFER(mask, FEATURES);
@@ -688,6 +781,7 @@ static Net make_net(int capacity)
     BUFFER(d_a1, P1 * P1 * C1), BUFFER(d_z1, S1 * S1 * C1);
     BUFFER(partial, 2 * C3);
 #undef BUFFER
+    conv2_tables(capacity, t.windows2, t.terms2);
     /* The widest B packed: conv2's dZ, or a kernel. */
     size_t widest = n * S2 * S2 * C2 > K3 * C3 ? n * S2 * S2 * C2 : K3 * C3;
     t.scratch.packed_b = allocate(widest, sizeof(float));
@@ -733,11 +827,7 @@ static void forward(Net *t, Params *p, Params *stats, int images, int training)
     t->seconds[CONV1][0] += now - start, start = now;
 
     /* conv2 -> pool -> BatchNorm -> ReLU */
-    OMP("omp parallel for schedule(static)")
-    for (int b = 0; b < B; b++)
-        im2col2(t->a1 + (size_t)b * P1 * P1 * C1, t->col2 + (size_t)b * S2 * S2 * K2);
-    gemm(&t->scratch, B * S2 * S2, C2, K2, (Operand){t->col2, K2, 1}, (Operand){p->conv2, C2, 1},
-         t->z2, C2, 1);
+    conv2_forward(t->a1, t->windows2, B * S2 * S2, p->conv2, t->z2);
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         pool_forward(t->z2 + (size_t)b * S2 * S2 * C2, S2, C2, t->p2 + (size_t)b * P2 * P2 * C2,
@@ -869,10 +959,10 @@ static void backward(Net *t, Params *p, Params *g, int images)
         pool_backward(t->d_a2 + (size_t)b * P2 * P2 * C2, t->which2 + (size_t)b * P2 * P2 * C2,
                       S2, C2, t->d_z2 + (size_t)b * S2 * S2 * C2);
     M = B * S2 * S2;
-    gemm(&t->scratch, K2, C2, M, (Operand){t->col2, 1, K2}, (Operand){t->d_z2, C2, 1}, g->conv2,
-         C2, PARTS);
+    gemm(&t->scratch, K2, C2, M, (Operand){t->a1, .rows = t->terms2, .cols = t->windows2},
+         (Operand){t->d_z2, C2, 1}, g->conv2, C2, PARTS);           /* dW = X^T dZ */
     gemm(&t->scratch, M, K2, C2, (Operand){t->d_z2, C2, 1}, (Operand){p->conv2, 1, C2},
-         t->d_col2, K2, 1);
+         t->d_col2, K2, 1);                                           /* dX = dZ W^T */
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         col2im2(t->d_col2 + (size_t)b * S2 * S2 * K2, t->d_a1 + (size_t)b * P1 * P1 * C1);
@@ -1071,15 +1161,6 @@ static Trainer make_trainer(Params *p, const float *pixels, const uint8_t *label
         fail("out of memory");
     t.net = make_net(batch_size > EVAL_BATCH ? batch_size : EVAL_BATCH);
     return t;
-}
-
-static int max_threads(void)
-{
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
 }
 
 static void train(const TrainOptions *o)
