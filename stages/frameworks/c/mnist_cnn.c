@@ -640,6 +640,29 @@ static void norm_sums(const Norm *n, int images, const float *z, const float *ce
             total[c] += n->partial[(size_t)b * C + c];
 }
 
+/* One position's channels: x-hat = (z - mean) inv_std, out = ReLU(x-hat gamma + beta). */
+static inline void normalize_row(int C, const float *restrict z, const float *restrict mean,
+                                 const float *restrict inv_std, const float *restrict gamma,
+                                 const float *restrict beta, float *restrict xhat,
+                                 float *restrict out)
+{
+    for (int c = 0; c < C; c++) {
+        float x = (z[c] - mean[c]) * inv_std[c], y = x * gamma[c] + beta[c];
+        xhat[c] = x;
+        out[c] = y > 0.0f ? y : 0.0f;
+    }
+}
+
+/* Inference: out = ReLU(z scale + shift). */
+static inline void scale_row(int C, const float *restrict z, const float *restrict scale,
+                             const float *restrict shift, float *restrict out)
+{
+    for (int c = 0; c < C; c++) {
+        float y = z[c] * scale[c] + shift[c];
+        out[c] = y > 0.0f ? y : 0.0f;
+    }
+}
+
 static void norm_forward(const Norm *n, int images, const float *z, int training,
                          float *restrict xhat, float *restrict out)
 {
@@ -653,8 +676,9 @@ static void norm_forward(const Norm *n, int images, const float *z, int training
         for (int c = 0; c < C; c++)
             n->var[c] = (float)(total[c] / count);
     }
-    /* the per-channel values as local arrays: the loop below then runs in vectors (through
-       the Norm's pointers the compiler must assume that a store may change them) */
+    /* the per-channel values as local arrays, read through restrict pointers: the rows'
+       loops then run in vectors (through the Norm's pointers the compiler would have to
+       assume that a store may change them) */
     float mean[C3], inv_std[C3], gamma[C3], beta[C3], scale[C3], shift[C3];
     for (int c = 0; c < C; c++) {
         n->inv_std[c] = 1.0f / sqrtf(n->var[c] + BN_EPSILON);
@@ -667,29 +691,51 @@ static void norm_forward(const Norm *n, int images, const float *z, int training
     for (int b = 0; b < images; b++) {
         size_t first = (size_t)b * P * C;
         for (int q = 0; q < P; q++) {
-            const float *zq = z + first + (size_t)q * C;
-            float *xq = xhat + first + (size_t)q * C, *oq = out + first + (size_t)q * C;
+            size_t at = first + (size_t)q * C;
             if (training)
-                for (int c = 0; c < C; c++) {
-                    float x = (zq[c] - mean[c]) * inv_std[c];
-                    float y = x * gamma[c] + beta[c];
-                    xq[c] = x;
-                    oq[c] = y > 0.0f ? y : 0.0f;
-                }
+                normalize_row(C, z + at, mean, inv_std, gamma, beta, xhat + at, out + at);
             else
-                for (int c = 0; c < C; c++) {
-                    float y = zq[c] * scale[c] + shift[c];
-                    oq[c] = y > 0.0f ? y : 0.0f;
-                }
+                scale_row(C, z + at, scale, shift, out + at);
         }
     }
 }
 
-/* Back through ReLU and BatchNorm: d_out (the gradient of the ReLU's output) -> dz, and the
-   gradients of gamma and beta. dy = d_out where the output was positive; with N rows,
-   dz = gamma inv_std (dy - sum(dy) / N - x-hat sum(dy x-hat) / N). */
+/* Inverted dropout of n units: kept = x / (1 - DROPOUT) where the mask keeps the unit, else 0
+   (the backward pass applies the same to the gradient). */
+static inline void dropout(int n, const float *restrict x, const uint8_t *restrict mask,
+                           float *restrict kept)
+{
+    const float scale = 1.0f / (1.0f - DROPOUT);
+    for (int u = 0; u < n; u++)
+        kept[u] = mask[u] ? x[u] * scale : 0.0f;
+}
+
+/* One position's channels, back through ReLU: d = d where the output was positive, else 0;
+   s += d and sx += d x-hat (the sums over positions, in position order). */
+static inline void relu_grad_row(int C, const float *restrict out, const float *restrict xhat,
+                                 float *restrict d, float *restrict s, float *restrict sx)
+{
+    for (int c = 0; c < C; c++) {
+        float dy = out[c] > 0.0f ? d[c] : 0.0f;
+        d[c] = dy;
+        s[c] += dy, sx[c] += dy * xhat[c];
+    }
+}
+
+/* One position's channels, back through BatchNorm: d = k (d - mean(dy) - x-hat mean(dy x-hat)). */
+static inline void norm_grad_row(int C, const float *restrict xhat, const float *restrict k,
+                                 const float *restrict mean_dy, const float *restrict mean_dyx,
+                                 float *restrict d)
+{
+    for (int c = 0; c < C; c++)
+        d[c] = k[c] * (d[c] - mean_dy[c] - xhat[c] * mean_dyx[c]);
+}
+
+/* Back through ReLU and BatchNorm, in place: d, the gradient of the ReLU's output, becomes
+   dz, and the gradients of gamma and beta are written. dy = d where the output was positive;
+   with N rows, dz = gamma inv_std (dy - sum(dy) / N - x-hat sum(dy x-hat) / N). */
 static void norm_backward(const Norm *n, int images, const float *out, const float *xhat,
-                          float *d_out, float *dz, float *d_gamma, float *d_beta) /* dz: or d_out */
+                          float *d, float *d_gamma, float *d_beta)
 {
     int C = n->channels, P = n->positions;
     double sum_dy[C3], sum_dyx[C3], count = (double)images * P;
@@ -697,13 +743,10 @@ static void norm_backward(const Norm *n, int images, const float *out, const flo
     for (int b = 0; b < images; b++) {
         size_t first = (size_t)b * P * C;
         float s[C3] = {0}, sx[C3] = {0};
-        for (int q = 0; q < P; q++)
-            for (int c = 0; c < C; c++) {
-                size_t i = first + (size_t)q * C + c;
-                float dy = out[i] > 0.0f ? d_out[i] : 0.0f;
-                d_out[i] = dy;
-                s[c] += dy, sx[c] += dy * xhat[i];
-            }
+        for (int q = 0; q < P; q++) {
+            size_t at = first + (size_t)q * C;
+            relu_grad_row(C, out + at, xhat + at, d + at, s, sx);
+        }
         for (int c = 0; c < C; c++)
             n->partial[(size_t)b * 2 * C + c] = s[c], n->partial[(size_t)b * 2 * C + C + c] = sx[c];
     }
@@ -722,11 +765,10 @@ static void norm_backward(const Norm *n, int images, const float *out, const flo
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < images; b++) {
         size_t first = (size_t)b * P * C;
-        for (int q = 0; q < P; q++)
-            for (int c = 0; c < C; c++) {
-                size_t i = first + (size_t)q * C + c;
-                dz[i] = k[c] * (d_out[i] - mean_dy[c] - xhat[i] * mean_dyx[c]);
-            }
+        for (int q = 0; q < P; q++) {
+            size_t at = first + (size_t)q * C;
+            norm_grad_row(C, xhat + at, k, mean_dy, mean_dyx, d + at);
+        }
     }
 }
 
@@ -744,7 +786,7 @@ typedef struct {
         *a3, *kept, *logits;              /* activations, batch-wide, NHWC */
     uint8_t *which1, *which2, *mask;
     int *windows2, terms2[K2];            /* conv2's windows in a1 (conv2_tables) */
-    float *d_a3, *d_z3, *d_col3, *d_a2, *d_z2, *d_col2, *d_a1, *d_z1, *d_logits; /* gradients */
+    float *d_a3, *d_col3, *d_a2, *d_z2, *d_col2, *d_a1, *d_z1, *d_logits; /* gradients */
     Scratch scratch;                      /* the products' packed operands */
     float *dense_t;                       /* the dense kernel (or its gradient) transposed */
     Norm norm[3];
@@ -776,7 +818,7 @@ static Net make_net(int capacity)
     BUFFER(col3, S3 * S3 * K3), BUFFER(z3, FEATURES), BUFFER(xhat3, FEATURES);
     BUFFER(a3, FEATURES), BUFFER(kept, FEATURES), BUFFER(mask, FEATURES);
     BUFFER(logits, CLASSES), BUFFER(d_logits, CLASSES);
-    BUFFER(d_a3, FEATURES), BUFFER(d_z3, FEATURES), BUFFER(d_col3, S3 * S3 * K3);
+    BUFFER(d_a3, FEATURES), BUFFER(d_col3, S3 * S3 * K3);
     BUFFER(d_a2, P2 * P2 * C2), BUFFER(d_z2, S2 * S2 * C2), BUFFER(d_col2, S2 * S2 * K2);
     BUFFER(d_a1, P1 * P1 * C1), BUFFER(d_z1, S1 * S1 * C1);
     BUFFER(partial, 2 * C3);
@@ -843,10 +885,14 @@ static void forward(Net *t, Params *p, Params *stats, int images, int training)
     gemm(&t->scratch, B * S3 * S3, C3, K3, (Operand){t->col3, K3, 1}, (Operand){p->conv3, C3, 1},
          t->z3, C3, 1);
     norm_forward(&t->norm[2], B, t->z3, training, t->xhat3, t->a3);
-    const float scale = 1.0f / (1.0f - DROPOUT);
     OMP("omp parallel for schedule(static)")
-    for (size_t i = 0; i < (size_t)B * FEATURES; i++)
-        t->kept[i] = training ? (t->mask[i] ? t->a3[i] * scale : 0.0f) : t->a3[i];
+    for (int b = 0; b < B; b++) {
+        size_t at = (size_t)b * FEATURES;
+        if (training)
+            dropout(FEATURES, t->a3 + at, t->mask + at, t->kept + at);
+        else
+            memcpy(t->kept + at, t->a3 + at, sizeof(float) * FEATURES);
+    }
     now = seconds_now();
     t->seconds[CONV3][0] += now - start, start = now;
 
@@ -940,11 +986,12 @@ static void backward(Net *t, Params *p, Params *g, int images)
     t->seconds[DENSE][1] += now - start, start = now;
 
     /* conv3 */
-    norm_backward(&t->norm[2], B, t->a3, t->xhat3, t->d_a3, t->d_z3, g->bn3[GAMMA], g->bn3[BETA]);
+    norm_backward(&t->norm[2], B, t->a3, t->xhat3, t->d_a3, g->bn3[GAMMA], g->bn3[BETA]);
+    const float *d_z3 = t->d_a3; /* now the gradient of conv3's output */
     int M = B * S3 * S3;
-    gemm(&t->scratch, K3, C3, M, (Operand){t->col3, 1, K3}, (Operand){t->d_z3, C3, 1}, g->conv3,
+    gemm(&t->scratch, K3, C3, M, (Operand){t->col3, 1, K3}, (Operand){d_z3, C3, 1}, g->conv3,
          C3, PARTS);                                                      /* dW = X^T dZ */
-    gemm(&t->scratch, M, K3, C3, (Operand){t->d_z3, C3, 1}, (Operand){p->conv3, 1, C3},
+    gemm(&t->scratch, M, K3, C3, (Operand){d_z3, C3, 1}, (Operand){p->conv3, 1, C3},
          t->d_col3, K3, 1);                                               /* dX = dZ W^T */
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
@@ -953,7 +1000,7 @@ static void backward(Net *t, Params *p, Params *g, int images)
     t->seconds[CONV3][1] += now - start, start = now;
 
     /* conv2 */
-    norm_backward(&t->norm[1], B, t->a2, t->xhat2, t->d_a2, t->d_a2, g->bn2[GAMMA], g->bn2[BETA]);
+    norm_backward(&t->norm[1], B, t->a2, t->xhat2, t->d_a2, g->bn2[GAMMA], g->bn2[BETA]);
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         pool_backward(t->d_a2 + (size_t)b * P2 * P2 * C2, t->which2 + (size_t)b * P2 * P2 * C2,
@@ -970,7 +1017,7 @@ static void backward(Net *t, Params *p, Params *g, int images)
     t->seconds[CONV2][1] += now - start, start = now;
 
     /* conv1: the kernel's gradient only */
-    norm_backward(&t->norm[0], B, t->a1, t->xhat1, t->d_a1, t->d_a1, g->bn1[GAMMA], g->bn1[BETA]);
+    norm_backward(&t->norm[0], B, t->a1, t->xhat1, t->d_a1, g->bn1[GAMMA], g->bn1[BETA]);
     OMP("omp parallel for schedule(static)")
     for (int b = 0; b < B; b++)
         pool_backward(t->d_a1 + (size_t)b * P1 * P1 * C1, t->which1 + (size_t)b * P1 * P1 * C1,
