@@ -62,10 +62,11 @@ def fit(cfg: TrainConfig, data: dict, curves_dir):
                     idx.encode(data.pop(f"y_{part}").astype(np.uint8)))
                 args += [f"--{flag}images", str(tmp / f"{part}-images.idx"),
                          f"--{flag}labels", str(tmp / f"{part}-labels.idx")]
-        curves = Curves(curves_dir, cfg.epochs)
         with open(tmp / "stderr", "w+") as stderr, subprocess.Popen(
                 args, stdout=subprocess.PIPE, stderr=stderr, text=True) as process:
             try:
+                # Set up while the program reads its data (dvclive's import takes a while).
+                curves = Curves(curves_dir, cfg.epochs)
                 summary = follow(process, curves)
                 process.wait()
             finally:
