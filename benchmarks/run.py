@@ -4,7 +4,8 @@ In this order, each one module that also runs alone (`python -m benchmarks.NAME 
 
   train       the original script's training against the train stage (mlp)
   mosaics     every mosaic pasted tile by tile with PIL against stages.analysis.mosaic.tile
-  frameworks  each model trained in Keras, PyTorch and C: time, GFLOP/s, memory, accuracy
+  frameworks  the mlp, then the cnn for one epoch, trained in Keras, PyTorch and C: time,
+              GFLOP/s against the probed peak, memory, accuracy
   workers     each model trained in PyTorch by 1 and by 2 data-parallel workers
   predict     mnist-predict's preprocessing, per image file from 28×28 to 8000×8000
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     train.report(args.data)
     mosaics.report(args.data)
     frameworks.report(args.data)
+    frameworks.report(args.data, ("cnn",), epochs=1)
     workers.report(args.data)
     predict.report(args.data)
 

@@ -414,16 +414,27 @@ static void conv1_forward(const float *restrict x, const float *restrict w,
             }
 }
 
+/* Back through 2x2 max-pooling, one input position's channels: the gradient of the pooled
+   output where this position (q, 0-3 in the 2x2 window) won, else 0. */
+static inline void unpool_row(int C, const float *restrict d_out, const uint8_t *restrict which,
+                              int q, float *restrict dz)
+{
+    for (int c = 0; c < C; c++)
+        dz[c] = which[c] == q ? d_out[c] : 0.0f;
+}
+
 enum { CONV1_CHUNK = 128 }; /* positions whose dZ rows (16 KB) stay in L1 while reused */
 
 /* conv1's kernel gradient over a batch: dW [25][32] = the sum over every position m of the
-   batch (images, rows, columns in order) of its window's pixels times dZ [m] [32]. As the
-   other weight gradients (gemm's `parts`), the positions go in PARTS fixed consecutive ranges
-   a thread each: each element sums each range in ascending order, then the ranges' sums in
+   batch (images, rows, columns in order) of its window's pixels times dZ [m] [32], dZ coming
+   back through the max-pooling from the pooled map's gradient d_pooled (and the winners,
+   `which`) a chunk of positions at a time, so it is never written out whole. As the other
+   weight gradients (gemm's `parts`), the positions go in PARTS fixed consecutive ranges a
+   thread each: each element sums each range in ascending order, then the ranges' sums in
    order. A pass holds one row of the window (5 terms) by two vectors of channels in
    registers over a chunk of positions; between chunks the sums wait in memory as floats. */
-static void conv1_weight_grad(const float *restrict x, const float *restrict d_z, int images,
-                              float *restrict grad)
+static void conv1_weight_grad(const float *restrict x, const float *restrict d_pooled,
+                              const uint8_t *restrict which, int images, float *restrict grad)
 {
     int m_all = images * S1 * S1;
     float sums[PARTS][K1 * C1];
@@ -435,9 +446,13 @@ static void conv1_weight_grad(const float *restrict x, const float *restrict d_z
         for (int m0 = first; m0 < end; m0 += CONV1_CHUNK) {
             int m1 = min_int(m0 + CONV1_CHUNK, end);
             int window[CONV1_CHUNK]; /* where each position's window starts in x */
+            _Alignas(64) float d_z[CONV1_CHUNK * C1];
             for (int m = m0; m < m1; m++) {
-                int b = m / (S1 * S1), at = m % (S1 * S1);
-                window[m - m0] = b * INPUTS + at / S1 * SIDE + at % S1;
+                int b = m / (S1 * S1), y = m % (S1 * S1) / S1, xx = m % S1;
+                window[m - m0] = b * INPUTS + y * SIDE + xx;
+                size_t pooled = (((size_t)b * P1 + y / 2) * P1 + xx / 2) * C1;
+                unpool_row(C1, d_pooled + pooled, which + pooled, (y & 1) * 2 + (xx & 1),
+                           d_z + (m - m0) * C1);
             }
             for (int dy = 0; dy < 5; dy++)
                 for (int j = 0; j < C1; j += 2 * VL) {
@@ -449,7 +464,7 @@ static void conv1_weight_grad(const float *restrict x, const float *restrict d_z
                                              : (vec){0};
                     for (int m = m0; m < m1; m++) {
                         const float *pixels = x + window[m - m0] + dy * SIDE;
-                        const float *d = d_z + (size_t)m * C1 + j;
+                        const float *d = d_z + (m - m0) * C1 + j;
                         vec d0 = *(const vec *)d, d1 = *(const vec *)(d + VL);
                         for (int dx = 0; dx < 5; dx++) {
                             acc[dx][0] += pixels[dx] * d0;
@@ -597,11 +612,9 @@ static void pool_backward(const float *restrict d_out, const uint8_t *restrict w
     for (int y = 0; y < half; y++)
         for (int x = 0; x < half; x++)
             for (int q = 0; q < 4; q++) { /* every input written once: no clearing pass */
-                const float *d = d_out + (y * half + x) * channels;
-                const uint8_t *w = which + (y * half + x) * channels;
-                float *to = dz + ((2 * y + (q >> 1)) * side + 2 * x + (q & 1)) * channels;
-                for (int c = 0; c < channels; c++)
-                    to[c] = w[c] == q ? d[c] : 0.0f;
+                unpool_row(channels, d_out + (y * half + x) * channels,
+                           which + (y * half + x) * channels, q,
+                           dz + ((2 * y + (q >> 1)) * side + 2 * x + (q & 1)) * channels);
             }
 }
 
@@ -786,7 +799,7 @@ typedef struct {
         *a3, *kept, *logits;              /* activations, batch-wide, NHWC */
     uint8_t *which1, *which2, *mask;
     int *windows2, terms2[K2];            /* conv2's windows in a1 (conv2_tables) */
-    float *d_a3, *d_col3, *d_a2, *d_z2, *d_col2, *d_a1, *d_z1, *d_logits; /* gradients */
+    float *d_a3, *d_col3, *d_a2, *d_z2, *d_col2, *d_a1, *d_logits; /* gradients */
     Scratch scratch;                      /* the products' packed operands */
     float *dense_t;                       /* the dense kernel (or its gradient) transposed */
     Norm norm[3];
@@ -820,7 +833,7 @@ static Net make_net(int capacity)
     BUFFER(logits, CLASSES), BUFFER(d_logits, CLASSES);
     BUFFER(d_a3, FEATURES), BUFFER(d_col3, S3 * S3 * K3);
     BUFFER(d_a2, P2 * P2 * C2), BUFFER(d_z2, S2 * S2 * C2), BUFFER(d_col2, S2 * S2 * K2);
-    BUFFER(d_a1, P1 * P1 * C1), BUFFER(d_z1, S1 * S1 * C1);
+    BUFFER(d_a1, P1 * P1 * C1);
     BUFFER(partial, 2 * C3);
 #undef BUFFER
     conv2_tables(capacity, t.windows2, t.terms2);
@@ -1018,11 +1031,7 @@ static void backward(Net *t, Params *p, Params *g, int images)
 
     /* conv1: the kernel's gradient only */
     norm_backward(&t->norm[0], B, t->a1, t->xhat1, t->d_a1, g->bn1[GAMMA], g->bn1[BETA]);
-    OMP("omp parallel for schedule(static)")
-    for (int b = 0; b < B; b++)
-        pool_backward(t->d_a1 + (size_t)b * P1 * P1 * C1, t->which1 + (size_t)b * P1 * P1 * C1,
-                      S1, C1, t->d_z1 + (size_t)b * S1 * S1 * C1);
-    conv1_weight_grad(t->x, t->d_z1, B, g->conv1);
+    conv1_weight_grad(t->x, t->d_a1, t->which1, B, g->conv1);
     t->seconds[CONV1][1] += seconds_now() - start;
 }
 
