@@ -67,12 +67,13 @@
  * windows in the map itself, through tables of where each window and each term starts
  * (conv2_tables): its forward pass runs the micro-kernel on them in place (conv2_forward),
  * and its weight gradient packs them straight from the map.
- * All go through one register-tiled micro-kernel (gemm below): a tile of MR = 6 rows by
- * NR = 2 vectors of columns is held in 12 vector registers while it runs down the shared
- * dimension, one broadcast and two fused multiply-adds per row and term, in GCC/Clang vector
- * extensions (128-bit with SSE or NEON, 256-bit with AVX2, 512-bit with AVX-512). Terms come
- * in blocks of KC, rows in blocks of MC, so each block of A stays in L2 and each panel of B in
- * L1 while it is reused.
+ * All go through one register-tiled micro-kernel (gemm below): a tile of MR rows by NR = 2
+ * vectors of columns (MR = 8 with AVX-512's 32 vector registers, else 6) is held in registers
+ * while it runs down the shared dimension, one broadcast and two fused multiply-adds per row
+ * and term, in GCC/Clang vector extensions (128-bit with SSE or NEON, 256-bit with AVX2,
+ * 512-bit with AVX-512). Terms come in blocks of KC, rows in blocks of MC, so each block of A
+ * stays in L2 and each panel of B in L1 while it is reused. The tile's shape orders no sum:
+ * each element adds its terms in ascending order whatever the tile.
  * conv1 (25-pixel windows of one channel, and no input gradient) runs the same arithmetic on
  * the image in place: a direct forward kernel, MR positions of a row by two vectors of
  * channels, and a direct kernel for its weight gradient (conv1_forward, conv1_weight_grad).
@@ -215,7 +216,14 @@ enum { VL = 4 };
 #endif
 /* VL floats, loadable from any float address (aligned(4)), aliasing float (may_alias). */
 typedef float vec __attribute__((vector_size(4 * VL), aligned(4), may_alias));
-enum { MR = 6, NR = 2 * VL, KC = 256, MC = 96 };
+/* The tile: MR rows by NR columns. AVX-512 has 32 vector registers: 16 accumulators, two of
+   B and the broadcast fit; AVX2 has 16: 12 accumulators. */
+#if defined(__AVX512F__)
+enum { MR = 8 };
+#else
+enum { MR = 6 };
+#endif
+enum { NR = 2 * VL, KC = 256, MC = 96 };
 
 /* c[i][j] (+)= sum over p < kc of a[i][p * ap] * b[p * bp + j], for i < MR, j < NR: the
    tile's accumulators stay in registers; each term one fused multiply-add per vector. A row
@@ -331,7 +339,7 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
         ptrdiff_t ld = part == 0 ? ldc : n;
         /* Packing A pays when its tiles serve many panels; rows whose terms are already
            contiguous are read in place when they serve four or fewer (the forward products
-           of conv1 and conv2: six row streams the prefetcher follows). */
+           of conv1 and conv2: MR row streams the prefetcher follows). */
         int direct = a.col == 1 && !a.rows && !a.cols && panels <= 4;
         _Alignas(64) float a_packed[MC * KC];
         for (int p0 = first; p0 < end; p0 += KC) {
@@ -393,7 +401,7 @@ static void conv1_forward(const float *restrict x, const float *restrict w,
                           float *restrict z)
 {
     for (int y = 0; y < S1; y++)
-        for (int x0 = 0; x0 < S1; x0 += MR) /* 24 = 4 x MR */
+        for (int x0 = 0; x0 < S1; x0 += MR) /* 24: a multiple of MR */
             for (int j = 0; j < C1; j += 2 * VL) {
                 vec acc[MR][2] = {{(vec){0}}};
                 for (int dy = 0; dy < 5; dy++)
