@@ -815,15 +815,6 @@ typedef struct {
     double seconds[LAYERS][2];            /* forward, backward wall time */
 } Net;
 
-static int max_threads(void)
-{
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 static Net make_net(int capacity)
 {
     Net t;
@@ -1225,6 +1216,15 @@ static Trainer make_trainer(Params *p, const float *pixels, const uint8_t *label
         fail("out of memory");
     t.net = make_net(batch_size > EVAL_BATCH ? batch_size : EVAL_BATCH);
     return t;
+}
+
+static int max_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
 }
 
 static void train(const TrainOptions *o)
