@@ -8,12 +8,14 @@ one of the README's experiments applied to a copy of the project that ran them.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from testbed.pipeline import copy_pipeline
@@ -71,7 +73,31 @@ def run_queue(repo: Path, log: Path, jobs: int = 2, timeout: float = 300) -> str
                 raise AssertionError(f"queue still busy after {timeout}s:\n{status}")
             time.sleep(2)
     finally:
-        dvc(repo, "queue", "stop", check=False, timeout=60)
+        stop_queue(repo)
+
+
+def stop_queue(repo: Path, timeout: float = 60) -> None:
+    """`dvc queue stop`, then wait until the queue's processes have exited: a worker idles on
+    after the queue empties, writing and deleting its mailbox's messages under .dvc/tmp, and a
+    test that copies the project or ends meanwhile races it. Those still running after
+    `timeout` seconds are killed."""
+    dvc(repo, "queue", "stop", check=False, timeout=60)
+    _, alive = psutil.wait_procs(queue_processes(repo), timeout=timeout)
+    for process in alive:
+        process.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+def queue_processes(repo: Path) -> list[psutil.Process]:
+    """The DVC processes working in `repo` besides this one: a queue's workers and the
+    process that spawned them."""
+    folder, found = os.path.realpath(repo), []
+    for process in psutil.process_iter(["pid", "cwd", "cmdline"]):
+        info = process.info
+        if (info["pid"] != os.getpid() and info["cwd"] and os.path.realpath(info["cwd"]) == folder
+                and any("dvc" in part for part in info["cmdline"] or ())):
+            found.append(process)
+    return found
 
 
 def merge(base: dict, changes: dict) -> dict:
@@ -134,9 +160,9 @@ def copy_project(src: Path, dest: Path) -> Path:
     DVC's cache keeps copies, not links, so the copy shares nothing with src: a test can
     change a trained project for the price of a file copy instead of a training.
 
-    Left out: the mailbox of DVC's experiment queue (.dvc/tmp/exps/celery). A queue worker
-    can idle on after its queue is stopped and keep writing and deleting messages there, so
-    the folder may change while it is read; the experiments themselves live in git refs.
+    Left out: the mailbox of DVC's experiment queue (.dvc/tmp/exps/celery), its workers'
+    messages, which a copy has no use for (and which change while a worker lives: stop_queue
+    waits for them); the experiments themselves live in git refs.
     """
     queue_mailbox = Path(src) / ".dvc" / "tmp" / "exps"
 

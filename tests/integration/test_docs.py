@@ -61,7 +61,7 @@ from tests.docs import (
 )
 from tests.hostile import png_bomb
 from tests.paths import ROOT
-from tests.projects import copy_project, dvc, make_files, set_params
+from tests.projects import copy_project, dvc, make_files, set_params, stop_queue
 from tools.pythons import interpreter
 
 PATHS = dvc_vars()
@@ -511,7 +511,7 @@ def team(switched, tmp_path_factory):
     try:
         output = run_sh(block("docs/sharing.md", "dvc exp run --queue"), repo)
     finally:
-        bash("python -m dvc queue stop >/dev/null 2>&1", repo)
+        stop_queue(repo)
     return SimpleNamespace(root=root, repo=repo, output=output)
 
 
