@@ -84,7 +84,10 @@ def stop_queue(repo: Path, timeout: float = 60) -> None:
     dvc(repo, "queue", "stop", check=False, timeout=60)
     _, alive = psutil.wait_procs(queue_processes(repo), timeout=timeout)
     for process in alive:
-        process.kill()
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:  # it ended in between
+            pass
     psutil.wait_procs(alive, timeout=10)
 
 
