@@ -218,6 +218,23 @@ def test_training_gives_the_same_bits_for_a_seed_whatever_the_thread_count(
 
 @pytest.mark.slow
 @on_every_toolchain_and_the_reference
+def test_a_model_file_is_replaced_whole_or_kept_as_it_was(program, digits, tmp_path):
+    """The program writes MODEL.partial and renames it over MODEL (mnist.h write_file): a
+    finished write leaves no partial file, and one that fails keeps the previous model."""
+    first, _ = train(program, tmp_path, digits, "m.bin", "--epochs", 1, n=200)
+    second, _ = train(program, tmp_path, digits, "m.bin", "--epochs", 1, "--seed", 5, n=200)
+    assert second != first and sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.bin", "x.idx", "y.idx"]
+    (tmp_path / "m.bin.partial").mkdir()  # where the new file would be written
+    proc = run(program, "train", "--images", tmp_path / "x.idx", "--labels", tmp_path / "y.idx",
+               "--out", tmp_path / "m.bin", "--epochs", 1, check=False, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("mnist_mlp: error: ") and proc.stderr.count("\n") == 1
+    assert (tmp_path / "m.bin").read_bytes() == second
+
+
+@pytest.mark.slow
+@on_every_toolchain_and_the_reference
 def test_every_recipe_knob_trains_deterministically_across_threads(program, digits, tmp_path):
     """Augmentation, cosine decay, label smoothing, a validation split and restore_best."""
     write_idx(tmp_path / "vx.idx", digits["x_test"][:300])

@@ -228,16 +228,25 @@ static void check_writable(const char *path)
         remove(path);
 }
 
-/* Writes the whole file; on any failure removes it and returns 0. */
+/* Writes the whole file: into PATH.partial beside it, then renamed over PATH, so that PATH is
+   either the file it was or the whole new one, never a part (a run stopped midway leaves
+   PATH.partial behind). On any failure removes PATH.partial and returns 0. */
 static int write_file(const char *path, const unsigned char *bytes, size_t size)
 {
-    FILE *f = fopen(path, "wb");
-    if (!f)
-        return 0;
-    int ok = fwrite(bytes, 1, size, f) == size;
-    if (fclose(f) != 0 || !ok)
-        return remove(path), 0;
-    return 1;
+    size_t length = strlen(path);
+    char *partial = allocate(length + sizeof ".partial", 1);
+    memcpy(partial, path, length);
+    memcpy(partial + length, ".partial", sizeof ".partial");
+    FILE *f = fopen(partial, "wb");
+    int ok = f != NULL && fwrite(bytes, 1, size, f) == size;
+    if (f != NULL && fclose(f) != 0)
+        ok = 0;
+    if (ok && rename(partial, path) != 0)
+        ok = 0;
+    if (!ok && f != NULL)
+        remove(partial);
+    free(partial);
+    return ok;
 }
 
 /* An idx file of n rows of `width` values, float32 (big-endian) or uint8. */
