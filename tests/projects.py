@@ -79,8 +79,8 @@ def run_queue(repo: Path, log: Path, jobs: int = 2, timeout: float = 300) -> str
 def stop_queue(repo: Path, timeout: float = 60) -> None:
     """`dvc queue stop`, then wait until the queue's processes have exited: a worker idles on
     after the queue empties, writing and deleting its mailbox's messages under .dvc/tmp, and a
-    test that copies the project or ends meanwhile races it. Those still running after
-    `timeout` seconds are killed."""
+    test that copies the project (copy_project) or ends meanwhile would race it. Those still
+    running after `timeout` seconds are killed."""
     dvc(repo, "queue", "stop", check=False, timeout=60)
     _, alive = psutil.wait_procs(queue_processes(repo), timeout=timeout)
     for process in alive:
@@ -162,17 +162,8 @@ def copy_project(src: Path, dest: Path) -> Path:
 
     DVC's cache keeps copies, not links, so the copy shares nothing with src: a test can
     change a trained project for the price of a file copy instead of a training.
-
-    Left out: the mailbox of DVC's experiment queue (.dvc/tmp/exps/celery), its workers'
-    messages, which a copy has no use for (and which change while a worker lives: stop_queue
-    waits for them); the experiments themselves live in git refs.
     """
-    queue_mailbox = Path(src) / ".dvc" / "tmp" / "exps"
-
-    def transient(folder, names):
-        return ["celery"] if Path(folder) == queue_mailbox else []
-
-    shutil.copytree(src, dest, symlinks=True, ignore=transient)
+    shutil.copytree(src, dest, symlinks=True)
     return dest
 
 

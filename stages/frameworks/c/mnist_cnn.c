@@ -257,6 +257,19 @@ static inline void spaced_rows(const float *rows[MR], const float *a, ptrdiff_t 
         rows[i] = a + i * ai;
 }
 
+/* The kernel on a tile of which only the first `rows` rows of c exist (the last rows of a
+   product): through a full tile's copy, so the arithmetic is the full tile's. */
+static void partial_tile(int kc, const float *const a[MR], ptrdiff_t ap, const float *b,
+                         ptrdiff_t bp, float *c, ptrdiff_t ci, int rows, int add)
+{
+    float c_pad[MR * NR];
+    for (int i = 0; i < rows; i++)
+        memcpy(c_pad + i * NR, c + i * ci, sizeof(float) * NR);
+    micro_kernel(kc, a, ap, b, bp, c_pad, NR, add);
+    for (int i = 0; i < rows; i++)
+        memcpy(c + i * ci, c_pad + i * NR, sizeof(float) * NR);
+}
+
 static int min_int(int a, int b) { return a < b ? a : b; }
 
 /* A matrix operand read in place: element (r, q) is at[r * row + q * col], or, where a table
@@ -361,14 +374,9 @@ static void gemm(Scratch *scratch, int m, int n, int k, Operand a, Operand b, fl
                     } else if (t + MR <= rows) {
                         spaced_rows(tile, a_packed + (size_t)t * kc, 1);
                         micro_kernel(kc, tile, MR, bp, bs, ct, ld, add);
-                    } else { /* the last rows of C: through a full tile's copy */
-                        float c_pad[MR * NR];
+                    } else { /* the last rows of C */
                         spaced_rows(tile, a_packed + (direct ? 0 : (size_t)t * kc), 1);
-                        for (int i = 0; i < rows - t; i++)
-                            memcpy(c_pad + i * NR, ct + i * ld, sizeof(float) * NR);
-                        micro_kernel(kc, tile, MR, bp, bs, c_pad, NR, add);
-                        for (int i = 0; i < rows - t; i++)
-                            memcpy(ct + i * ld, c_pad + i * NR, sizeof(float) * NR);
+                        partial_tile(kc, tile, MR, bp, bs, ct, ld, rows - t, add);
                     }
                 }
             }
@@ -531,16 +539,10 @@ static void conv2_forward(const float *map, const int *windows, int m, const flo
                     for (int i = 0; i < MR; i++)
                         tile[i] = map + windows[r0 + t + min_int(i, n - 1)] + dy * P1 * C1;
                     float *ct = z + (size_t)(r0 + t) * C2 + jr * NR;
-                    if (n == MR) {
+                    if (n == MR)
                         micro_kernel(RUN2, tile, 1, b, C2, ct, C2, dy > 0);
-                    } else { /* the last positions: through a full tile's copy */
-                        float c_pad[MR * NR];
-                        for (int i = 0; i < n; i++)
-                            memcpy(c_pad + i * NR, ct + i * C2, sizeof(float) * NR);
-                        micro_kernel(RUN2, tile, 1, b, C2, c_pad, NR, dy > 0);
-                        for (int i = 0; i < n; i++)
-                            memcpy(ct + i * C2, c_pad + i * NR, sizeof(float) * NR);
-                    }
+                    else /* the last positions */
+                        partial_tile(RUN2, tile, 1, b, C2, ct, C2, n, dy > 0);
                 }
             }
     }
